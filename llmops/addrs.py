@@ -1,0 +1,57 @@
+"""Resource addresses (`kind.name`) and the fixed list of resource kinds.
+
+Kinds appear in this order in llmops.yaml, in plans and in the lock; the order is also the
+tie-breaker that keeps plans deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmops.errors import LlmopsError
+
+KINDS: tuple[str, ...] = (
+    "datasets",
+    "prompts",
+    "base_models",
+    "finetunes",
+    "evals",
+    "deployments",
+    "monitors",
+)
+KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
+
+
+@dataclass(frozen=True, order=True)
+class Address:
+    """A resource address; ordering follows KINDS, then name."""
+
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.name}"
+
+    @property
+    def sort_key(self) -> tuple[int, str]:
+        return (KIND_ORDER.get(self.kind, len(KINDS)), self.name)
+
+
+def parse_address(text: str) -> Address:
+    kind, sep, name = text.partition(".")
+    if not sep or not name or kind not in KIND_ORDER:
+        raise LlmopsError(
+            f"'{text}' is not a resource address; use KIND.NAME with KIND one of {', '.join(KINDS)} "
+            "(e.g. finetunes.support-lora)."
+        )
+    return Address(kind, name)
+
+
+def sort_addresses(addrs) -> list[str]:
+    """Sort address strings by kind order, then name."""
+    return sorted(addrs, key=lambda a: address_sort_key(a))
+
+
+def address_sort_key(addr: str) -> tuple[int, str]:
+    kind, _, name = addr.partition(".")
+    return (KIND_ORDER.get(kind, len(KINDS)), name)

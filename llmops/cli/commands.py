@@ -1,0 +1,213 @@
+"""Core commands: validate, plan, apply, show, graph, force-unlock, lock."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from llmops.cli.main import EXIT_CHANGES, EXIT_ERROR, EXIT_INTERRUPTED
+
+project_dir = click.option("-C", "--chdir", "root", type=click.Path(file_okay=False, path_type=Path),
+                           default=".", show_default=True, help="Project folder (holding llmops.yaml).")
+target_opt = click.option("--target", "target", metavar="NAME", help="Apply the `targets.NAME` overlay.")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _open(root: Path, target: str | None):
+    from llmops.project import open_project
+
+    return open_project(root, target=target)
+
+
+@click.command("validate")
+@project_dir
+@target_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable diagnostics.")
+def validate_cmd(root: Path, target: str | None, as_json: bool) -> int:
+    """Check llmops.yaml: syntax, schema, references, cycles, files, prompt examples."""
+    from llmops.errors import ValidationError
+    from llmops.validate import load_config
+
+    try:
+        config = load_config(root.resolve(), target=target)
+    except ValidationError as exc:
+        if as_json:
+            click.echo(json.dumps({"valid": False, "diagnostics": [d.to_dict() for d in exc.diagnostics]}, indent=2))
+        else:
+            for d in exc.diagnostics:
+                click.echo(d.format(), err=True)
+            n = len(exc.diagnostics)
+            click.echo(f"{n} error{'s' if n != 1 else ''} found.", err=True)
+        return EXIT_ERROR
+    if as_json:
+        click.echo(json.dumps({"valid": True, "diagnostics": [], "resources": list(config.resources)}, indent=2))
+    else:
+        click.echo(f"llmops.yaml is valid: {len(config.resources)} resources.")
+    return 0
+
+
+def _plan_options(f):
+    f = click.option("--select", "select", multiple=True, metavar="ADDR",
+                     help="Limit to these resources and what they need (repeatable).")(f)
+    f = click.option("--replace", "replace", multiple=True, metavar="ADDR",
+                     help="Force a rebuild of this resource (repeatable).")(f)
+    f = click.option("--refresh", type=click.BOOL, default=True, show_default=True,
+                     help="Read live state to detect drift; --refresh=false plans from the lock alone.")(f)
+    return f
+
+
+@click.command("plan")
+@project_dir
+@target_opt
+@_plan_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (docs/plan-format.md).")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Print the plan as a pull-request comment.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), help="Save the plan for `llmops apply FILE`.")
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 0: no changes, 1: error, 2: changes present.")
+def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, detailed_exitcode) -> int:
+    """Compare llmops.yaml with llmops.lock and live state; show what apply would do."""
+    from llmops.planner import make_plan
+
+    project = _open(root, target)
+    plan = make_plan(project, refresh=refresh, select=select, replace=replace)
+    if out:
+        from llmops.planfile import save_plan
+
+        save_plan(plan, out)
+    if as_json:
+        from llmops.planfile import plan_to_json
+
+        click.echo(plan_to_json(plan), nl=False)
+    elif as_markdown:
+        from llmops.plan_markdown import plan_to_markdown
+
+        click.echo(plan_to_markdown(plan, project_name=str(project.config.data.get("project", ""))))
+    else:
+        from llmops.cli.render import render_plan
+
+        console = _console()
+        render_plan(console, plan)
+        if out:
+            console.print(f"\nSaved the plan to {out}. Apply exactly it with `llmops apply {out}`.")
+    return EXIT_CHANGES if detailed_exitcode and plan.has_changes else 0
+
+
+@click.command("apply")
+@click.argument("planfile", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@project_dir
+@target_opt
+@_plan_options
+@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--parallelism", type=click.IntRange(min=1), help="Resources applied at once (default: settings.parallelism).")
+@click.option("--keep-going", is_flag=True, help="After a failure, go on with everything that does not depend on it.")
+def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, parallelism, keep_going) -> int:
+    """Apply the changes (or exactly those of a saved PLANFILE) and record them in llmops.lock."""
+    from llmops.apply import apply_plan
+    from llmops.applylock import ApplyLock
+    from llmops.cli.render import RichHooks, render_plan, render_report
+    from llmops.planner import check_saved_plan, make_plan
+
+    console = _console()
+    project = _open(root, target)
+    with ApplyLock(project.state_dir, command="apply") as lock:
+        if lock.took_over:
+            console.print(f"[yellow]Note: took over a stale apply lock ({lock.took_over.describe()}); "
+                          "that apply died, resuming from llmops.lock.[/]")
+        if planfile:
+            from llmops.planfile import load_plan
+
+            plan = load_plan(planfile)
+            check_saved_plan(project, plan)
+        else:
+            plan = make_plan(project, refresh=refresh, select=select, replace=replace)
+        render_plan(console, plan)
+        if not plan.has_changes:
+            return 0
+        if not planfile and not auto_approve:
+            if not sys.stdin.isatty() and sys.stdin.closed:
+                raise click.UsageError("no terminal to confirm on; pass --auto-approve.")
+            answer = click.prompt("\nApply these changes? Only 'yes' is accepted", default="", show_default=False)
+            if answer.strip() != "yes":
+                console.print("Apply cancelled; nothing was changed.")
+                return EXIT_ERROR
+        with RichHooks(console) as hooks:
+            report = apply_plan(project, plan, hooks=hooks, parallelism=parallelism, keep_going=keep_going)
+        render_report(console, report)
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if report.ok else EXIT_ERROR
+
+
+@click.command("show")
+@click.argument("address", required=False)
+@project_dir
+@target_opt
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--refresh", type=click.BOOL, default=True, show_default=True, help="Also read live status.")
+def show_cmd(address, root, target, as_json, refresh) -> int:
+    """Show the lock's record (and live status) of every resource, or of ADDRESS."""
+    from llmops.inspect import show_resources
+
+    project = _open(root, target)
+    rows = show_resources(project, address, refresh=refresh)
+    if as_json:
+        click.echo(json.dumps(rows if address is None else rows[0], indent=2, sort_keys=True, default=str))
+        return 0
+    from llmops.cli.show import render_show
+
+    render_show(_console(), rows, detailed=address is not None)
+    return 0
+
+
+@click.command("graph")
+@project_dir
+@target_opt
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid", show_default=True)
+def graph_cmd(root, target, fmt) -> int:
+    """Print the dependency graph of llmops.yaml."""
+    from llmops.inspect import graph_text
+    from llmops.validate import load_config
+
+    config = load_config(root.resolve(), target=target)
+    click.echo(graph_text(config, fmt), nl=False)
+    return 0
+
+
+@click.command("force-unlock")
+@click.argument("lock_id")
+@project_dir
+def force_unlock_cmd(lock_id, root) -> int:
+    """Remove the apply lock LOCK_ID left by an apply that is no longer running."""
+    from llmops.applylock import force_unlock
+    from llmops.project import STATE_DIR
+
+    holder = force_unlock(root.resolve() / STATE_DIR, lock_id)
+    click.echo(f"Removed the apply lock held by {holder.describe()}.")
+    return 0
+
+
+@click.command("lock")
+@project_dir
+@target_opt
+@click.option("--check", is_flag=True, required=True, help="Exit 1 when llmops.lock does not match llmops.yaml.")
+def lock_cmd(root, target, check) -> int:
+    """Check that llmops.lock records exactly what llmops.yaml declares (no refresh)."""
+    from llmops.planner import make_plan
+
+    plan = make_plan(_open(root, target), refresh=False)
+    if not plan.has_changes:
+        click.echo("llmops.lock matches llmops.yaml.")
+        return 0
+    click.echo("llmops.lock does not match llmops.yaml; run `llmops apply` and commit llmops.lock:", err=True)
+    for c in plan.changes:
+        if c.action != "no-op":
+            click.echo(f"  {c.action:8} {c.address}: {'; '.join(c.reasons)}", err=True)
+    return EXIT_ERROR

@@ -1,0 +1,112 @@
+"""Terminal rendering of plans, apply progress and lock entries (rich)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from llmops.apply import ApplyHooks, ApplyReport
+from llmops.plan import Plan, ResourceChange
+from llmops.providers.base import ProgressEvent
+
+SYMBOL = {"create": "+", "update": "~", "replace": "-/+", "delete": "-", "no-op": " "}
+STYLE = {"create": "green", "update": "yellow", "replace": "magenta", "delete": "red", "no-op": "dim"}
+
+
+def render_plan(console: Console, plan: Plan, show_noop: bool = False) -> None:
+    changes = [c for c in plan.changes if show_noop or c.action != "no-op"]
+    if not plan.has_changes:
+        console.print("[green]No changes.[/] llmops.yaml, llmops.lock and live state agree.")
+        return
+    width = max(len(c.address) for c in changes)
+    for c in changes:
+        style = STYLE[c.action]
+        sym = SYMBOL[c.action]
+        label = c.action if c.action != "no-op" else "no changes"
+        extra = ""
+        if c.details:
+            extra = "  [dim](" + ", ".join(f"{k}: {v}" for k, v in c.details.items()) + ")[/]"
+        console.print(f"[{style}]{sym:>3} {escape(c.address):<{width}}  {label}[/]{extra}")
+        for reason in c.reasons:
+            console.print(f"        [dim]{escape(reason)}[/]")
+    console.print()
+    console.print(f"[bold]{plan.summary_line()}[/]")
+
+
+class RichHooks(ApplyHooks):
+    """Apply progress: a live progress display in a terminal, plain lines elsewhere (CI)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.lock = threading.Lock()
+        self.progress = None
+        self.tasks: dict[str, Any] = {}
+        if console.is_terminal:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=console, transient=False,
+            )
+
+    def __enter__(self) -> "RichHooks":
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def pre_apply(self, change: ResourceChange) -> None:
+        verb = {"create": "creating", "update": "updating", "replace": "replacing", "delete": "deleting"}[change.action]
+        if self.progress:
+            self.tasks[change.address] = self.progress.add_task(f"{change.address} ({verb})", total=None, note="")
+        else:
+            self.console.print(f"{change.address}: {verb}...")
+
+    def post_apply(self, change: ResourceChange, error: BaseException | None) -> None:
+        task = self.tasks.get(change.address)
+        if self.progress and task is not None:
+            t = self.progress.tasks[task]
+            self.progress.update(task, total=t.total or 1, completed=t.total or 1,
+                                 note="[red]failed[/]" if error else "[green]done[/]")
+        if error is None:
+            self.console.print(f"[green]{change.address}: {change.action} complete[/]")
+        else:
+            msg = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
+            self.console.print(f"[red]{change.address}: failed:[/] {escape(msg)}")
+
+    def progress(self, address: str, event: ProgressEvent) -> None:  # type: ignore[override]
+        task = self.tasks.get(address)
+        if self.progress and task is not None:
+            self.progress.update(task, total=event.total, completed=event.completed, note=escape(event.message))
+
+    def log(self, address: str, message: str) -> None:
+        self.console.print(f"[dim]{escape(address)}: {escape(message)}[/]")
+
+    def skipped(self, address: str, reason: str) -> None:
+        self.console.print(f"[yellow]{address}: skipped ({escape(reason)})[/]")
+
+
+def render_report(console: Console, report: ApplyReport) -> None:
+    console.print()
+    parts = [f"{len(report.applied)} applied"]
+    if report.failed:
+        parts.append(f"{len(report.failed)} failed")
+    if report.skipped:
+        parts.append(f"{len(report.skipped)} skipped")
+    if report.interrupted:
+        console.print("[red bold]Apply interrupted:[/] " + ", ".join(parts) + ". llmops.lock records what finished; run `llmops apply` again to resume.")
+    elif report.failed or report.skipped:
+        console.print("[red bold]Apply failed:[/] " + ", ".join(parts) + ".")
+        for addr, msg in report.failed.items():
+            console.print(f"  [red]{addr}[/]: {escape(msg)}")
+        for addr, why in report.skipped.items():
+            console.print(f"  [yellow]{addr}[/]: skipped ({escape(why)})")
+    else:
+        console.print("[green bold]Apply complete:[/] " + ", ".join(parts) + ".")

@@ -1,0 +1,102 @@
+"""Fingerprints: what a resource *is*, as one hash.
+
+fingerprint = sha256(kind + canonical spec without cosmetic fields + md5 of every file it
+reads + provider content fingerprint + fingerprints of its upstreams). Change anything
+upstream and every downstream fingerprint changes with it.
+
+File md5s are cached by (size, mtime_ns) in `.llmops/cache/file-md5.json`, as DVC does,
+so a plan does not re-read unchanged files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# Fields that never change what a resource is: not part of the fingerprint.
+COSMETIC_FIELDS = frozenset({"description"})
+# Fields kept in the lock (they matter for plan) but not in the fingerprint.
+LOCK_ONLY_FIELDS = frozenset({"protect"})
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def locked_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as recorded in the lock: cosmetic fields removed."""
+    return {k: v for k, v in spec.items() if k not in COSMETIC_FIELDS}
+
+
+def fingerprint_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k not in COSMETIC_FIELDS and k not in LOCK_ONLY_FIELDS}
+
+
+def fingerprint(
+    kind: str,
+    spec: dict[str, Any],
+    files: dict[str, str],
+    upstreams: dict[str, str],
+    content: str | None = None,
+) -> str:
+    payload = {
+        "kind": kind,
+        "spec": fingerprint_spec(spec),
+        "files": files,
+        "upstreams": upstreams,
+        "content": content,
+    }
+    return "sha256:" + hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FileHasher:
+    """md5 of project files, cached by size and mtime across runs."""
+
+    def __init__(self, root: Path, cache_path: Path | None = None) -> None:
+        self.root = root
+        self.cache_path = cache_path
+        self._cache: dict[str, list] = {}
+        self._dirty = False
+        if cache_path and cache_path.is_file():
+            try:
+                self._cache = json.loads(cache_path.read_text())
+            except (ValueError, OSError):
+                self._cache = {}  # a broken cache is only a cache: start over
+
+    def md5(self, rel: str) -> str:
+        """md5 of a project-relative file; 'missing' when it does not exist."""
+        path = self.root / rel
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return "missing"
+        key = str(rel)
+        hit = self._cache.get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        digest = md5_file(path)
+        self._cache[key] = [st.st_size, st.st_mtime_ns, digest]
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        if not (self._dirty and self.cache_path):
+            return
+        from llmops.lockfile import atomic_write_text
+
+        try:
+            atomic_write_text(self.cache_path, json.dumps(self._cache, sort_keys=True))
+        except OSError:
+            pass  # the cache is an optimisation; a read-only project still plans
+        self._dirty = False

@@ -1,0 +1,193 @@
+"""llmops.lock: what was last applied, one entry per resource, pinned to content hashes.
+
+Invariants:
+- The file starts with a header comment, then `lock_version`, then `resources`.
+- Resources are sorted by address (kind order, then name); keys inside are sorted.
+- The same state always serialises to the same bytes.
+- Writes go to a temp file in the same folder, are fsynced, then `os.replace`d: a crash
+  leaves either the old or the new file, never a torn one.
+- Each resource is one block separated by a blank line, so two branches that change
+  different resources merge without conflict in git.
+
+Serialisation is cached per resource block, so writing the lock after every resource of
+a big apply costs a string join, not a re-dump of every entry.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmops.addrs import address_sort_key
+from llmops.errors import LockfileError
+
+LOCK_VERSION = 1
+LOCK_NAME = "llmops.lock"
+HEADER = (
+    "# llmops.lock: maintained by llmops; do not edit by hand.\n"
+    "# It records what `llmops apply` last did. Commit it with llmops.yaml.\n"
+)
+
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_ENTRY_KEYS = ("fingerprint", "spec", "files", "upstreams", "inputs", "outputs")
+
+
+@dataclass
+class LockedResource:
+    """What was applied for one address.
+
+    fingerprint: the resource's fingerprint when applied (see llmops.fingerprint).
+    spec: its canonical spec (cosmetic fields removed), kept to explain diffs.
+    files: project-relative path -> md5 of every file input it read.
+    upstreams: upstream address -> that upstream's fingerprint at apply time.
+    inputs: resolved inputs (dataset md5s, base-model commit, image digest...).
+    outputs: results (MLflow run id, model version, metrics, alias, endpoint...).
+    """
+
+    address: str
+    fingerprint: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    upstreams: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _ENTRY_KEYS}
+
+
+@dataclass
+class Lock:
+    """All lock entries of a project, keyed by address."""
+
+    resources: dict[str, LockedResource] = field(default_factory=dict)
+    _blocks: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def get(self, address: str) -> LockedResource | None:
+        return self.resources.get(address)
+
+    def set(self, entry: LockedResource) -> None:
+        self.resources[entry.address] = entry
+        self._blocks.pop(entry.address, None)
+
+    def remove(self, address: str) -> None:
+        self.resources.pop(address, None)
+        self._blocks.pop(address, None)
+
+    def dumps(self) -> str:
+        parts = [HEADER, f"lock_version: {LOCK_VERSION}\n"]
+        if not self.resources:
+            parts.append("resources: {}\n")
+            return "".join(parts)
+        parts.append("resources:\n")
+        for addr in sorted(self.resources, key=address_sort_key):
+            block = self._blocks.get(addr)
+            if block is None:
+                block = _dump_block(self.resources[addr])
+                self._blocks[addr] = block
+            parts.append("\n")
+            parts.append(block)
+        return "".join(parts)
+
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.dumps().encode()).hexdigest()
+
+
+def _dump_block(entry: LockedResource) -> str:
+    text = yaml.dump(
+        {entry.address: entry.to_dict()},
+        Dumper=_Dumper,
+        sort_keys=True,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=100,
+    )
+    return "".join("  " + line + "\n" for line in text.splitlines())
+
+
+def lock_path(root: Path) -> Path:
+    return root / LOCK_NAME
+
+
+def load_lock(path: Path) -> Lock:
+    """Load and validate a lockfile; a missing file is an empty lock."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Lock()
+    except OSError as exc:
+        raise LockfileError(f"{path}: cannot read the lockfile ({exc.strerror}).") from exc
+    recover = (
+        f"Restore it from git (`git checkout -- {path.name}`), or delete it and run "
+        "`llmops apply` to rebuild it from scratch."
+    )
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise LockfileError(f"{where}: the lockfile is corrupt ({getattr(exc, 'problem', exc)}). {recover}") from exc
+    if not isinstance(data, dict) or "lock_version" not in data:
+        raise LockfileError(f"{path}: not an llmops lockfile (no lock_version). {recover}")
+    version = data["lock_version"]
+    if not isinstance(version, int):
+        raise LockfileError(f"{path}: lock_version must be an integer, found {version!r}. {recover}")
+    if version > LOCK_VERSION:
+        raise LockfileError(
+            f"{path}: written by a newer llmops (lock_version {version}; this llmops reads up to "
+            f"{LOCK_VERSION}). Upgrade llmops (`pip install -U llmops`) to use this project."
+        )
+    resources = data.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise LockfileError(f"{path}: `resources` must be a mapping of address to entry. {recover}")
+    lock = Lock()
+    for addr, raw in resources.items():
+        if not isinstance(raw, dict) or not isinstance(raw.get("fingerprint"), str):
+            raise LockfileError(f"{path}: entry {addr!r} has no fingerprint. {recover}")
+        unknown = set(raw) - set(_ENTRY_KEYS)
+        if unknown:
+            raise LockfileError(f"{path}: entry {addr!r} has unknown keys {sorted(unknown)}. {recover}")
+        for key in ("spec", "files", "upstreams", "inputs", "outputs"):
+            if not isinstance(raw.get(key, {}), dict):
+                raise LockfileError(f"{path}: entry {addr!r}: `{key}` must be a mapping. {recover}")
+        lock.resources[str(addr)] = LockedResource(
+            address=str(addr),
+            fingerprint=raw["fingerprint"],
+            spec=raw.get("spec") or {},
+            files=raw.get("files") or {},
+            upstreams=raw.get("upstreams") or {},
+            inputs=raw.get("inputs") or {},
+            outputs=raw.get("outputs") or {},
+        )
+    return lock
+
+
+def save_lock(lock: Lock, path: Path) -> None:
+    """Write the lock atomically (temp file, fsync, rename)."""
+    atomic_write_text(path, lock.dumps())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

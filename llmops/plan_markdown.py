@@ -1,0 +1,64 @@
+"""A plan as one GitHub pull-request comment: summary first, details folded, bounded size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmops.plan import Plan, ResourceChange
+
+MAX_CHARS = 60_000
+MARKER = "<!-- llmops-plan -->"
+_ICON = {"create": "🟢 create", "update": "🟡 update", "replace": "🟣 replace", "delete": "🔴 delete", "no-op": "no-op"}
+
+
+def _cell(text: str, limit: int = 200) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _metric_rows(c: ResourceChange) -> list[str]:
+    before = (c.before or {}).get("outputs", {}) if c.before else {}
+    metrics: dict[str, Any] = before.get("metrics") or {}
+    new: dict[str, Any] = (c.details or {}).get("metrics") or {}
+    if not metrics and not new:
+        return []
+    rows = ["| metric | last applied | new | delta |", "|---|---:|---:|---:|"]
+    for m in sorted(set(metrics) | set(new)):
+        old, cur = metrics.get(m), new.get(m)
+        delta = f"{cur - old:+.4g}" if isinstance(old, (int, float)) and isinstance(cur, (int, float)) else ""
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else ("—" if v is None else str(v))  # noqa: E731
+        rows.append(f"| {m} | {fmt(old)} | {fmt(cur)} | {delta} |")
+    return rows
+
+
+def plan_to_markdown(plan: Plan, project_name: str = "", limit: int = MAX_CHARS) -> str:
+    title = f"## llmops plan{': ' + project_name if project_name else ''}"
+    head = [MARKER, title, ""]
+    if not plan.has_changes:
+        return "\n".join(head + ["**No changes.** llmops.yaml, llmops.lock and live state agree.", ""])
+    head += [f"**{plan.summary_line()}**", "", "| resource | action | why |", "|---|---|---|"]
+    changes = [c for c in plan.changes if c.action != "no-op"]
+    for c in changes:
+        why = "; ".join(c.reasons[:3]) + (f" (+{len(c.reasons) - 3} more)" if len(c.reasons) > 3 else "")
+        head.append(f"| `{c.address}` | {_ICON[c.action]} | {_cell(why)} |")
+    head.append("")
+    out = "\n".join(head)
+    footer = "\n</details>\n"
+    details = ["<details><summary>Details</summary>", ""]
+    omitted = 0
+    for i, c in enumerate(changes):
+        block = [f"#### `{c.address}`: {c.action}", ""]
+        block += [f"- {_cell(r, 500)}" for r in c.reasons]
+        metrics = _metric_rows(c)
+        if metrics:
+            block += ["", *metrics]
+        block.append("")
+        text = "\n".join(block) + "\n"
+        if len(out) + len("\n".join(details)) + len(text) + len(footer) + 200 > limit:
+            omitted = len(changes) - i
+            break
+        details.append(text)
+    if omitted:
+        details.append(f"_{omitted} more changes not shown (comment size limit); run `llmops plan` for all._\n")
+    text = out + "\n".join(details) + footer
+    return text[:limit]

@@ -1,0 +1,260 @@
+"""make_plan: compare llmops.yaml (desired) with llmops.lock (recorded) and live state.
+
+The core decides actions from fingerprints; providers contribute file inputs, content
+fingerprints, in-place-updatable fields and live drift.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from typing import Any, Iterable
+
+from llmops.addrs import address_sort_key
+from llmops.errors import LlmopsError, PlanError
+from llmops.fingerprint import (
+    LOCK_ONLY_FIELDS,
+    FileHasher,
+    canonical_json,
+    fingerprint,
+    fingerprint_spec,
+    locked_spec,
+)
+from llmops.graph import Graph
+from llmops.plan import Plan, ResourceChange
+from llmops.project import Project
+
+_ACTION_RANK = {"no-op": 0, "update": 1, "replace": 2}
+
+
+def make_plan(
+    project: Project,
+    refresh: bool = True,
+    select: Iterable[str] = (),
+    replace: Iterable[str] = (),
+) -> Plan:
+    config = project.config
+    graph = config.graph()
+    order = graph.order()
+    select = list(select)
+    replace = set(replace)
+    for addr in [*select, *replace]:
+        if addr not in config.resources:
+            _unknown_address(addr, list(config.resources))
+    scope = graph.ancestors(select) if select else set(order)
+
+    hasher = FileHasher(project.root, project.state_dir / "cache" / "file-md5.json")
+    desired_fp: dict[str, str] = {}
+    planned: dict[str, ResourceChange] = {}
+    live: list[str] = []
+    changes: list[ResourceChange] = []
+
+    for addr in order:
+        res = config.resources[addr]
+        provider = project.provider(res.kind)
+        files = {rel: hasher.md5(rel) for rel in (provider.file_inputs(res.name, res.spec) if provider else [])}
+        content = _content_fingerprint(provider, res.name, res.spec)
+        ups = {u: desired_fp[u] for u in config.deps.get(addr, [])}
+        fp = fingerprint(res.kind, res.spec, files, ups, content)
+        desired_fp[addr] = fp
+        if addr not in scope:
+            continue
+        locked = project.lock.get(addr)
+        after = {
+            "spec": locked_spec(res.spec),
+            "fingerprint": fp,
+            "files": files,
+            "upstreams": ups,
+        }
+        if content is not None:
+            after["content"] = content
+        change = _decide(project, provider, res.kind, res.name, res.spec, locked, after,
+                         planned, refresh, live)
+        if addr in replace and change.action != "create":
+            change.action = "replace"
+            change.reasons.append("forced by --replace")
+            change.lock_only = False
+        change.depends_on = list(config.deps.get(addr, []))
+        if provider and change.action != "no-op":
+            change.private = provider.plan_private(res.name, res.spec, locked)
+        if provider:
+            change.details = provider.describe(res.name, res.spec, locked)
+        planned[addr] = change
+        changes.append(change)
+
+    if not select:
+        changes = _deletions(project, graph) + changes
+    hasher.save()
+    return Plan(
+        changes=changes,
+        lock_digest=project.lock.digest(),
+        config_digest=config_digest(project, hasher),
+        live_digest=hashlib.sha256("\n".join(live).encode()).hexdigest() if refresh else "",
+        target=config.target,
+        refresh=refresh,
+        selected=sorted(select, key=address_sort_key),
+    )
+
+
+def _content_fingerprint(provider, name: str, spec: dict) -> str | None:
+    fn = getattr(provider, "content_fingerprint", None)
+    return fn(name, spec) if fn else None
+
+
+def _decide(project, provider, kind, name, spec, locked, after, planned, refresh, live) -> ResourceChange:
+    addr = f"{kind}.{name}"
+    if locked is None:
+        return ResourceChange(addr, "create", ["new resource (not in llmops.lock)"], None, after)
+    before = locked.to_dict()
+    reasons: list[str] = []
+    changed_fields = _field_diffs(locked.spec, after["spec"], reasons)
+    files_changed = _file_diffs(locked.files, after["files"], reasons)
+    if after.get("content") is not None and locked.inputs.get("content") not in (None, after["content"]):
+        reasons.append("content changed (model files or resolved revision)")
+        files_changed = True
+    upstream_changed = []
+    for u, fp in after["upstreams"].items():
+        if locked.upstreams.get(u) != fp:
+            upstream_changed.append(u)
+            up = planned.get(u)
+            verb = "is new" if up is None or up.action == "create" or u not in locked.upstreams else "changed"
+            reasons.append(f"upstream {u} {verb}")
+    for u in locked.upstreams:
+        if u not in after["upstreams"]:
+            reasons.append(f"no longer depends on {u}")
+            upstream_changed.append(u)
+
+    fp_fields = {f for f in changed_fields if f not in LOCK_ONLY_FIELDS}
+    if after["fingerprint"] == locked.fingerprint and not fp_fields:
+        action = "no-op"
+        if changed_fields:  # only lock-recorded fields such as `protect`
+            return ResourceChange(addr, "update", reasons, before, after, lock_only=True)
+        if refresh and provider is not None:
+            for drift in provider.refresh(name, spec, locked):
+                live.append(f"{addr}: {drift.reason}")
+                reasons.append(f"drift: {drift.reason}")
+                if _ACTION_RANK[drift.action] > _ACTION_RANK[action]:
+                    action = drift.action
+        return ResourceChange(addr, action, reasons, before, after)
+
+    in_place = provider.in_place_fields if provider else frozenset()
+    upstream_action = provider.upstream_change if provider else "replace"
+    if files_changed or (fp_fields - in_place):
+        action = "replace"
+    elif fp_fields:
+        action = "update" if not upstream_changed or upstream_action == "update" else "replace"
+    elif upstream_changed:
+        action = upstream_action
+    else:  # fingerprint moved for a reason not itemised above (e.g. a newer fingerprint scheme)
+        action = "replace"
+        reasons.append("fingerprint changed")
+    return ResourceChange(addr, action, reasons, before, after)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, str):
+        return value
+    text = canonical_json(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field_diffs(old: dict, new: dict, reasons: list[str]) -> set[str]:
+    """Add `path: old -> new` reasons; return the changed top-level fields."""
+    a, b = _flatten(old), _flatten(new)
+    top: set[str] = set()
+    for path in sorted(set(a) | set(b)):
+        if path in a and path in b and canonical_json(a[path]) == canonical_json(b[path]):
+            continue
+        reasons.append(f"{path}: {_fmt(a.get(path))} -> {_fmt(b.get(path))}")
+        top.add(path.split(".")[0])
+    return top
+
+
+def _file_diffs(old: dict, new: dict, reasons: list[str]) -> bool:
+    changed = False
+    for rel, md5 in new.items():
+        if old.get(rel) != md5:
+            changed = True
+            if md5 == "missing":
+                reasons.append(f"source file missing: {rel}")
+            elif rel in old:
+                reasons.append(f"source content changed ({rel})")
+            else:
+                reasons.append(f"reads a new file ({rel})")
+    return changed
+
+
+def _deletions(project: Project, graph: Graph) -> list[ResourceChange]:
+    gone = [a for a in project.lock.resources if a not in project.config.resources]
+    if not gone:
+        return []
+    protected = [a for a in gone if project.lock.resources[a].spec.get("protect")]
+    if protected:
+        raise PlanError(
+            "this plan would delete protected resources: " + ", ".join(sorted(protected, key=address_sort_key))
+            + ". Put them back in llmops.yaml, or first set `protect: false` on them and apply, then remove them."
+        )
+    # Delete dependents before what they depend on (reverse of the recorded order).
+    recorded = Graph({a: [u for u in project.lock.resources[a].upstreams if u in gone] for a in gone})
+    order = list(reversed(recorded.order()))
+    return [
+        ResourceChange(a, "delete", ["removed from llmops.yaml"], project.lock.resources[a].to_dict(), None,
+                       depends_on=[])
+        for a in order
+    ]
+
+
+def config_digest(project: Project, hasher: FileHasher | None = None) -> str:
+    """Digest of everything desired state is made of: config text, target, input files."""
+    h = hashlib.sha256()
+    h.update(project.config.doc.text.encode())
+    h.update(f"\0target={project.config.target}\0".encode())
+    hasher = hasher or FileHasher(project.root, project.state_dir / "cache" / "file-md5.json")
+    for res in project.config.resources.values():
+        provider = project.provider(res.kind)
+        for rel in sorted(provider.file_inputs(res.name, res.spec) if provider else []):
+            h.update(f"{rel}={hasher.md5(rel)}\0".encode())
+    return h.hexdigest()
+
+
+def _unknown_address(addr: str, known: list[str]) -> None:
+    close = difflib.get_close_matches(addr, known, n=1)
+    hint = f" Did you mean {close[0]}?" if close else " Run `llmops show` to list addresses."
+    raise LlmopsError(f"unknown resource address '{addr}'.{hint}")
+
+
+def desired_fingerprints(plan: Plan) -> dict[str, str]:
+    return {c.address: c.after["fingerprint"] for c in plan.changes if c.after}
+
+
+__all__ = ["make_plan", "config_digest", "desired_fingerprints", "fingerprint_spec"]
+
+
+def check_saved_plan(project: Project, saved: Plan) -> None:
+    """Refuse a saved plan when the lock, config or live state moved since it was made."""
+    from llmops.errors import StalePlanError
+
+    if saved.target != project.config.target:
+        raise StalePlanError(f"the saved plan was made for target {saved.target!r}, not {project.config.target!r}; "
+                             "run `llmops plan` again with the same --target.")
+    if saved.lock_digest != project.lock.digest():
+        raise StalePlanError("saved plan is stale: llmops.lock changed since it was made; run `llmops plan` again.")
+    if saved.config_digest != config_digest(project):
+        raise StalePlanError("saved plan is stale: llmops.yaml or a file it reads changed since it was made; "
+                             "run `llmops plan` again.")
+    if saved.refresh:
+        fresh = make_plan(project, refresh=True, select=saved.selected)
+        if fresh.live_digest != saved.live_digest:
+            raise StalePlanError("saved plan is stale: live state (registry, outputs on disk, endpoints) changed "
+                                 "since it was made; run `llmops plan` again.")

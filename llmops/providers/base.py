@@ -1,0 +1,130 @@
+"""The provider interface: one provider per resource kind plans and applies that kind.
+
+The core compares fingerprints, orders work and schedules it; a provider only knows its
+own kind. Providers never print and never import click: they report through
+`ProviderContext.log` and the `progress` callback of an `ApplyRequest`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from llmops.lockfile import LockedResource
+
+
+def _no_log(address: str, message: str) -> None:
+    pass
+
+
+@dataclass
+class ProviderContext:
+    """What every provider may read about the project it works in.
+
+    `root` is the project folder (holding llmops.yaml); `state_dir` is `root/.llmops`,
+    where providers keep private state (MLflow DB, reports, runtime files).
+    `settings` are the resolved `settings:` (target overlay applied, defaults filled in).
+    `config` is the whole resolved llmops.yaml document (read-only).
+    """
+
+    root: Path
+    state_dir: Path
+    settings: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str, str], None] = _no_log
+
+    def path(self, rel: str) -> Path:
+        """A project-relative path made absolute."""
+        return (self.root / rel).resolve()
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Live state differs from the lock: `reason` is for people, `action` is what fixes it."""
+
+    reason: str
+    action: str = "replace"  # "update" or "replace"
+
+
+@dataclass
+class ProgressEvent:
+    """A step of a long-running apply (training steps, rows processed...)."""
+
+    completed: float | None = None
+    total: float | None = None
+    message: str = ""
+
+
+@dataclass
+class ApplyRequest:
+    """One resource to create, update or replace.
+
+    `upstream` maps each upstream address to its lock entry *as just applied* (their
+    `outputs` are final). `before` is this resource's previous lock entry, if any.
+    `private` is what `Provider.plan_private` handed over at plan time.
+    """
+
+    address: str
+    name: str
+    spec: dict[str, Any]
+    action: str
+    fingerprint: str
+    before: LockedResource | None
+    upstream: dict[str, LockedResource]
+    private: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[ProgressEvent], None] = lambda event: None
+    cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class ApplyResult:
+    """What a successful apply records in the lock: resolved inputs and outputs.
+
+    Both must be JSON-serialisable and contain no secrets.
+    """
+
+    outputs: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+class Provider(ABC):
+    """Plans and applies one resource kind.
+
+    Class attributes:
+      kind: the top-level key in llmops.yaml (e.g. "datasets").
+      in_place_fields: top-level spec keys whose change alone is an `update` rather than
+        a `replace` (e.g. an eval's `thresholds`, a deployment's `alias`).
+      upstream_change: the action planned when only an upstream changed.
+    """
+
+    kind: ClassVar[str]
+    in_place_fields: ClassVar[frozenset[str]] = frozenset()
+    upstream_change: ClassVar[str] = "replace"
+
+    def __init__(self, ctx: ProviderContext) -> None:
+        self.ctx = ctx
+
+    def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
+        """Project-relative files whose *content* is part of the fingerprint."""
+        return []
+
+    def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
+        """Read live state; return how it differs from the lock (empty: in sync)."""
+        return []
+
+    def plan_private(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
+        """Data handed from plan to apply (Terraform's `Private`); JSON-serialisable."""
+        return {}
+
+    def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
+        """Extra facts shown by plan (e.g. number of sweep trials); JSON-serialisable."""
+        return {}
+
+    @abstractmethod
+    def apply(self, request: ApplyRequest) -> ApplyResult:
+        """Create, update or replace the resource; raise ProviderError on failure."""
+
+    def delete(self, name: str, locked: LockedResource) -> None:
+        """Remove what the resource created (the lock entry is removed by the core)."""

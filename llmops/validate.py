@@ -1,0 +1,211 @@
+"""Validation of a parsed llmops.yaml: schema, references, cycles, files, prompt examples.
+
+All problems are collected as Diagnostics (never stopping at the first) and raised together
+as one ValidationError. `load_config` is the single entry point the rest of llmops uses.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from llmops.addrs import KINDS
+from llmops.config import CONFIG_NAME, Document, apply_target, load_document, resolved_settings
+from llmops.errors import Diagnostic, ValidationError
+from llmops.graph import Graph
+from llmops.refs import references, resolve
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "llmops.schema.json"
+
+
+@dataclass
+class Resource:
+    address: str
+    kind: str
+    name: str
+    spec: dict[str, Any]
+
+
+@dataclass
+class Config:
+    """A valid, target-resolved llmops.yaml.
+
+    `resources` is keyed by address in document order; `deps` holds each resource's
+    upstream addresses (dependency edges only; an eval's baseline is not one).
+    """
+
+    root: Path
+    doc: Document
+    target: str | None
+    settings: dict[str, Any]
+    resources: dict[str, Resource] = field(default_factory=dict)
+    deps: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.doc.data
+
+    def graph(self) -> Graph:
+        return Graph(self.deps)
+
+
+def load_config(root: Path, target: str | None = None, config_name: str = CONFIG_NAME) -> Config:
+    """Parse, overlay the target, and validate; raise ValidationError with every problem."""
+    doc = load_document(root / config_name, display=config_name)
+    doc = apply_target(doc, target)
+    diags = check_schema(doc)
+    config = Config(root=root, doc=doc, target=target,
+                    settings=resolved_settings(doc.data if isinstance(doc.data, dict) else {}))
+    if isinstance(doc.data, dict):
+        _collect_resources(config)
+        diags += _check_references(config)
+        diags += _check_cycles(config)
+        diags += _check_files(config)
+        diags += _check_prompts(config)
+    if diags:
+        diags.sort(key=lambda d: (d.line, d.column))
+        raise ValidationError(diags)
+    return config
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    return Draft202012Validator(schema)
+
+
+def check_schema(doc: Document) -> list[Diagnostic]:
+    if not isinstance(doc.data, dict):
+        return [doc.diagnostic((), "the file must be a mapping with `version`, `project` and resource kinds")]
+    out: list[Diagnostic] = []
+    for error in _validator().iter_errors(doc.data):
+        out.extend(_schema_diagnostics(doc, error))
+    # jsonschema can report the same place twice through different branches.
+    unique: dict[tuple, Diagnostic] = {}
+    for d in out:
+        unique.setdefault((d.path, d.summary), d)
+    return list(unique.values())
+
+
+def _schema_diagnostics(doc: Document, error) -> list[Diagnostic]:
+    from jsonschema.exceptions import best_match
+
+    path = tuple(error.absolute_path)
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        deepest = best_match(error.context)
+        return _schema_diagnostics(doc, deepest)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = list((error.schema.get("properties") or {}).keys())
+        out = []
+        for key in error.instance:
+            if key in known:
+                continue
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else (
+                f"allowed keys: {', '.join(known)}" if known else "")
+            out.append(doc.diagnostic(path + (key,), f"unknown key '{key}'", hint))
+        return out or [doc.diagnostic(path, error.message)]
+    if error.validator == "propertyNames":
+        return [doc.diagnostic(path, f"invalid name: {error.message}",
+                               "names use lowercase letters, digits, '-' and '_'")]
+    if error.validator == "required":
+        return [doc.diagnostic(path, error.message, "add the missing key")]
+    return [doc.diagnostic(path, error.message)]
+
+
+def _collect_resources(config: Config) -> None:
+    for kind in KINDS:
+        block = config.data.get(kind)
+        if not isinstance(block, dict):
+            continue
+        for name, spec in block.items():
+            addr = f"{kind}.{name}"
+            config.resources[addr] = Resource(addr, kind, str(name), spec if isinstance(spec, dict) else {})
+
+
+def _names(config: Config) -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {k: set() for k in KINDS}
+    for r in config.resources.values():
+        names[r.kind].add(r.name)
+    return names
+
+
+def _check_references(config: Config) -> list[Diagnostic]:
+    names = _names(config)
+    diags: list[Diagnostic] = []
+    for addr, r in config.resources.items():
+        deps: list[str] = []
+        for ref in references(r.kind, r.name, r.spec):
+            target = resolve(ref, names)
+            if target is None:
+                path = (r.kind, r.name) + ref.path
+                if ref.path == ("deployment",) and "deployment" not in r.spec:
+                    path = (r.kind, r.name)
+                candidates = [n for k in ref.kinds for n in names.get(k, ())]
+                close = difflib.get_close_matches(ref.value.split(".")[-1], candidates, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else (
+                    f"define it under `{ref.kinds[0]}:`")
+                kinds = " or ".join(k.rstrip("s").replace("_", " ") for k in ref.explicit_kinds)
+                diags.append(config.doc.diagnostic(path, f"unknown {kinds} '{ref.value}'", hint))
+            elif ref.edge and target != addr:
+                deps.append(target)
+        config.deps[addr] = deps
+    return diags
+
+
+def _check_cycles(config: Config) -> list[Diagnostic]:
+    cycle = Graph(config.deps).find_cycle()
+    if not cycle:
+        return []
+    kind, _, name = cycle[0].partition(".")
+    return [config.doc.diagnostic((kind, name), f"dependency cycle: {' -> '.join(cycle)}",
+                                  "break the cycle: a resource cannot depend on itself through others")]
+
+
+_FILE_FIELDS = {"datasets": ("source", "file"), "prompts": ("template", "file"), "base_models": ("path", "dir")}
+
+
+def _check_files(config: Config) -> list[Diagnostic]:
+    diags = []
+    for r in config.resources.values():
+        field_kind = _FILE_FIELDS.get(r.kind)
+        if not field_kind:
+            continue
+        key, what = field_kind
+        rel = r.spec.get(key)
+        if not isinstance(rel, str):
+            continue
+        p = config.root / rel
+        ok = p.is_file() if what == "file" else p.is_dir()
+        if not ok:
+            exists_as = " (it is a folder)" if what == "file" and p.is_dir() else ""
+            diags.append(config.doc.diagnostic(
+                (r.kind, r.name, key), f"{what} not found: {rel}{exists_as}",
+                f"paths are relative to the project folder {config.root}"))
+    return diags
+
+
+def _check_prompts(config: Config) -> list[Diagnostic]:
+    try:
+        from llmops.prompts import check_prompt
+    except ImportError:  # TODO: remove once llmops.prompts lands (issue 4)
+        return []
+    diags: list[Diagnostic] = []
+    for r in config.resources.values():
+        if r.kind != "prompts":
+            continue
+        rel = r.spec.get("template")
+        if isinstance(rel, str) and not (config.root / rel).is_file():
+            continue  # already reported as a missing file
+        for d in check_prompt(r.name, r.spec, config.root):
+            if not d.file or not d.line:
+                pos = config.doc.diagnostic(("prompts", r.name), d.summary, d.hint)
+                d = Diagnostic(d.summary, d.path or pos.path, pos.file, pos.line, pos.column, d.hint)
+            diags.append(d)
+    return diags

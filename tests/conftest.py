@@ -1,0 +1,78 @@
+"""Shared test set-up: offline environment, and a temporary project folder helper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network or send telemetry.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("GIT_AUTHOR_NAME", "llmops-tests")
+os.environ.setdefault("GIT_AUTHOR_EMAIL", "tests@example.invalid")
+os.environ.setdefault("GIT_COMMITTER_NAME", "llmops-tests")
+os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Project:
+    """A temporary project folder: `write` files into it, `run` the real CLI in it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def write(self, files: dict[str, str]) -> "Project":
+        for rel, text in files.items():
+            path = self.root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(text) if rel.endswith((".yaml", ".yml", ".j2")) else text)
+        return self
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def read(self, rel: str) -> str:
+        return (self.root / rel).read_text()
+
+    def run(self, *args: str, input: str | None = None, env: dict | None = None, timeout: float = 600):
+        """Run `llmops ARGS` as a subprocess (the real entry point) in the project folder."""
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "llmops", *args],
+            cwd=self.root,
+            input=input,
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+        )
+
+    def invoke(self, *args: str, input: str | None = None):
+        """Run the CLI in-process (faster; for tests that do not need a fresh interpreter)."""
+        from click.testing import CliRunner
+
+        from llmops.cli.main import cli
+
+        old = os.getcwd()
+        os.chdir(self.root)
+        try:
+            return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+        finally:
+            os.chdir(old)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    root = tmp_path / "proj"
+    root.mkdir()
+    return Project(root)
