@@ -1,0 +1,89 @@
+"""Small providers for engine tests: real files on disk, controllable failures and drift.
+
+`RecordingProvider` writes `out/<kind>.<name>.txt` holding the fingerprint; it fails when
+a file `FAIL_<name>` exists in the project, sleeps while `SLOW_<name>` exists, and reports
+drift when its output file is gone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from llmops.errors import ProviderError
+from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
+
+CALLS: list[tuple[str, str]] = []
+_active = 0
+_max_active = 0
+_lock = threading.Lock()
+
+
+def reset() -> None:
+    global _active, _max_active
+    CALLS.clear()
+    _active = _max_active = 0
+
+
+def max_concurrency() -> int:
+    return _max_active
+
+
+class RecordingProvider(Provider):
+    kind = "datasets"
+
+    def out(self, name: str) -> Path:
+        return self.ctx.root / "out" / f"{self.kind}.{name}.txt"
+
+    def file_inputs(self, name, spec):
+        src = spec.get("source")
+        return [src] if isinstance(src, str) else []
+
+    def refresh(self, name, spec, locked):
+        if not self.out(name).exists():
+            return [Drift(f"output missing: out/{self.kind}.{name}.txt", "replace")]
+        return []
+
+    def apply(self, request: ApplyRequest) -> ApplyResult:
+        global _active, _max_active
+        with _lock:
+            _active += 1
+            _max_active = max(_max_active, _active)
+        try:
+            CALLS.append((request.address, request.action))
+            root = self.ctx.root
+            deadline = time.time() + 5
+            while (root / f"SLOW_{request.name}").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.05)
+            if (root / f"FAIL_{request.name}").exists():
+                raise ProviderError(f"{request.address}: injected failure")
+            out = self.out(request.name)
+            out.parent.mkdir(exist_ok=True)
+            out.write_text(request.fingerprint)
+            return ApplyResult(outputs={"path": str(out.relative_to(root)),
+                                        "upstream": sorted(request.upstream)},
+                               inputs={"action": request.action})
+        finally:
+            with _lock:
+                _active -= 1
+
+    def delete(self, name, locked):
+        CALLS.append((f"{self.kind}.{name}", "delete"))
+        self.out(name).unlink(missing_ok=True)
+
+
+def make(kind: str, in_place: frozenset[str] = frozenset(), upstream_change: str = "replace"):
+    return type(f"Recording_{kind}", (RecordingProvider,),
+                {"kind": kind, "in_place_fields": in_place, "upstream_change": upstream_change})
+
+
+OVERRIDES = {
+    "datasets": make("datasets"),
+    "prompts": make("prompts"),
+    "base_models": make("base_models"),
+    "finetunes": make("finetunes"),
+    "evals": make("evals", in_place=frozenset({"thresholds"})),
+    "deployments": make("deployments", in_place=frozenset({"alias"}), upstream_change="update"),
+}

@@ -1,0 +1,240 @@
+"""Engine behaviour on small projects with recording providers (tests/engine_providers.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+import engine_providers as ep
+from llmops.apply import apply_plan
+from llmops.errors import PlanError, StalePlanError
+from llmops.lockfile import load_lock
+from llmops.planner import check_saved_plan, make_plan
+from llmops.project import open_project
+
+CONFIG = """\
+version: 1
+project: eng
+datasets:
+  a: {source: data/a.jsonl}
+  b: {source: data/b.jsonl}
+prompts:
+  p: {text: "Q: {{ question }}", variables: [question]}
+base_models:
+  m: {build: {architecture: llama, tokenizer_from: a}}
+finetunes:
+  f:
+    base_model: m
+    dataset: a
+    prompt: p
+    training: {learning_rate: 0.0002}
+evals:
+  e: {model: f, dataset: a, metrics: [exact_match], thresholds: {exact_match: ">= 0.1"}}
+deployments:
+  d: {model: f, gates: [e], alias: production}
+"""
+
+
+@pytest.fixture
+def proj(project):
+    ep.reset()
+    project.write({"llmops.yaml": CONFIG, "data/a.jsonl": '{"question": "a"}\n', "data/b.jsonl": '{"question": "b"}\n'})
+    return project
+
+
+def opened(project):
+    return open_project(project.root, provider_overrides=ep.OVERRIDES)
+
+
+def plan_of(project, **kw):
+    return make_plan(opened(project), **kw)
+
+
+def actions(plan):
+    return {c.address: c.action for c in plan.changes}
+
+
+def apply_all(project, **kw):
+    p = opened(project)
+    plan = make_plan(p)
+    return apply_plan(p, plan, **kw), plan
+
+
+def test_first_plan_creates_everything_in_dependency_order(proj):
+    plan = plan_of(proj)
+    assert set(actions(plan).values()) == {"create"}
+    order = [c.address for c in plan.changes]
+    assert order.index("datasets.a") < order.index("base_models.m") < order.index("finetunes.f")
+    assert order.index("finetunes.f") < order.index("evals.e") < order.index("deployments.d")
+    assert plan.summary_line() == "Plan: 7 to create, 0 to replace, 0 to update, 0 to delete."
+
+
+def test_apply_records_every_resource_then_plan_is_clean(proj):
+    report, _ = apply_all(proj)
+    assert report.ok and len(report.applied) == 7
+    lock = load_lock(proj.path("llmops.lock"))
+    assert set(lock.resources) == {"datasets.a", "datasets.b", "prompts.p", "base_models.m",
+                                   "finetunes.f", "evals.e", "deployments.d"}
+    assert lock.resources["finetunes.f"].outputs["upstream"] == ["base_models.m", "datasets.a", "prompts.p"]
+    import hashlib
+
+    assert lock.resources["datasets.a"].files == {
+        "data/a.jsonl": hashlib.md5(b'{"question": "a"}\n').hexdigest()}
+    again = plan_of(proj)
+    assert not again.has_changes
+    assert again.summary_line() == "Plan: 0 to create, 0 to replace, 0 to update, 0 to delete."
+
+
+def test_hyperparameter_change_replaces_finetune_and_reruns_downstream(proj):
+    apply_all(proj)
+    proj.write({"llmops.yaml": CONFIG.replace("learning_rate: 0.0002", "learning_rate: 0.0001")})
+    plan = plan_of(proj)
+    acts = actions(plan)
+    assert acts["finetunes.f"] == "replace"
+    assert "training.learning_rate: 0.0002 -> 0.0001" in plan.get("finetunes.f").reasons
+    assert acts["evals.e"] == "replace"
+    assert "upstream finetunes.f changed" in plan.get("evals.e").reasons
+    assert acts["deployments.d"] == "update"  # deployments re-check their gates in place
+    assert acts["datasets.a"] == acts["base_models.m"] == "no-op"
+
+
+def test_source_file_change_plans_dataset_and_downstream(proj):
+    apply_all(proj)
+    proj.write({"data/a.jsonl": '{"question": "changed"}\n'})
+    plan = plan_of(proj, refresh=False)
+    assert plan.get("datasets.a").action == "replace"
+    assert "source content changed (data/a.jsonl)" in plan.get("datasets.a").reasons
+    assert actions(plan)["datasets.b"] == "no-op"
+    for addr in ("base_models.m", "finetunes.f", "evals.e"):
+        assert actions(plan)[addr] == "replace", addr
+
+
+def test_threshold_only_change_is_an_update(proj):
+    apply_all(proj)
+    proj.write({"llmops.yaml": CONFIG.replace('">= 0.1"', '">= 0.2"')})
+    plan = plan_of(proj)
+    assert plan.get("evals.e").action == "update"
+    assert plan.get("finetunes.f").action == "no-op"
+
+
+def test_description_is_cosmetic_and_protect_is_lock_only(proj):
+    apply_all(proj)
+    proj.write({"llmops.yaml": CONFIG.replace("b: {source: data/b.jsonl}",
+                                              "b: {source: data/b.jsonl, description: hello}")})
+    assert not plan_of(proj).has_changes
+    proj.write({"llmops.yaml": CONFIG.replace("b: {source: data/b.jsonl}",
+                                              "b: {source: data/b.jsonl, protect: true}")})
+    p = opened(proj)
+    plan = make_plan(p)
+    change = plan.get("datasets.b")
+    assert change.action == "update" and change.lock_only
+    ep.reset()
+    report = apply_plan(p, plan)
+    assert report.ok and ep.CALLS == []  # no provider call for a lock-only change
+    assert load_lock(proj.path("llmops.lock")).resources["datasets.b"].spec["protect"] is True
+
+
+def test_removed_resource_is_deleted_unless_protected(proj):
+    apply_all(proj)
+    proj.write({"llmops.yaml": CONFIG.replace("  b: {source: data/b.jsonl}\n", "")})
+    plan = plan_of(proj)
+    assert plan.get("datasets.b").action == "delete"
+    assert plan.get("datasets.b").reasons == ["removed from llmops.yaml"]
+    report, _ = apply_all(proj)
+    assert report.ok and "datasets.b" not in load_lock(proj.path("llmops.lock")).resources
+    assert not proj.path("out/datasets.b.txt").exists()
+
+
+def test_deleting_a_protected_resource_fails_the_plan(proj):
+    proj.write({"llmops.yaml": CONFIG.replace("b: {source: data/b.jsonl}", "b: {source: data/b.jsonl, protect: true}")})
+    apply_all(proj)
+    proj.write({"llmops.yaml": CONFIG.replace("  b: {source: data/b.jsonl}\n", "")})
+    with pytest.raises(PlanError, match=r"delete protected resources: datasets.b.*protect: false"):
+        plan_of(proj)
+
+
+def test_failure_skips_dependents_and_lock_keeps_successes(proj):
+    proj.write({"FAIL_m": ""})
+    report, _ = apply_all(proj, parallelism=1)
+    assert "base_models.m" in report.failed
+    assert report.skipped["finetunes.f"] == "upstream base_models.m failed"
+    assert {"evals.e", "deployments.d"} <= set(report.skipped)
+    lock = load_lock(proj.path("llmops.lock"))
+    assert "base_models.m" not in lock.resources and "finetunes.f" not in lock.resources
+    # Resume: fix the failure, and only what is missing is applied.
+    proj.path("FAIL_m").unlink()
+    ep.reset()
+    plan = plan_of(proj)
+    assert {a for a, act in actions(plan).items() if act != "no-op"} == {
+        a for a in actions(plan) if a not in lock.resources}
+    report, _ = apply_all(proj)
+    assert report.ok
+
+
+def test_keep_going_applies_independent_work(proj):
+    proj.write({"FAIL_a": ""})
+    report, _ = apply_all(proj, parallelism=1, keep_going=True)
+    assert "datasets.a" in report.failed
+    assert "datasets.b" in report.applied and "prompts.p" in report.applied
+    report2, _ = apply_all(proj, parallelism=1, keep_going=False)
+    assert "datasets.a" in report2.failed
+
+
+def test_independent_resources_run_in_parallel(proj):
+    proj.write({"SLOW_a": "", "SLOW_b": ""})
+    import threading
+
+    threading.Timer(0.6, lambda: [proj.path("SLOW_a").unlink(), proj.path("SLOW_b").unlink()]).start()
+    report, _ = apply_all(proj, parallelism=2)
+    assert report.ok
+    assert ep.max_concurrency() == 2
+
+
+def test_refresh_detects_drift_and_refresh_false_ignores_it(proj):
+    apply_all(proj)
+    proj.path("out/datasets.b.txt").unlink()
+    plan = plan_of(proj)
+    assert plan.get("datasets.b").action == "replace"
+    assert plan.get("datasets.b").reasons == ["drift: output missing: out/datasets.b.txt"]
+    assert not plan_of(proj, refresh=False).has_changes
+
+
+def test_select_limits_to_upstreams_and_replace_forces(proj):
+    plan = plan_of(proj, select=["finetunes.f"])
+    assert set(actions(plan)) == {"datasets.a", "prompts.p", "base_models.m", "finetunes.f"}
+    apply_all(proj)
+    plan = plan_of(proj, replace=["datasets.b"])
+    assert plan.get("datasets.b").action == "replace"
+    assert "forced by --replace" in plan.get("datasets.b").reasons
+
+
+def test_saved_plan_is_refused_when_lock_config_or_live_state_moved(proj):
+    p = opened(proj)
+    saved = make_plan(p)
+    check_saved_plan(opened(proj), saved)  # fresh: accepted
+    proj.write({"data/b.jsonl": '{"question": "other"}\n'})
+    with pytest.raises(StalePlanError, match="llmops.yaml or a file it reads changed"):
+        check_saved_plan(opened(proj), saved)
+    apply_all(proj)
+    saved = make_plan(opened(proj))
+    proj.path("out/datasets.a.txt").unlink()
+    with pytest.raises(StalePlanError, match="live state"):
+        check_saved_plan(opened(proj), saved)
+    saved = make_plan(opened(proj))
+    apply_all(proj)
+    with pytest.raises(StalePlanError, match="llmops.lock changed"):
+        check_saved_plan(opened(proj), saved)
+
+
+def test_kind_without_provider_fails_apply_with_clear_message(proj):
+    p = open_project(proj.root, provider_overrides={k: v for k, v in ep.OVERRIDES.items() if k != "deployments"})
+    p.provider_overrides  # the others are real test providers
+    import llmops.providers as providers
+
+    orig = providers._PROVIDERS.pop("deployments")
+    try:
+        plan = make_plan(p)
+        report = apply_plan(p, plan)
+    finally:
+        providers._PROVIDERS["deployments"] = orig
+    assert "cannot apply `deployments` resources yet" in report.failed["deployments.d"]
+    assert "evals.e" in report.applied
