@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from llmops.addrs import KINDS
+from llmops.addrs import KINDS, address_sort_key
 from llmops.config import CONFIG_NAME, Document, apply_target, load_document, resolved_settings
 from llmops.errors import Diagnostic, ValidationError
 from llmops.graph import Graph
@@ -97,6 +97,15 @@ def _schema_diagnostics(doc: Document, error) -> list[Diagnostic]:
     from jsonschema.exceptions import best_match
 
     path = tuple(error.absolute_path)
+    exclusive = _exclusive_keys(error)
+    if exclusive is not None and isinstance(error.instance, dict):
+        present = [k for k in exclusive if k in error.instance]
+        found = f" (found {', '.join(present)})" if present else " (found none)"
+        return [doc.diagnostic(path, f"needs exactly one of {', '.join(exclusive)}{found}",
+                               "keep only one of them" if present else f"add one of {', '.join(exclusive)}")]
+    if error.validator == "maxProperties" and error.validator_value == 1 and isinstance(error.instance, dict):
+        return [doc.diagnostic(path, f"each step has exactly one key; found {', '.join(map(str, error.instance))}",
+                               "split it into one list item per step")]
     if error.validator in ("oneOf", "anyOf") and error.context:
         deepest = best_match(error.context)
         return _schema_diagnostics(doc, deepest)
@@ -117,6 +126,19 @@ def _schema_diagnostics(doc: Document, error) -> list[Diagnostic]:
     if error.validator == "required":
         return [doc.diagnostic(path, error.message, "add the missing key")]
     return [doc.diagnostic(path, error.message)]
+
+
+def _exclusive_keys(error) -> list[str] | None:
+    """For `oneOf: [{required: [a]}, {required: [b]}, ...]`: the keys [a, b, ...]."""
+    if error.validator != "oneOf" or not isinstance(error.validator_value, list):
+        return None
+    keys = []
+    for branch in error.validator_value:
+        req = branch.get("required") if isinstance(branch, dict) else None
+        if not (isinstance(req, list) and len(req) == 1):
+            return None
+        keys.append(req[0])
+    return keys
 
 
 def _collect_resources(config: Config) -> None:
@@ -155,7 +177,7 @@ def _check_references(config: Config) -> list[Diagnostic]:
                 diags.append(config.doc.diagnostic(path, f"unknown {kinds} '{ref.value}'", hint))
             elif ref.edge and target != addr:
                 deps.append(target)
-        config.deps[addr] = deps
+        config.deps[addr] = sorted(set(deps), key=address_sort_key)
     return diags
 
 

@@ -1,0 +1,125 @@
+"""`llmops validate`: every problem at once, each with file, line, column and a hint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmops.errors import ValidationError
+from llmops.validate import load_config
+
+BAD = """\
+version: 1
+project: t
+settings:
+  paralelism: 3
+datasets:
+  a:
+    source: data/a.jsonl
+    prepare:
+      - dedupe: {fields: [q]}
+        split: {seed: 1}
+  b: {source: data/missing.jsonl}
+prompts:
+  p: {text: "{{ question }}", variables: [question]}
+base_models:
+  m: {hf: org/x, build: {architecture: llama, tokenizer_from: a}}
+  n: {build: {architecture: llama, tokenizer_from: tickets}}
+finetunes:
+  f: {base_model: mm, dataset: a, prompt: p, training: {epochs: 1, learning_rat: 3}}
+evals:
+  e: {model: deployments.d, dataset: a, metrics: [exact_match]}
+deployments:
+  d: {model: f, gates: [e]}
+"""
+
+
+def diags(project, text):
+    project.write({"llmops.yaml": text, "data/a.jsonl": "{}\n"})
+    with pytest.raises(ValidationError) as info:
+        load_config(project.root)
+    return [d.format() for d in info.value.diagnostics]
+
+
+def test_all_problems_reported_together_with_positions_and_hints(project):
+    lines = diags(project, BAD)
+    expected = [
+        "llmops.yaml:4:3: error: settings.paralelism: unknown key 'paralelism' (hint: did you mean 'parallelism'?)",
+        "llmops.yaml:9:9: error: datasets.a.prepare.0: each step has exactly one key; found dedupe, split",
+        "llmops.yaml:11:7: error: datasets.b.source: file not found: data/missing.jsonl",
+        "llmops.yaml:15:3: error: base_models.m: needs exactly one of hf, path, build (found hf, build)",
+        "llmops.yaml:16:36: error: base_models.n.build.tokenizer_from: unknown dataset 'tickets'",
+        "llmops.yaml:18:7: error: finetunes.f.base_model: unknown base model 'mm' (hint: did you mean 'm'?)",
+        "llmops.yaml:18:68: error: finetunes.f.training.learning_rat: unknown key 'learning_rat' (hint: did you mean 'learning_rate'?)",
+        "llmops.yaml:20:3: error: evals.e: dependency cycle: evals.e -> deployments.d -> evals.e",
+    ]
+    assert len(lines) == len(expected)
+    for want, got in zip(expected, lines):
+        assert got.startswith(want), (want, got)
+
+
+def test_yaml_syntax_error_names_line(project):
+    lines = diags(project, "version: 1\nproject: t\ndatasets:\n  a: {source: [x\n")
+    assert len(lines) == 1 and lines[0].startswith("llmops.yaml:5:1: error: YAML syntax error")
+
+
+def test_duplicate_keys_are_errors(project):
+    lines = diags(project, "version: 1\nproject: t\ndatasets:\n  a: {source: data/a.jsonl}\n  a: {source: data/a.jsonl}\n")
+    assert lines == ["llmops.yaml:5:3: error: datasets.a: duplicate key 'a' (first defined on line 4) "
+                     "(hint: remove or rename one of them)"]
+
+
+def test_baseline_is_checked_but_not_a_dependency_edge(project):
+    ok = """\
+version: 1
+project: t
+datasets: {a: {source: data/a.jsonl}}
+prompts: {p: {text: "{{ question }}", variables: [question]}}
+base_models: {m: {build: {architecture: llama, tokenizer_from: a}}}
+finetunes: {f: {base_model: m, dataset: a, prompt: p}}
+evals: {e: {model: f, dataset: a, metrics: [exact_match], baseline: deployments.d}}
+deployments: {d: {model: f, gates: [e]}}
+"""
+    project.write({"llmops.yaml": ok, "data/a.jsonl": "{}\n"})
+    config = load_config(project.root)
+    assert config.deps["evals.e"] == ["datasets.a", "finetunes.f"]
+    assert config.deps["deployments.d"] == ["finetunes.f", "evals.e"]
+    lines = diags(project, ok.replace("baseline: deployments.d", "baseline: deployments.prod"))
+    assert lines[0].startswith("llmops.yaml:7:59: error: evals.e.baseline: unknown deployment 'deployments.prod'")
+
+
+def test_target_overlay_applies_before_validation(project):
+    text = """\
+version: 1
+project: t
+settings: {parallelism: 2}
+datasets: {a: {source: data/a.jsonl}}
+targets:
+  prod: {settings: {parallelism: 4, runner: docker}, datasets: {a: {source: data/missing.jsonl}}}
+"""
+    project.write({"llmops.yaml": text, "data/a.jsonl": "{}\n"})
+    assert load_config(project.root).settings["parallelism"] == 2
+    with pytest.raises(ValidationError) as info:
+        load_config(project.root, target="prod")
+    (d,) = info.value.diagnostics
+    assert d.line == 6 and "file not found: data/missing.jsonl" in d.summary
+
+
+def test_cli_validate_exit_codes_and_json(project):
+    project.write({"llmops.yaml": BAD, "data/a.jsonl": "{}\n"})
+    res = project.run("validate")
+    assert res.returncode == 1
+    assert "llmops.yaml:4:3: error: settings.paralelism" in res.stderr
+    assert res.stderr.strip().endswith("8 errors found.")
+    res = project.run("validate", "--json")
+    data = json.loads(res.stdout)
+    assert res.returncode == 1 and data["valid"] is False and len(data["diagnostics"]) == 8
+    assert data["diagnostics"][0]["line"] == 4 and data["diagnostics"][0]["path"] == "settings.paralelism"
+
+
+def test_missing_config_file_is_one_clear_error(project):
+    res = project.run("validate")
+    assert res.returncode == 1
+    assert "llmops.yaml: file not found. Run `llmops init`" in res.stderr
+    assert "Traceback" not in res.stderr
