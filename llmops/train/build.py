@@ -1,0 +1,209 @@
+"""Tiny base models built from a config: random init + a tokenizer trained on project text.
+
+`build_tiny_model` is deterministic: the same build spec and the same texts give the same
+files, bit for bit (weights come from a seeded init, the tokenizer from a deterministic BPE
+trainer). Everything a test needs is built here, never downloaded.
+
+The saved folder loads with `AutoModelForCausalLM.from_pretrained(folder)` and
+`AutoTokenizer.from_pretrained(folder)`. The tokenizer prepends `<|bos|>` to every encoded
+text (as Llama's does); callers that train a causal LM append `<|eos|>` themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from llmops.errors import ProviderError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD)
+ARCHITECTURES: tuple[str, ...] = ("llama",)
+# 256 byte symbols of the ByteLevel alphabet plus the special tokens.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+BUILD_DEFAULTS: dict[str, Any] = {
+    "architecture": "llama",
+    "hidden_size": 64,
+    "layers": 2,
+    "heads": 4,
+    "intermediate_size": 128,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+    "seed": 0,
+}
+# torch's init draws from the process-global RNG: two builds seeding it at once from two
+# threads (parallel apply) would interleave draws and lose determinism.
+_INIT_LOCK = threading.Lock()
+_INT_KEYS = ("hidden_size", "layers", "heads", "intermediate_size", "vocab_size", "max_position_embeddings")
+
+
+def resolve_build_spec(build_spec: dict[str, Any]) -> dict[str, Any]:
+    """The build spec with defaults filled in; raises ProviderError on impossible sizes."""
+    spec = {**BUILD_DEFAULTS, **{k: v for k, v in build_spec.items() if v is not None}}
+    where = "build"
+    if spec["architecture"] not in ARCHITECTURES:
+        raise ProviderError(
+            f"{where}: architecture '{spec['architecture']}' is not supported; use one of {', '.join(ARCHITECTURES)}."
+        )
+    for key in _INT_KEYS:
+        value = spec[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ProviderError(f"{where}.{key}: must be a positive integer, got {value!r}; fix llmops.yaml.")
+    if spec["hidden_size"] % spec["heads"]:
+        raise ProviderError(
+            f"{where}: hidden_size {spec['hidden_size']} is not divisible by heads {spec['heads']}; "
+            "choose sizes where hidden_size % heads == 0."
+        )
+    if spec["vocab_size"] < MIN_VOCAB_SIZE:
+        raise ProviderError(
+            f"{where}.vocab_size: {spec['vocab_size']} is too small for a byte-level tokenizer "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens); use at least {MIN_VOCAB_SIZE}."
+        )
+    if isinstance(spec["seed"], bool) or not isinstance(spec["seed"], int):
+        raise ProviderError(f"{where}.seed: must be an integer, got {spec['seed']!r}; fix llmops.yaml.")
+    return spec
+
+
+def build_tiny_model(build_spec: dict[str, Any], texts: Iterable[str], out_dir: Path) -> dict[str, Any]:
+    """Build a tiny model + tokenizer from `build_spec` and `texts` into `out_dir`.
+
+    `out_dir` is replaced as a whole: the files are written to a temporary sibling folder
+    first, so a failed build never leaves a half-written model. Returns
+    `{"files": {relative posix path: sha256}, "spec": resolved spec}`.
+    """
+    spec = resolve_build_spec(build_spec)
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ProviderError(
+            "build: the tokenizer_from dataset has no text to train a tokenizer on; "
+            "give it rows with string fields."
+        )
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
+    try:
+        with _no_progress_bars():
+            tokenizer = _train_tokenizer(texts, spec)
+            tokenizer.save_pretrained(str(tmp))
+            _portable_tokenizer_class(tmp)
+            model = _init_model(spec, tokenizer)
+            model.save_pretrained(str(tmp))
+        files = hash_folder(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"files": files, "spec": spec}
+
+
+def _train_tokenizer(texts: list[str], spec: dict[str, Any]):
+    """A byte-level BPE tokenizer trained on `texts`, wrapped as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec["vocab_size"],
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=spec["max_position_embeddings"],
+        padding_side="right",
+    )
+
+
+def _init_model(spec: dict[str, Any], tokenizer):
+    """A LlamaForCausalLM with seeded random weights; the global RNG is left untouched."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=spec["vocab_size"],
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["heads"],
+        max_position_embeddings=spec["max_position_embeddings"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec["seed"])
+        model = LlamaForCausalLM(config)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def _portable_tokenizer_class(folder: Path) -> None:
+    """Name the tokenizer class `PreTrainedTokenizerFast`, which transformers 4 and 5 both load.
+
+    transformers 5 writes its new class name `TokenizersBackend`, unknown to transformers 4
+    (which a training image may still run).
+    """
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Silence transformers' tqdm bars while saving: library code never writes to the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_folder(folder: Path) -> dict[str, str]:
+    """{relative posix path: sha256} of every regular file under `folder`, sorted."""
+    folder = Path(folder)
+    out: dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            out[path.relative_to(folder).as_posix()] = sha256_file(path)
+    return out
