@@ -15,6 +15,8 @@ a big apply costs a string join, not a re-dump of every entry.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -69,6 +71,8 @@ class Lock:
 
     resources: dict[str, LockedResource] = field(default_factory=dict)
     _blocks: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # Digest of the text this lock was loaded from, while unmodified (saves a re-dump).
+    _loaded_digest: str | None = field(default=None, repr=False, compare=False)
 
     def get(self, address: str) -> LockedResource | None:
         return self.resources.get(address)
@@ -76,10 +80,12 @@ class Lock:
     def set(self, entry: LockedResource) -> None:
         self.resources[entry.address] = entry
         self._blocks.pop(entry.address, None)
+        self._loaded_digest = None
 
     def remove(self, address: str) -> None:
         self.resources.pop(address, None)
         self._blocks.pop(address, None)
+        self._loaded_digest = None
 
     def dumps(self) -> str:
         parts = [HEADER, f"lock_version: {LOCK_VERSION}\n"]
@@ -97,8 +103,8 @@ class Lock:
         return "".join(parts)
 
     def digest(self) -> str:
-        import hashlib
-
+        if self._loaded_digest is not None:
+            return self._loaded_digest
         return hashlib.sha256(self.dumps().encode()).hexdigest()
 
 
@@ -126,6 +132,10 @@ def load_lock(path: Path) -> Lock:
         return Lock()
     except OSError as exc:
         raise LockfileError(f"{path}: cannot read the lockfile ({exc.strerror}).") from exc
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    cached = _read_parse_cache(path, digest)
+    if cached is not None:
+        return _from_data(path, cached, digest)
     recover = (
         f"Restore it from git (`git checkout -- {path.name}`), or delete it and run "
         "`llmops apply` to rebuild it from scratch."
@@ -136,6 +146,16 @@ def load_lock(path: Path) -> Lock:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise LockfileError(f"{where}: the lockfile is corrupt ({getattr(exc, 'problem', exc)}). {recover}") from exc
+    lock = _from_data(path, data, digest)
+    _write_parse_cache(path, digest, data)
+    return lock
+
+
+def _from_data(path: Path, data: Any, digest: str) -> Lock:
+    recover = (
+        f"Restore it from git (`git checkout -- {path.name}`), or delete it and run "
+        "`llmops apply` to rebuild it from scratch."
+    )
     if not isinstance(data, dict) or "lock_version" not in data:
         raise LockfileError(f"{path}: not an llmops lockfile (no lock_version). {recover}")
     version = data["lock_version"]
@@ -168,7 +188,31 @@ def load_lock(path: Path) -> Lock:
             inputs=raw.get("inputs") or {},
             outputs=raw.get("outputs") or {},
         )
+    lock._loaded_digest = digest
     return lock
+
+
+# Parsing YAML in pure Python dominates plan time on big projects, so the parsed lock is
+# cached as JSON under .llmops/cache/, keyed by the sha256 of the lock's text.
+def _cache_path(path: Path) -> Path:
+    return path.parent / ".llmops" / "cache" / "lock-parsed.json"
+
+
+def _read_parse_cache(path: Path, digest: str) -> Any:
+    try:
+        raw = json.loads(_cache_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return raw.get("data") if isinstance(raw, dict) and raw.get("digest") == digest else None
+
+
+def _write_parse_cache(path: Path, digest: str, data: Any) -> None:
+    if not isinstance(data, dict):
+        return
+    try:
+        atomic_write_text(_cache_path(path), json.dumps({"digest": digest, "data": data}, default=str))
+    except (OSError, TypeError, ValueError):
+        pass  # only a cache
 
 
 def save_lock(lock: Lock, path: Path) -> None:

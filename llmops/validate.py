@@ -57,7 +57,11 @@ def load_config(root: Path, target: str | None = None, config_name: str = CONFIG
     """Parse, overlay the target, and validate; raise ValidationError with every problem."""
     doc = load_document(root / config_name, display=config_name)
     doc = apply_target(doc, target)
-    diags = check_schema(doc)
+    cache = _CheckCache(root)
+    key = cache.key("schema", doc.text, str(target), _schema_stamp())
+    diags = cache.get(key)
+    if diags is None:
+        diags = cache.put(key, check_schema(doc))
     config = Config(root=root, doc=doc, target=target,
                     settings=resolved_settings(doc.data if isinstance(doc.data, dict) else {}))
     if isinstance(doc.data, dict):
@@ -65,7 +69,8 @@ def load_config(root: Path, target: str | None = None, config_name: str = CONFIG
         diags += _check_references(config)
         diags += _check_cycles(config)
         diags += _check_files(config)
-        diags += _check_prompts(config)
+        diags += _check_prompts(config, cache)
+    cache.save()
     if diags:
         diags.sort(key=lambda d: (d.line, d.column))
         raise ValidationError(diags)
@@ -213,7 +218,55 @@ def _check_files(config: Config) -> list[Diagnostic]:
     return diags
 
 
-def _check_prompts(config: Config) -> list[Diagnostic]:
+def _schema_stamp() -> str:
+    st = SCHEMA_PATH.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+class _CheckCache:
+    """Results of the slow, pure checks (schema, prompt rendering), keyed by their inputs.
+
+    Stored in `.llmops/cache/checks.json`; only this run's keys are kept. Validating a big
+    unchanged project then costs parsing plus the cheap cross-reference checks.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / ".llmops" / "cache" / "checks.json"
+        try:
+            self.old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):
+            self.old = {}
+        self.new: dict[str, list[dict]] = {}
+
+    @staticmethod
+    def key(*parts: str) -> str:
+        import hashlib
+
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    def get(self, key: str) -> list[Diagnostic] | None:
+        hit = self.old.get(key)
+        if not isinstance(hit, list):
+            return None
+        self.new[key] = hit
+        return [Diagnostic(**d) for d in hit]
+
+    def put(self, key: str, diags: list[Diagnostic]) -> list[Diagnostic]:
+        self.new[key] = [d.to_dict() for d in diags]
+        return list(diags)
+
+    def save(self) -> None:
+        if self.new == self.old:
+            return
+        from llmops.lockfile import atomic_write_text
+
+        try:
+            atomic_write_text(self.path, json.dumps(self.new, sort_keys=True))
+        except OSError:
+            pass
+
+
+def _check_prompts(config: Config, cache: _CheckCache) -> list[Diagnostic]:
     try:
         from llmops.prompts import check_prompt
     except ImportError:  # TODO: remove once llmops.prompts lands (issue 4)
@@ -225,7 +278,15 @@ def _check_prompts(config: Config) -> list[Diagnostic]:
         rel = r.spec.get("template")
         if isinstance(rel, str) and not (config.root / rel).is_file():
             continue  # already reported as a missing file
-        for d in check_prompt(r.name, r.spec, config.root):
+        stamp = ""
+        if isinstance(rel, str):
+            st = (config.root / rel).stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        key = cache.key("prompt", r.name, json.dumps(r.spec, sort_keys=True, default=str), stamp)
+        found = cache.get(key)
+        if found is None:
+            found = cache.put(key, check_prompt(r.name, r.spec, config.root))
+        for d in found:
             if not d.file or not d.line:
                 pos = config.doc.diagnostic(("prompts", r.name), d.summary, d.hint)
                 d = Diagnostic(d.summary, d.path or pos.path, pos.file, pos.line, pos.column, d.hint)
