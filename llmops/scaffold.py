@@ -1,0 +1,219 @@
+"""`llmops init`: scaffold a project folder from the repository's top-level `templates/`.
+
+`templates/project/` holds the project files (`*.tmpl` are rendered, the rest copied;
+`gitignore` is merged into `.gitignore`), `templates/workflows/` the GitHub Actions
+workflows, written to `.github/workflows/`. Templates use `[[ var ]]` / `[% ... %]` so
+that GitHub's `${{ ... }}` passes through untouched. Existing files are never overwritten
+without `force`, and nothing is written when one would be. Git and DVC are initialised with
+subprocesses (`git init`, `python -m dvc init`): nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import llmops
+from llmops.errors import LlmopsError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+WORKFLOW_DIR = ".github/workflows"
+GITIGNORE_TEMPLATE = "gitignore"
+
+
+class ScaffoldError(LlmopsError):
+    """`llmops init` cannot scaffold here (existing files, bad name, git/dvc failure)."""
+
+
+@dataclass
+class ScaffoldResult:
+    """What `init_project` did. Paths are project-relative, sorted."""
+
+    root: Path
+    project: str
+    written: list[str] = field(default_factory=list)
+    overwritten: list[str] = field(default_factory=list)
+    gitignore_added: list[str] = field(default_factory=list)
+    git_initialised: bool = False
+    dvc_initialised: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def templates_dir() -> Path:
+    """The repository's `templates/` folder (llmops is installed editable from a checkout)."""
+    path = Path(llmops.__file__).resolve().parents[1] / "templates"
+    if not (path / "project").is_dir() or not (path / "workflows").is_dir():
+        raise ScaffoldError(
+            f"llmops templates not found at {path}; install llmops from a source checkout (pip install -e .)."
+        )
+    return path
+
+
+def _render(text: str, context: dict[str, str], name: str) -> str:
+    import jinja2  # small, but only `init` needs it
+
+    env = jinja2.Environment(
+        variable_start_string="[[",
+        variable_end_string="]]",
+        block_start_string="[%",
+        block_end_string="%]",
+        comment_start_string="[#",
+        comment_end_string="#]",
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    try:
+        return env.from_string(text).render(**context)
+    except jinja2.TemplateError as err:
+        raise ScaffoldError(f"template {name} cannot be rendered: {err}; this is a bug in llmops' templates.") from None
+
+
+def workflow_context(python_version: str = "3.11", install: str = "pip install -r requirements.txt", branch: str = "main") -> dict[str, str]:
+    """Variables the workflow templates use."""
+    return {"python_version": python_version, "install": install, "branch": branch}
+
+
+def render_workflows(context: dict[str, str] | None = None) -> dict[str, str]:
+    """`.github/workflows/NAME.yml` -> rendered text, for every workflow template."""
+    ctx = context or workflow_context()
+    folder = templates_dir() / "workflows"
+    return {
+        f"{WORKFLOW_DIR}/{path.name}": _render(path.read_text(), ctx, f"workflows/{path.name}")
+        for path in sorted(folder.glob("*.yml"))
+    }
+
+
+def render_project(project: str, context: dict[str, str] | None = None) -> dict[str, str]:
+    """Every file `llmops init` writes (except .gitignore, which is merged): path -> text."""
+    ctx = {**(context or workflow_context()), "project": project, "llmops_version": llmops.__version__}
+    folder = templates_dir() / "project"
+    files: dict[str, str] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == GITIGNORE_TEMPLATE:
+            continue
+        if rel.endswith(".tmpl"):
+            files[rel.removesuffix(".tmpl")] = _render(path.read_text(), ctx, f"project/{rel}")
+        else:
+            files[rel] = path.read_text()
+    files.update(render_workflows(ctx))
+    return files
+
+
+def project_name(root: Path, name: str | None) -> str:
+    """`name`, or the folder's name made into a valid resource name."""
+    if name is None:
+        name = re.sub(r"[^a-z0-9_-]+", "-", root.resolve().name.lower()).strip("-_") or "llmops-project"
+    if not NAME_RE.match(name):
+        raise ScaffoldError(
+            f"'{name}' is not a valid project name: use lower-case letters, digits, '-' and '_', "
+            "starting with a letter or digit (e.g. --name support-assistant)."
+        )
+    return name
+
+
+def init_project(
+    root: Path,
+    *,
+    name: str | None = None,
+    force: bool = False,
+    context: dict[str, str] | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> ScaffoldResult:
+    """Scaffold a project in `root`: files, .gitignore entries, git and DVC.
+
+    Refuses (ScaffoldError, nothing written) when a file it would write exists, unless `force`.
+    """
+    root = root.resolve()
+    project = project_name(root, name)
+    files = render_project(project, context)
+    existing = sorted(rel for rel in files if (root / rel).exists())
+    if existing and not force:
+        raise ScaffoldError(
+            f"llmops init would overwrite {len(existing)} existing file(s) in {root}: {', '.join(existing)}; "
+            "move them away or run `llmops init --force` to overwrite them."
+        )
+    if shutil.which("git") is None:
+        raise ScaffoldError("git is not installed or not on PATH; install git, then run `llmops init` again.")
+
+    result = ScaffoldResult(root=root, project=project, overwritten=existing)
+    for rel, text in files.items():
+        _write_atomic(root / rel, text)
+        log(f"wrote {rel}")
+    result.written = sorted(files)
+    result.gitignore_added = merge_gitignore(root, (templates_dir() / "project" / GITIGNORE_TEMPLATE).read_text())
+    branch = (context or workflow_context()).get("branch", "main")
+    _init_git_and_dvc(root, result, branch, log)
+    return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def merge_gitignore(root: Path, template: str) -> list[str]:
+    """Append the template's entries missing from `root/.gitignore`; return those added."""
+    path = root / ".gitignore"
+    current = path.read_text() if path.exists() else ""
+    have = {line.strip() for line in current.splitlines()}
+    wanted = [line for line in template.splitlines() if line.strip() and not line.startswith("#")]
+    missing = [line for line in wanted if line.strip() not in have]
+    if not missing:
+        return []
+    block = [line for line in template.splitlines() if line.startswith("#") or line in missing]
+    prefix = "" if not current or current.endswith("\n") else "\n"
+    _write_atomic(path, current + prefix + ("\n" if current else "") + "\n".join(block) + "\n")
+    return missing
+
+
+def _init_git_and_dvc(root: Path, result: ScaffoldResult, branch: str, log: Callable[[str], None]) -> None:
+    top = _git_toplevel(root)
+    if top is None:
+        # the branch the apply workflow deploys from
+        _run(["git", "init", "-q", "-b", branch], root, "git init")
+        result.git_initialised = True
+        top = root
+        log(f"initialised git (branch {branch})")
+    elif top != root:
+        result.warnings.append(
+            f"{root} is inside the git repository at {top}: GitHub reads workflows only from "
+            f"{top / WORKFLOW_DIR}; move them there and set `defaults.run.working-directory`."
+        )
+    if not (root / ".dvc").is_dir():
+        cmd = [sys.executable, "-m", "dvc", "init", "-q"] + (["--subdir"] if top != root else [])
+        _run(cmd, root, "dvc init")
+        result.dvc_initialised = True
+        log("initialised DVC")
+
+
+def _git_toplevel(root: Path) -> Path | None:
+    proc = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, check=False
+    )
+    return Path(proc.stdout.strip()).resolve() if proc.returncode == 0 else None
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ScaffoldError(
+            f"`{what}` failed in {cwd} (exit {proc.returncode}): {detail[0]}; fix that and run `llmops init --force`."
+        )

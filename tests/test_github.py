@@ -1,0 +1,372 @@
+"""GitHub client, sticky PR comment, promotion approvals and `llmops pr comment`,
+against the fake GitHub REST API in tests/fake_github.py (real HTTP on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fake_github import TOKEN, FakeGitHub
+from llmops.errors import LlmopsError
+from llmops.gitops import (
+    MAX_COMMENT_CHARS,
+    PLAN_MARKER,
+    GitHubClient,
+    GitHubError,
+    GitHubRateLimitError,
+    allowed_approvers,
+    check_approval,
+    check_local_approval,
+    client_from_env,
+    parse_codeowners,
+    pr_number_from_env,
+    upsert_sticky_comment,
+)
+
+HEAD = "a" * 40
+MERGE = "m" * 40
+REPO = "acme/support"
+
+
+@pytest.fixture
+def gh():
+    fake = FakeGitHub(repo=REPO).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def client(gh: FakeGitHub) -> GitHubClient:
+    return GitHubClient(TOKEN, gh.url, REPO, sleep=_no_sleep)
+
+
+def _no_sleep(seconds: float) -> None:
+    raise AssertionError(f"unexpected sleep({seconds})")
+
+
+def merged_pr(gh: FakeGitHub, number: int = 7) -> int:
+    gh.add_pr(number, head_sha=HEAD, merge_sha=MERGE)
+    return number
+
+
+# -- approvals ----------------------------------------------------------------------------
+
+
+def test_approved_by_allowed_reviewer_on_head(gh, client):
+    n = merged_pr(gh)
+    gh.add_review(n, "carol", "COMMENTED")
+    gh.add_review(n, "alice", "APPROVED")
+    gh.add_review(n, "carol", "COMMENTED")  # a later comment does not undo the approval
+    approval = check_approval(client, REPO, MERGE, ["@Alice"])
+    assert approval.approved, approval.reason
+    assert (approval.approver, approval.pr_number, approval.commit) == ("alice", n, HEAD)
+    paths = [r.path for r in gh.requests]
+    assert f"/repos/{REPO}/commits/{MERGE}/pulls" in paths and f"/repos/{REPO}/pulls/{n}" in paths
+
+
+def test_approval_before_a_new_commit_does_not_count(gh, client):
+    n = merged_pr(gh)
+    gh.add_review(n, "alice", "APPROVED")
+    gh.push(n, "c" * 40)
+    approval = check_approval(client, REPO, MERGE, ["alice"])
+    assert not approval.approved
+    assert "older commit" in approval.reason and "alice" in approval.reason
+    assert approval.commit == "c" * 40
+    gh.add_review(n, "alice", "APPROVED")  # re-approval on the new head
+    assert check_approval(client, REPO, MERGE, ["alice"]).approved
+
+
+def test_changes_requested_after_approval_blocks(gh, client):
+    n = merged_pr(gh)
+    gh.add_review(n, "alice", "APPROVED")
+    gh.add_review(n, "bob", "CHANGES_REQUESTED")
+    approval = check_approval(client, REPO, MERGE, ["alice"])
+    assert not approval.approved
+    assert "changes requested by bob" in approval.reason
+    gh.add_review(n, "bob", "APPROVED")  # bob's latest word now approves
+    assert check_approval(client, REPO, MERGE, ["alice"]).approved
+
+
+def test_approver_who_later_requests_changes_is_not_an_approval(gh, client):
+    n = merged_pr(gh)
+    gh.add_review(n, "alice", "APPROVED")
+    gh.add_review(n, "alice", "CHANGES_REQUESTED")
+    assert not check_approval(client, REPO, MERGE, ["alice"]).approved
+
+
+def test_dismissed_approval_does_not_count(gh, client):
+    n = merged_pr(gh)
+    gh.add_review(n, "alice", "DISMISSED")
+    approval = check_approval(client, REPO, MERGE, ["alice"])
+    assert not approval.approved and "no approving review" in approval.reason
+
+
+def test_approver_not_allowed(gh, client):
+    n = merged_pr(gh)
+    gh.add_review(n, "mallory", "APPROVED")
+    approval = check_approval(client, REPO, MERGE, ["alice", "@acme/ml-leads"])
+    assert not approval.approved
+    assert "mallory" in approval.reason and "alice" in approval.reason
+    assert approval.approver is None
+
+
+def test_team_approver(gh, client):
+    n = merged_pr(gh)
+    gh.set_team("acme", "ml-leads", {"carol": "active", "dave": "pending"})
+    gh.add_review(n, "dave", "APPROVED")  # invited, not yet a member
+    gh.add_review(n, "erin", "APPROVED")  # not in the team at all (404)
+    assert not check_approval(client, REPO, MERGE, ["@acme/ml-leads"]).approved
+    gh.add_review(n, "carol", "APPROVED")
+    approval = check_approval(client, REPO, MERGE, ["@acme/ml-leads"])
+    assert approval.approved and approval.approver == "carol"
+    assert "/orgs/acme/teams/ml-leads/memberships/carol" in [r.path for r in gh.requests]
+
+
+def test_no_merged_pull_request(gh, client):
+    gh.add_pr(3, head_sha=HEAD, merge_sha=None, merged=False)
+    gh.add_review(3, "alice", "APPROVED")
+    approval = check_approval(client, REPO, HEAD, ["alice"])
+    assert not approval.approved and "no merged pull request" in approval.reason
+    assert not check_approval(client, REPO, "f" * 40, ["alice"]).approved
+
+
+def test_no_approvers_configured_is_never_approved(gh, client):
+    n = merged_pr(gh)
+    gh.add_review(n, "alice", "APPROVED")
+    approval = check_approval(client, REPO, MERGE, [])
+    assert not approval.approved and "approvers" in approval.reason
+    assert gh.requests == []  # decided without asking GitHub
+
+
+def test_reviews_are_read_across_pages(gh, client):
+    n = merged_pr(gh)
+    gh.add_review(n, "alice", "APPROVED")
+    for i in range(150):
+        gh.add_review(n, f"user{i}", "COMMENTED")
+    gh.add_review(n, "bob", "CHANGES_REQUESTED")  # on page 2 of 100
+    approval = check_approval(client, REPO, MERGE, ["alice"])
+    assert not approval.approved and "bob" in approval.reason
+    pages = [r for r in gh.requests if r.path.endswith("/reviews")]
+    assert [r.query.get("page", ["1"])[0] for r in pages] == ["1", "2"]
+
+
+# -- errors and rate limits -----------------------------------------------------------------
+
+
+def test_server_error_raises_clear_message_and_never_approves(gh, client):
+    n = merged_pr(gh)
+    gh.add_review(n, "alice", "APPROVED")
+    gh.fail("GET", rf"/repos/{REPO}/pulls/{n}/reviews", 502, "Server Error")
+    with pytest.raises(GitHubError) as err:
+        check_approval(client, REPO, MERGE, ["alice"])
+    msg = str(err.value)
+    assert f"GET /repos/{REPO}/pulls/{n}/reviews" in msg and "HTTP 502" in msg and "re-run later" in msg
+    assert isinstance(err.value, LlmopsError) and err.value.status == 502
+
+
+def test_bad_token(gh):
+    bad = GitHubClient("wrong-token", gh.url, REPO)
+    with pytest.raises(GitHubError, match="401.*Bad credentials.*GITHUB_TOKEN"):
+        bad.get(f"/repos/{REPO}/pulls/1")
+
+
+def test_not_found_names_the_endpoint(gh, client):
+    with pytest.raises(GitHubError, match=rf"GET /repos/{REPO}/pulls/99 failed: HTTP 404.*GITHUB_REPOSITORY"):
+        client.get(client.repo_path("pulls/99"))
+
+
+def test_primary_rate_limit(gh, client):
+    merged_pr(gh)
+    gh.rate_limit("GET", rf"/repos/{REPO}/commits/\w+/pulls")
+    with pytest.raises(GitHubRateLimitError) as err:
+        check_approval(client, REPO, MERGE, ["alice"])
+    assert "rate limit" in str(err.value) and f"/repos/{REPO}/commits/{MERGE}/pulls" in str(err.value)
+    assert "Nothing was approved" in str(err.value)
+    assert err.value.retry_after is not None and err.value.retry_after > 60  # reset in an hour
+
+
+def test_secondary_rate_limit_with_long_retry_after_raises_without_waiting(gh, client):
+    gh.rate_limit("GET", r".*/pulls/\d+", retry_after=120)
+    merged_pr(gh)
+    with pytest.raises(GitHubRateLimitError, match="HTTP 429.*retry in 120 s"):
+        client.get(client.repo_path("pulls/7"))
+
+
+def test_short_retry_after_is_waited_once_then_retried(gh):
+    waits: list[float] = []
+    client = GitHubClient(TOKEN, gh.url, REPO, max_retry_wait=5, sleep=waits.append)
+    merged_pr(gh)
+    gh.rate_limit("GET", r".*/pulls/7", retry_after=2)
+    assert client.get(client.repo_path("pulls/7"))["number"] == 7
+    assert waits == [2.0]
+    gh.rate_limit("GET", r".*/pulls/7", retry_after=1, times=2)
+    with pytest.raises(GitHubRateLimitError):
+        client.get(client.repo_path("pulls/7"))
+
+
+def test_next_link_to_another_host_is_refused(gh, client):
+    gh.fail(
+        "GET",
+        rf"/repos/{REPO}/issues/1/comments",
+        200,
+        headers={"Link": '<https://evil.example/steal?page=2>; rel="next"'},
+        body=[],
+    )
+    with pytest.raises(GitHubError, match="refusing to send the token"):
+        client.get_paginated(client.repo_path("issues/1/comments"))
+
+
+def test_unreachable_api(tmp_path):
+    client = GitHubClient(TOKEN, "http://127.0.0.1:9", REPO, timeout=5)
+    with pytest.raises(GitHubError, match="Cannot reach the GitHub API.*GITHUB_API_URL"):
+        client.get("/rate_limit")
+
+
+# -- sticky comment -------------------------------------------------------------------------
+
+
+def test_comment_created_then_updated_in_place(gh, client):
+    n = merged_pr(gh)
+    gh.add_comment(n, "LGTM")
+    gh.add_comment(n, f"> quoting\n{PLAN_MARKER}")  # a person quoting the marker is not ours
+    action, first = upsert_sticky_comment(client, n, "plan v1")
+    assert action == "created"
+    action, second = upsert_sticky_comment(client, n, "plan v2")
+    assert (action, second) == ("updated", first)
+    ours = [c for c in gh.issue_comments(n) if c["id"] == first]
+    assert len(gh.issue_comments(n)) == 3
+    assert ours[0]["body"] == f"{PLAN_MARKER}\nplan v2"
+
+
+def test_sticky_comment_found_on_a_later_page(gh, client):
+    n = merged_pr(gh)
+    for i in range(120):
+        gh.add_comment(n, f"chatter {i}")
+    _, cid = upsert_sticky_comment(client, n, "plan")
+    for i in range(90):
+        gh.add_comment(n, f"more chatter {i}")
+    action, again = upsert_sticky_comment(client, n, "plan 2")
+    assert (action, again) == ("updated", cid)
+    assert sum(1 for c in gh.issue_comments(n) if c["body"].startswith(PLAN_MARKER)) == 1
+
+
+def test_long_body_is_bounded_to_one_comment(gh, client):
+    n = merged_pr(gh)
+    body = "\n".join(f"| finetunes.m{i} | replace | lr 0.0002 -> 0.0001 |" for i in range(3000))
+    assert len(body) > MAX_COMMENT_CHARS
+    _, cid = upsert_sticky_comment(client, n, body)
+    stored = next(c["body"] for c in gh.issue_comments(n) if c["id"] == cid)
+    assert len(stored) <= MAX_COMMENT_CHARS
+    assert stored.startswith(PLAN_MARKER) and "Truncated" in stored
+    assert "| finetunes.m0 |" in stored
+
+
+def test_comment_permission_error_is_clear(gh, client):
+    n = merged_pr(gh)
+    gh.fail("POST", rf"/repos/{REPO}/issues/{n}/comments", 403, "Resource not accessible by integration")
+    with pytest.raises(GitHubError, match="403.*Resource not accessible.*pull-requests: write"):
+        upsert_sticky_comment(client, n, "plan")
+
+
+# -- who may approve ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("codeowners", "path", "owners"),
+    [
+        ("* @acme/everyone\n", "llmops.yaml", ["@acme/everyone"]),
+        ("*  @a\nllmops.yaml @acme/ml-leads @bob\n", "llmops.yaml", ["@acme/ml-leads", "@bob"]),
+        ("llmops.yaml @bob\n* @a\n", "llmops.yaml", ["@a"]),  # last match wins
+        ("/llmops.yaml @root\n", "sub/llmops.yaml", []),  # anchored to the root
+        ("llmops.yaml @any\n", "sub/llmops.yaml", ["@any"]),  # unanchored: any depth
+        ("*.yaml @yaml # comment\n", "llmops.yaml", ["@yaml"]),
+        ("# llmops.yaml @commented\n", "llmops.yaml", []),
+        ("/ml/ @ml\n", "ml/llmops.yaml", ["@ml"]),
+        ("/ml/ @ml\n", "llmops.yaml", []),
+        ("docs/** @docs\n**/llmops.yaml @deep\n", "a/b/llmops.yaml", ["@deep"]),
+        ("llmops.yaml @x\nllmops.yaml\n", "llmops.yaml", []),  # a later line with no owners unsets them
+    ],
+)
+def test_parse_codeowners(codeowners, path, owners):
+    assert parse_codeowners(codeowners, path) == owners
+
+
+def test_allowed_approvers_precedence(tmp_path: Path):
+    (tmp_path / ".github").mkdir()
+    (tmp_path / ".github" / "CODEOWNERS").write_text("llmops.yaml @acme/ml-leads\n")
+    assert allowed_approvers({}, {}, tmp_path) == ["@acme/ml-leads"]
+    assert allowed_approvers({}, {"approvers": ["bob"]}, tmp_path) == ["bob"]
+    assert allowed_approvers({"approvers": ["eve"]}, {"approvers": ["bob"]}, tmp_path) == ["eve"]
+    (tmp_path / ".github" / "CODEOWNERS").unlink()
+    assert allowed_approvers({}, {}, tmp_path) == []
+
+
+def test_local_approval():
+    refused = check_local_approval("alice", {}, ["alice"])
+    assert not refused.approved and "allow_local_approvals" in refused.reason
+    allowed = check_local_approval("alice", {"allow_local_approvals": True}, ["@alice", "@acme/leads"])
+    assert allowed.approved and allowed.approver == "alice" and allowed.source == "local"
+    other = check_local_approval("mallory", {"allow_local_approvals": True}, ["alice", "@acme/leads"])
+    assert not other.approved and "team membership cannot be checked locally" in other.reason
+    assert check_local_approval("anyone", {"allow_local_approvals": True}, []).approved
+
+
+# -- environment and CLI ------------------------------------------------------------------
+
+
+def _event(tmp_path: Path, payload: dict) -> str:
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def test_pr_number_from_event(tmp_path: Path):
+    assert pr_number_from_env({"GITHUB_EVENT_PATH": _event(tmp_path, {"pull_request": {"number": 42}})}) == 42
+    with pytest.raises(LlmopsError, match="--pr N"):
+        pr_number_from_env({"GITHUB_EVENT_PATH": _event(tmp_path, {"ref": "refs/heads/main"})})
+    with pytest.raises(LlmopsError, match="--pr N"):
+        pr_number_from_env({})
+
+
+def test_client_from_env():
+    client = client_from_env({"GITHUB_TOKEN": "ghs_secret123", "GITHUB_REPOSITORY": "o/r"})
+    assert (client.api_url, client.repo, client.token) == ("https://api.github.com", "o/r", "ghs_secret123")
+    assert "ghs_secret123" not in repr(client)
+    override = client_from_env(
+        {"GITHUB_TOKEN": "a", "LLMOPS_GITHUB_TOKEN": "b", "GITHUB_REPOSITORY": "o/r"},
+        {"github": {"repository": "x/y", "api_url": "https://ghe.example/api/v3"}},
+    )
+    assert (override.token, override.repo, override.api_url) == ("b", "x/y", "https://ghe.example/api/v3")
+    with pytest.raises(GitHubError, match="GITHUB_REPOSITORY"):
+        client_from_env({"GITHUB_TOKEN": "t"})
+    with pytest.raises(GitHubError, match="GITHUB_TOKEN"):
+        client_from_env({"GITHUB_REPOSITORY": "o/r"})
+
+
+def test_cli_pr_comment_creates_then_updates(gh, tmp_path: Path, monkeypatch):
+    from llmops.cli.gitops import pr_group
+
+    n = merged_pr(gh, 12)
+    monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+    monkeypatch.setenv("GITHUB_REPOSITORY", REPO)
+    monkeypatch.setenv("GITHUB_API_URL", gh.url)
+    monkeypatch.setenv("GITHUB_EVENT_PATH", _event(tmp_path, {"pull_request": {"number": n}}))
+    monkeypatch.delenv("LLMOPS_GITHUB_TOKEN", raising=False)
+    body = tmp_path / "plan.md"
+    body.write_text("## Plan\n~ finetunes.support-lora -> replace\n")
+    runner = CliRunner()
+    first = runner.invoke(pr_group, ["comment", "--body-file", str(body)])
+    assert first.exit_code == 0, first.output
+    assert "created comment" in first.output and f"#{n}" in first.output
+    body.write_text("## Plan\nNo changes.\n")
+    second = runner.invoke(pr_group, ["comment", "--body-file", str(body), "--pr", str(n)])
+    assert second.exit_code == 0, second.output
+    assert "updated comment" in second.output
+    comments = gh.issue_comments(n)
+    assert len(comments) == 1 and comments[0]["body"] == f"{PLAN_MARKER}\n## Plan\nNo changes.\n"
+
+    missing = runner.invoke(pr_group, ["comment", "--body-file", str(tmp_path / "nope.md")])
+    assert isinstance(missing.exception, LlmopsError) and "nope.md" in str(missing.exception)
