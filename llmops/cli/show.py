@@ -59,6 +59,8 @@ def _profile(console: Console, profile: dict[str, Any]) -> None:
             if isinstance(s, dict):
                 rin, rout = s.get("rows_in"), s.get("rows_out")
                 removed = (rin - rout) if isinstance(rin, int) and isinstance(rout, int) else ""
+                if isinstance(rout, dict):
+                    rout = ", ".join(f"{k} {v}" for k, v in sorted(rout.items(), key=lambda kv: kv[0] != "train"))
                 table.add_row(str(s.get("step", s.get("name", "?"))), str(rin), str(rout), str(removed))
         console.print(table)
     rest = {k: v for k, v in profile.items() if k != "steps"}
