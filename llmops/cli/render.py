@@ -79,7 +79,7 @@ class RichHooks(ApplyHooks):
             self.console.print(f"[green]{change.address}: {change.action} complete[/]")
         else:
             msg = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
-            self.console.print(f"[red]{change.address}: failed:[/] {escape(msg)}")
+            self.console.print(f"[red]{change.address}: failed:[/] {escape(_unprefixed(change.address, msg))}")
 
     def progress(self, address: str, event: ProgressEvent) -> None:  # type: ignore[override]
         task = self.tasks.get(address)
@@ -105,8 +105,13 @@ def render_report(console: Console, report: ApplyReport) -> None:
     elif report.failed or report.skipped:
         console.print("[red bold]Apply failed:[/] " + ", ".join(parts) + ".")
         for addr, msg in report.failed.items():
-            console.print(f"  [red]{addr}[/]: {escape(msg)}")
+            console.print(f"  [red]{addr}[/]: {escape(_unprefixed(addr, msg))}")
         for addr, why in report.skipped.items():
             console.print(f"  [yellow]{addr}[/]: skipped ({escape(why)})")
     else:
         console.print("[green bold]Apply complete:[/] " + ", ".join(parts) + ".")
+
+
+def _unprefixed(address: str, message: str) -> str:
+    """Messages often start with their address; the renderer already shows it."""
+    return message[len(address) + 2:] if message.startswith(f"{address}: ") else message
