@@ -55,6 +55,8 @@ class RecordingProvider(Provider):
             root = self.ctx.root
             deadline = time.time() + 5
             while (root / f"SLOW_{request.name}").exists() and time.time() < deadline:
+                if request.cancelled():
+                    raise ProviderError(f"{request.address}: cancelled")
                 time.sleep(0.05)
             time.sleep(0.05)
             if (root / f"FAIL_{request.name}").exists():

@@ -95,3 +95,39 @@ def test_sigkill_mid_apply_leaves_a_valid_lock_and_the_next_apply_resumes(projec
     assert "Apply cancelled; nothing was changed." in res.stdout and res.returncode == 1
     planned = {line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("+")}
     assert planned == {"finetunes.f", "evals.e", "deployments.d"}
+
+
+_INTERRUPT_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r})
+import engine_providers as ep
+from llmops.apply import apply_plan
+from llmops.planner import make_plan
+from llmops.project import open_project
+p = open_project(__import__("pathlib").Path({root!r}), provider_overrides=ep.OVERRIDES)
+report = apply_plan(p, make_plan(p), parallelism=1)
+print(json.dumps({{"interrupted": report.interrupted, "applied": report.applied,
+                  "failed": report.failed, "skipped": report.skipped}}))
+"""
+
+
+def test_ctrl_c_stops_launching_work_and_keeps_the_lock_consistent(project):
+    project.write({"llmops.yaml": CONFIG, "data/a.jsonl": '{"question": "a"}\n',
+                   "data/b.jsonl": '{"question": "b"}\n', "SLOW_m": ""})
+    script = _INTERRUPT_SCRIPT.format(tests=str(Path(__file__).parent), root=str(project.root))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    lock_path = project.path("llmops.lock")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if lock_path.exists() and "prompts.p" in load_lock(lock_path).resources:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # base_models.m is running now
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["interrupted"] is True
+    assert report["failed"] == {"base_models.m": "base_models.m: cancelled"}
+    assert {"finetunes.f", "evals.e", "deployments.d"} <= set(report["skipped"])
+    lock = load_lock(lock_path)
+    assert set(lock.resources) == set(report["applied"]) == {"datasets.a", "datasets.b", "prompts.p"}
