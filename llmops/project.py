@@ -40,6 +40,7 @@ class Project:
             settings=self.config.settings,
             config=self.config.data,
             log=lambda address, message: self.log(address, message),
+            target=self.config.target,
         )
 
     def provider(self, kind: str) -> Provider | None:

@@ -26,7 +26,7 @@ class ProviderContext:
     `root` is the project folder (holding llmops.yaml); `state_dir` is `root/.llmops`,
     where providers keep private state (MLflow DB, reports, runtime files).
     `settings` are the resolved `settings:` (target overlay applied, defaults filled in).
-    `config` is the whole resolved llmops.yaml document (read-only).
+    `config` is the whole resolved llmops.yaml document (read-only); `target` the overlay used.
     """
 
     root: Path
@@ -34,6 +34,7 @@ class ProviderContext:
     settings: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str, str], None] = _no_log
+    target: str | None = None  # the --target overlay in use
 
     def path(self, rel: str) -> Path:
         """A project-relative path made absolute."""

@@ -1,0 +1,108 @@
+"""Prompts: versioned by content and registered in MLflow's prompt registry.
+
+A prompt's fingerprint covers its template files (and static includes); apply registers
+the template as a new prompt version only when its content digest differs from the latest
+registered one, then points the alias of the current target (`--target NAME`, or
+`default`) at it. Refresh reads the alias back: moved by hand, it is drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmops.errors import ProviderError
+from llmops.lockfile import LockedResource
+from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
+
+
+class PromptsProvider(Provider):
+    kind = "prompts"
+
+    def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
+        from llmops.prompts import PromptError, prompt_files
+
+        try:
+            return prompt_files(spec, self.ctx.root)
+        except PromptError:
+            rel = spec.get("template")
+            return [rel] if isinstance(rel, str) else []
+
+    def _alias(self) -> str:
+        return self.ctx.target or "default"
+
+    def _client(self):
+        from llmops.tracking import client
+
+        return client(self.ctx.root, self.ctx.settings)
+
+    def apply(self, request: ApplyRequest) -> ApplyResult:
+        from llmops.prompts import PromptError, load_prompt
+
+        try:
+            prompt = load_prompt(request.spec, self.ctx.root, request.name)
+        except PromptError as exc:
+            raise ProviderError(exc.message) from None
+        digest = prompt.digest()
+        if prompt.is_chat:
+            template: Any = [{"role": s.role, "content": s.source} for s in prompt.sources]
+        else:
+            template = prompt.sources[0].source
+        client = self._client()
+        version = self._find_version(client, request.name, digest)
+        if version is None:
+            try:
+                pv = client.register_prompt(
+                    name=request.name,
+                    template=template,
+                    commit_message=f"llmops apply ({request.address}, {digest[:19]})",
+                    tags={"llmops.digest": digest, "llmops.address": request.address},
+                )
+            except Exception as exc:  # noqa: BLE001 - MLflow raises many types; name the place
+                raise ProviderError(f"cannot register the prompt in MLflow: {exc}") from exc
+            version = int(pv.version)
+        alias = self._alias()
+        client.set_prompt_alias(request.name, alias, version)
+        return ApplyResult(
+            outputs={
+                "name": request.name,
+                "version": version,
+                "uri": f"prompts:/{request.name}/{version}",
+                "alias": alias,
+                "digest": digest,
+                "files": prompt.files(),
+            },
+            inputs={"digest": digest},
+        )
+
+    def _find_version(self, client, name: str, digest: str) -> int | None:
+        """The newest registered version with this content digest (re-apply registers nothing)."""
+        try:
+            found = client.search_prompt_versions(name)
+        except Exception:  # noqa: BLE001 - no such prompt yet
+            return None
+        # MLflow 3 returns a PagedList here; older 3.x a response object with .prompt_versions
+        versions = list(getattr(found, "prompt_versions", found))
+        for pv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+            if (pv.tags or {}).get("llmops.digest") == digest:
+                return int(pv.version)
+        return None
+
+    def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
+        out = locked.outputs
+        if "version" not in out:
+            return [Drift("no registered prompt version recorded", "replace")]
+        try:
+            pv = self._client().get_prompt_version_by_alias(name, out.get("alias", self._alias()))
+        except Exception:  # noqa: BLE001 - alias or prompt gone
+            return [Drift(f"prompt alias {out.get('alias')} of {name} is missing in the registry", "update")]
+        if int(pv.version) != int(out["version"]):
+            return [Drift(f"prompt alias {out.get('alias')} -> v{pv.version}, lock says v{out['version']}", "update")]
+        return []
+
+    def delete(self, name: str, locked: LockedResource) -> None:
+        alias = locked.outputs.get("alias")
+        if alias:
+            try:
+                self._client().delete_prompt_alias(name, alias)
+            except Exception:  # noqa: BLE001 - already gone: nothing to undo; history stays in MLflow
+                pass
