@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -98,6 +99,15 @@ def sse(server: dict, path: str, body: dict) -> tuple[str, list[Any]]:
             payload = line[len("data: "):]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return ctype, events
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def complete(server: dict, **body: Any) -> dict:
@@ -260,6 +270,10 @@ def test_invalid_json_unknown_model_and_context_length(server: dict) -> None:
     long_prompt = "order " * 200
     assert_error(call(server, "POST", "/v1/completions", {"model": MODEL, "prompt": long_prompt, "max_tokens": 8}),
                  400, "max_tokens", "context_length_exceeded")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": long_prompt}]}  # no max_tokens: none fit
+    assert_error(call(server, "POST", "/v1/chat/completions", chat), 400, "messages", "context_length_exceeded")
+    assert_error(call(server, "POST", "/v1/chat/completions", dict(chat, stream=True)), 400, "messages",
+                 "context_length_exceeded")  # refused before any event is sent
 
 
 def test_unknown_paths_and_methods(server: dict) -> None:
@@ -280,7 +294,10 @@ def test_on_request_hook_sees_every_request(server: dict) -> None:
     records.clear()
     complete(server, prompt="Where is my order?", max_tokens=3)
     call(server, "POST", "/v1/completions", {"model": MODEL, "prompt": 1})
-    ok, bad = records[-2:]
+    # The hook runs after the answer is sent (and a previous test's last record may land late).
+    assert wait_for(lambda: any(r["status"] == 400 for r in records))
+    ok = next(r for r in records if r["status"] == 200 and r["path"] == "/v1/completions")
+    bad = next(r for r in records if r["status"] == 400)
     assert (ok["status"], ok["path"], ok["method"], ok["error"]) == (200, "/v1/completions", "POST", None)
     assert ok["prompt_tokens"] > 0 and ok["completion_tokens"] >= 1 and ok["latency_ms"] > 0
     assert ok["prompt"] == ["Where is my order?"] and len(ok["completion"]) == 1
@@ -406,13 +423,16 @@ def test_background_server_process_lifecycle(model_dir: Path, tmp_path: Path) ->
         body = json.dumps({"model": MODEL, "prompt": "Where is my order?", "max_tokens": 2}).encode()
         with urllib.request.urlopen(urllib.request.Request(handle.url + "/v1/completions", data=body), timeout=60) as r:
             assert json.loads(r.read())["usage"]["completion_tokens"] >= 1
-        logged = [json.loads(line) for line in (state / "requests.jsonl").read_text().splitlines()]
+        # The hook runs after the answer is sent: wait (bounded) for its line.
+        log = state / "requests.jsonl"
+        assert wait_for(lambda: '"/v1/completions"' in log.read_text())
+        logged = [json.loads(line) for line in log.read_text().splitlines()]
         assert [(r["path"], r["status"]) for r in logged] == [("/health", 200)] * (len(logged) - 1) + [
             ("/v1/completions", 200)]
         assert "prompt" not in logged[-1] and "completion" not in logged[-1]  # texts only with --log-text
     finally:
         assert stop_server(handle.state_file) is True
-    assert server_status(handle.state_file) .running is False
+    assert server_status(handle.state_file).running is False
     assert not Path(handle.state_file).exists() and stop_server(handle.state_file) is False
 
 

@@ -1,0 +1,321 @@
+"""Running an evaluation: a local model (+ adapter) or a live OpenAI-compatible endpoint.
+
+`evaluate` loads the model once, renders every row through the prompt, generates in
+left-padded batches (greedy, or sampled with a seed per repeat), measures latency, scores
+the reference answers' perplexity, and computes the requested metrics. `evaluate_endpoint`
+does the same against what a deployment serves now, one request at a time, for baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from llmops.errors import ProviderError
+from llmops.evals.metrics import Metric, aggregate_repeats, compute_metrics, resolve_metrics
+from llmops.prompts import PromptTemplate, has_chat_template, load_prompt
+
+DECODING_DEFAULTS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+Progress = Callable[[int, int], None]
+
+
+class EvalError(ProviderError):
+    """An evaluation could not run (bad rows, unreachable endpoint, model failure)."""
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation.
+
+    `metrics` are means over repeats, `per_metric_std` their sample standard deviations
+    (0 with one repeat). `skipped` names metrics that could not be measured, and why.
+    `samples` are the rows of the first repeat: prompt, prediction, references, latency.
+    """
+
+    metrics: dict[str, float]
+    per_metric_std: dict[str, float]
+    samples: list[dict[str, Any]]
+    decoding: dict[str, Any]
+    skipped: dict[str, str] = field(default_factory=dict)
+    repeats: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decoding_settings(decoding: dict[str, Any] | None) -> dict[str, Any]:
+    """The decoding spec with defaults filled in (what the lock records)."""
+    out = dict(DECODING_DEFAULTS)
+    out.update(decoding or {})
+    unknown = set(out) - set(DECODING_DEFAULTS)
+    if unknown:
+        raise EvalError(f"unknown decoding setting(s) {sorted(unknown)}; known: {sorted(DECODING_DEFAULTS)}")
+    if int(out["max_new_tokens"]) < 1 or float(out["temperature"]) < 0 or not 0 < float(out["top_p"]) <= 1:
+        raise EvalError(f"decoding {out} is out of range: max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+    return out
+
+
+def _metrics(metrics: Sequence[str | dict[str, Any] | Metric], root: Path) -> list[Metric]:
+    return [m if isinstance(m, Metric) else resolve_metrics([m], root)[0] for m in metrics]
+
+
+def _row_inputs(prompt: PromptTemplate, rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Each row's prompt variables and reference answers; a clear error for the first bad row."""
+    inputs, refs = [], []
+    for i, row in enumerate(rows):
+        missing = [v for v in prompt.variables if v not in row]
+        if missing:
+            raise EvalError(
+                f"evaluation row {i} has no field '{missing[0]}' (a variable of the prompt); fix the dataset or the prompt"
+            )
+        ref = row.get(prompt.response_field)
+        if ref is None:
+            raise EvalError(
+                f"evaluation row {i} has no field '{prompt.response_field}' (the prompt's response_field); "
+                "fix the dataset or set response_field"
+            )
+        inputs.append({v: row[v] for v in prompt.variables})
+        refs.append([ref] if isinstance(ref, str) else [str(r) for r in ref])
+    if not inputs:
+        raise EvalError("the evaluation set is empty; check the dataset's eval split and `limit`")
+    return inputs, refs
+
+
+def _repeat_count(decoding: dict[str, Any], repeats: int) -> int:
+    # Greedy decoding gives the same text every time: one pass is the answer.
+    return max(1, int(repeats)) if float(decoding["temperature"]) > 0 else 1
+
+
+def _samples(
+    prompts: list[str], preds: list[str], refs: list[list[str]], lat: list[float], toks: list[int]
+) -> list[dict[str, Any]]:
+    return [
+        {"index": i, "prompt": p, "prediction": y, "references": r, "latency_ms": round(ms, 3), "completion_tokens": n}
+        for i, (p, y, r, ms, n) in enumerate(zip(prompts, preds, refs, lat, toks))
+    ]
+
+
+def evaluate(
+    model_dir: Path | str,
+    adapter_dir: Path | str | None,
+    rows: Sequence[dict[str, Any]],
+    prompt_spec: dict[str, Any],
+    root: Path | str,
+    metrics: Sequence[str | dict[str, Any] | Metric],
+    decoding: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    repeats: int = 1,
+    *,
+    prompt_name: str = "",
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> EvalResult:
+    """Evaluate a local model (and PEFT adapter) on `rows` with the given prompt and metrics."""
+    import torch
+
+    from llmops.serve.model import load_model, sequence_nll
+
+    root = Path(root)
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be at least 1, got {batch_size}")
+    settings = decoding_settings(decoding)
+    metric_objs = _metrics(metrics, root)
+    prompt = load_prompt(prompt_spec, root, prompt_name)
+    inputs, refs = _row_inputs(prompt, rows)
+    lm = load_model(model_dir, adapter_dir, device)
+    prompts = [prompt.render(v, lm.tokenizer) for v in inputs]
+    add_special = not (prompt.is_chat and has_chat_template(lm.tokenizer))
+    extras: dict[str, Any] = {"prompts": prompts, "rows": list(rows)}
+    if any(m.name == "perplexity" for m in metric_objs):
+        extras["nll_sum"], extras["nll_tokens"] = sequence_nll(
+            lm, prompts, [r[0] for r in refs], batch_size=batch_size, add_special_tokens=add_special
+        )
+    runs = _repeat_count(settings, repeats)
+    results, samples, skipped = [], [], {}
+    for r in range(runs):
+        torch.manual_seed(int(settings["seed"]) + r)
+        preds, lat, toks, seconds = _local_pass(lm, prompts, settings, batch_size, add_special, progress, r, runs)
+        run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=seconds)
+        values, skipped = compute_metrics(metric_objs, preds, refs, run_extras)
+        results.append(values)
+        if r == 0:
+            samples = _samples(prompts, preds, refs, lat, toks)
+    mean, std = aggregate_repeats(results)
+    return EvalResult(mean, std, samples, settings, skipped, runs)
+
+
+def _local_pass(
+    lm: Any, prompts: list[str], settings: dict[str, Any], batch_size: int, add_special: bool,
+    progress: Progress | None, repeat: int, runs: int,
+) -> tuple[list[str], list[float], list[int], float]:
+    """One generation pass over all prompts in batches: texts, per-row latency (the batch's
+    wall time: every row of a batch waits for all of it), completion tokens, total seconds."""
+    from llmops.serve.model import generate_batch
+
+    preds: list[str] = []
+    lat: list[float] = []
+    toks: list[int] = []
+    seconds = 0.0
+    for start in range(0, len(prompts), batch_size):
+        t0 = time.perf_counter()
+        out = generate_batch(
+            lm, prompts[start : start + batch_size], max_new_tokens=int(settings["max_new_tokens"]),
+            temperature=float(settings["temperature"]), top_p=float(settings["top_p"]), add_special_tokens=add_special,
+        )
+        elapsed = time.perf_counter() - t0
+        seconds += elapsed
+        preds += [g.text for g in out]
+        toks += [g.completion_tokens for g in out]
+        lat += [elapsed * 1000.0] * len(out)
+        if progress:
+            progress(repeat * len(prompts) + len(preds), runs * len(prompts))
+    return preds, lat, toks, seconds
+
+
+# --- a live endpoint ---------------------------------------------------------------------
+
+
+@dataclass
+class _Endpoint:
+    base_url: str
+    api_key: str | None
+    timeout: float
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        url = self.base_url.rstrip("/") + path
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as exc:
+            raise _EndpointHTTPError(exc.code, _error_message(exc), url) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise EvalError(f"cannot reach {url}: {reason}; is the deployment running?") from None
+
+
+class _EndpointHTTPError(EvalError):
+    def __init__(self, status: int, detail: str, url: str) -> None:
+        self.status = status
+        super().__init__(f"{url} answered HTTP {status}: {detail}")
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(exc.read().decode("utf-8"))["error"]["message"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return str(exc.reason)
+
+
+def _endpoint_nll(ep: _Endpoint, model: str, prompts: list[str], refs: list[list[str]]) -> tuple[float, int]:
+    """Reference log-likelihood through `echo` + `logprobs` on /v1/completions (max_tokens 0)."""
+    total, count = 0.0, 0
+    for prompt, ref in zip(prompts, refs):
+        body = {"model": model, "prompt": prompt + ref[0], "max_tokens": 0, "echo": True, "logprobs": 0}
+        lp = ep.call("POST", "/v1/completions", body)["choices"][0].get("logprobs") or {}
+        offsets, values = lp.get("text_offset"), lp.get("token_logprobs")
+        if offsets is None or values is None:
+            raise EvalError("the endpoint returned no token logprobs for echo=true")
+        for off, value in zip(offsets, values):
+            if off >= len(prompt) and value is not None:
+                total -= float(value)
+                count += 1
+    return total, count
+
+
+def evaluate_endpoint(
+    base_url: str,
+    rows: Sequence[dict[str, Any]],
+    prompt_spec: dict[str, Any],
+    root: Path | str,
+    metrics: Sequence[str | dict[str, Any] | Metric],
+    decoding: dict[str, Any] | None = None,
+    repeats: int = 1,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 120.0,
+    prompt_name: str = "",
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Evaluate what an OpenAI-compatible server serves (`base_url` without `/v1`).
+
+    Text prompts go to POST /v1/completions, chat prompts to /v1/chat/completions (the
+    server applies its own chat template). Requests are sent one at a time so each latency
+    is one request's. Perplexity needs `echo` + `logprobs` support; without it the metric
+    is reported under `skipped`.
+    """
+    root = Path(root)
+    settings = decoding_settings(decoding)
+    metric_objs = _metrics(metrics, root)
+    prompt = load_prompt(prompt_spec, root, prompt_name)
+    inputs, refs = _row_inputs(prompt, rows)
+    ep = _Endpoint(base_url, api_key, timeout)
+    if model_name is None:
+        listed = ep.call("GET", "/v1/models").get("data") or []
+        if not listed:
+            raise EvalError(f"{base_url}/v1/models lists no model; pass the model name")
+        model_name = str(listed[0]["id"])
+    extras: dict[str, Any] = {"rows": list(rows)}
+    texts = [] if prompt.is_chat else [prompt.render(v) for v in inputs]
+    skipped_nll = ""
+    if any(m.name == "perplexity" for m in metric_objs):
+        if prompt.is_chat:
+            skipped_nll = "metric perplexity of an endpoint needs a text prompt (chat templates live in the server)"
+        else:
+            try:
+                extras["nll_sum"], extras["nll_tokens"] = _endpoint_nll(ep, model_name, texts, refs)
+            except _EndpointHTTPError as exc:
+                skipped_nll = f"metric perplexity: the endpoint cannot score text ({exc.message})"
+    runs = _repeat_count(settings, repeats)
+    results, samples, skipped = [], [], {}
+    for r in range(runs):
+        preds, lat, toks = _endpoint_pass(ep, model_name, prompt, inputs, texts, settings, r, progress, runs)
+        run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=sum(lat) / 1000.0)
+        values, skipped = compute_metrics(metric_objs, preds, refs, run_extras)
+        results.append(values)
+        if r == 0:
+            shown = texts or [json.dumps(prompt.render_parts(v)) for v in inputs]
+            samples = _samples(shown, preds, refs, lat, toks)
+    if skipped_nll:
+        skipped["perplexity"] = skipped_nll
+    mean, std = aggregate_repeats(results)
+    return EvalResult(mean, std, samples, settings, skipped, runs)
+
+
+def _endpoint_pass(
+    ep: _Endpoint, model: str, prompt: PromptTemplate, inputs: list[dict[str, Any]], texts: list[str],
+    settings: dict[str, Any], repeat: int, progress: Progress | None, runs: int,
+) -> tuple[list[str], list[float], list[int]]:
+    common = {
+        "model": model, "max_tokens": int(settings["max_new_tokens"]), "temperature": float(settings["temperature"]),
+        "top_p": float(settings["top_p"]), "seed": int(settings["seed"]) + repeat,
+    }
+    preds, lat, toks = [], [], []
+    for i, variables in enumerate(inputs):
+        t0 = time.perf_counter()
+        if prompt.is_chat:
+            parts = prompt.render_parts(variables)
+            messages = [{"role": role, "content": parts[role]} for role in ("system", "user") if role in parts]
+            out = ep.call("POST", "/v1/chat/completions", dict(common, messages=messages))
+            text = out["choices"][0]["message"]["content"] or ""
+        else:
+            out = ep.call("POST", "/v1/completions", dict(common, prompt=texts[i]))
+            text = out["choices"][0]["text"]
+        lat.append((time.perf_counter() - t0) * 1000.0)
+        preds.append(text)
+        usage = out.get("usage") or {}
+        toks.append(int(usage.get("completion_tokens", len(text.split()))))
+        if progress:
+            progress(repeat * len(inputs) + i + 1, runs * len(inputs))
+    return preds, lat, toks
+

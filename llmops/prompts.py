@@ -1,0 +1,441 @@
+"""Prompt templates: loading, strict rendering, validate-time checks and content digests.
+
+A prompt (`prompts.NAME` in llmops.yaml) is one Jinja2 template — a project file
+(`template:`), inline text (`text:`) or a chat pair (`chat: {system, user}`) — rendered in a
+sandboxed environment with `StrictUndefined`. The declared `variables` are the contract:
+a template that uses an undeclared variable, or declares one it never uses, is a
+validation error; rendering with a missing or an extra variable is an error that names the
+template file and line. Chat prompts go through the tokenizer's chat template when it has
+one (else the parts are joined with a blank line), so training, evaluation and serving all
+see the same text.
+
+Nothing here imports torch or transformers: a tokenizer, when needed, is passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import jinja2
+from jinja2 import meta, nodes
+from jinja2.loaders import split_template_path
+from jinja2.sandbox import SandboxedEnvironment
+
+from llmops.errors import Diagnostic, LlmopsError
+
+FORMS = ("template", "text", "chat")
+CHAT_ROLES = ("system", "user")
+
+
+class PromptError(LlmopsError):
+    """A prompt cannot be loaded or rendered; `file`/`line` say where (line 0: unknown)."""
+
+    def __init__(self, summary: str, *, file: str = "", line: int = 0, path: str = "", hint: str = "") -> None:
+        self.summary = summary
+        self.file = file
+        self.line = line
+        self.path = path
+        self.hint = hint
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        text = f"{where}{summary}"
+        if hint:
+            text += f" ({hint})"
+        super().__init__(text)
+
+    def to_diagnostic(self) -> Diagnostic:
+        return Diagnostic(summary=self.summary, path=self.path, file=self.file, line=self.line, hint=self.hint)
+
+
+@dataclass(frozen=True)
+class TemplateSource:
+    """One Jinja2 source of a prompt.
+
+    `label` is what messages name: a project-relative path for files, else
+    `llmops.yaml prompts.NAME.text` (lines are then counted inside the inline text).
+    `role` is `text` for single templates, `system`/`user` for chat parts.
+    """
+
+    role: str
+    label: str
+    source: str
+    is_file: bool
+
+
+class _ProjectLoader(jinja2.BaseLoader):
+    """Loads inline sources by label and `{% include %}`d files from the project folder."""
+
+    def __init__(self, root: Path, inline: dict[str, str]) -> None:
+        self.root = root
+        self.inline = inline
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Any]:
+        if template in self.inline:
+            return self.inline[template], template, lambda: True
+        parts = split_template_path(template)  # refuses `..` and absolute escapes
+        path = self.root.joinpath(*parts)
+        if not path.is_file():
+            raise jinja2.TemplateNotFound(template)
+        # The filename is the project-relative name so tracebacks and errors name it.
+        return path.read_text(encoding="utf-8"), "/".join(parts), lambda: True
+
+
+@dataclass
+class PromptTemplate:
+    """A loaded, compiled prompt; render it with `render(variables, tokenizer)`.
+
+    Invariant: every source compiled without syntax errors; `variables` is the declared
+    contract (order as in the config).
+    """
+
+    name: str
+    form: str
+    variables: tuple[str, ...]
+    sources: list[TemplateSource]
+    response_field: str
+    env: SandboxedEnvironment = field(repr=False)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.form == "chat"
+
+    def _template(self, src: TemplateSource) -> jinja2.Template:
+        return self.env.get_template(src.label)
+
+    def render_parts(self, variables: dict[str, Any]) -> dict[str, str]:
+        """Render each source with exactly the declared variables: {role: text}."""
+        self._check_given(variables)
+        out: dict[str, str] = {}
+        for src in self.sources:
+            try:
+                out[src.role] = self._template(src).render(**variables)
+            except jinja2.TemplateError as exc:
+                raise _render_error(self.name, src, exc) from None
+        return out
+
+    def render(self, variables: dict[str, Any], tokenizer: Any = None) -> str:
+        """The text the model sees, to which its answer is appended.
+
+        A single template's text gets a newline appended unless it already ends in
+        whitespace, so the answer starts on its own line (training does the same). Chat
+        prompts use the tokenizer's chat template if it has one (see `messages_to_text`).
+        """
+        parts = self.render_parts(variables)
+        if not self.is_chat:
+            text = parts["text"]
+            return text if text.endswith((" ", "\n", "\t")) else text + "\n"
+        messages = [{"role": role, "content": parts[role]} for role in CHAT_ROLES if role in parts]
+        return messages_to_text(messages, tokenizer)
+
+    def _check_given(self, variables: dict[str, Any]) -> None:
+        declared = set(self.variables)
+        missing = [v for v in self.variables if v not in variables]
+        extra = sorted(set(variables) - declared)
+        if missing:
+            var = missing[0]
+            src, line = self._first_use(var)
+            raise PromptError(
+                f"{_who(self.name)}: variable '{var}' has no value",
+                file=src.label if src else "",
+                path="" if src is None or src.is_file else _inline_path(self.name, src),
+                line=line,
+                hint=f"pass all declared variables: {', '.join(self.variables)}",
+            )
+        if extra:
+            raise PromptError(
+                f"{_who(self.name)}: variable '{extra[0]}' is not declared in `variables`",
+                file=self.sources[0].label,
+                hint="declare it under `variables:` and use it in the template, or stop passing it",
+            )
+
+    def _first_use(self, var: str) -> tuple[TemplateSource | None, int]:
+        for src in self.sources:
+            line = _first_use_line(self._parse(src.label, src.source), var)
+            if line:
+                return src, line
+        return (self.sources[0] if self.sources else None), 0
+
+    def used_variables(self) -> dict[str, tuple[str, int]]:
+        """Variables the templates (and what they include) read: {var: (label, first line)}."""
+        used: dict[str, tuple[str, int]] = {}
+        for label, source in self._all_sources():
+            ast = self._parse(label, source)
+            for var in sorted(meta.find_undeclared_variables(ast)):
+                used.setdefault(var, (label, _first_use_line(ast, var)))
+        return used
+
+    def _all_sources(self) -> list[tuple[str, str]]:
+        """The prompt's own sources, then every statically included template (once each)."""
+        seen: dict[str, str] = {}
+        queue = [(s.label, s.source) for s in self.sources]
+        while queue:
+            label, source = queue.pop(0)
+            if label in seen:
+                continue
+            seen[label] = source
+            for ref in meta.find_referenced_templates(self._parse(label, source)):
+                if ref and ref not in seen:
+                    try:
+                        text, _, _ = self.env.loader.get_source(self.env, ref)  # type: ignore[union-attr]
+                    except jinja2.TemplateNotFound:
+                        raise PromptError(
+                            f"{_who(self.name)}: included template '{ref}' not found",
+                            file=label,
+                            hint="paths in {% include %} are relative to the project folder",
+                        ) from None
+                    queue.append((ref, text))
+        return list(seen.items())
+
+    def _parse(self, label: str, source: str) -> nodes.Template:
+        try:
+            return self.env.parse(source, name=label, filename=label)
+        except jinja2.TemplateSyntaxError as exc:
+            raise PromptError(
+                f"{_who(self.name)}: template syntax error: {exc.message}", file=label, line=exc.lineno or 0
+            ) from None
+
+    def files(self) -> list[str]:
+        """Project-relative files this prompt reads (its template and static includes)."""
+        inline = {s.label for s in self.sources if not s.is_file}
+        return sorted(label for label, _ in self._all_sources() if label not in inline)
+
+    def digest(self) -> str:
+        """Content version: changes when anything the model would see changes."""
+        doc = {
+            "form": self.form,
+            "variables": sorted(self.variables),
+            "response_field": self.response_field,
+            "sources": [[s.role, s.source] for s in self.sources],
+            "includes": {k: v for k, v in self._all_sources() if k not in {s.label for s in self.sources}},
+        }
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether `tokenizer` renders chats itself (its output then already holds special tokens)."""
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def messages_to_text(messages: list[dict[str, str]], tokenizer: Any = None) -> str:
+    """Chat messages as one prompt: the tokenizer's chat template (with the generation
+    prompt), else each message's content followed by a blank line ("system\n\nuser\n\n")."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['content']}\n\n" for m in messages)
+
+
+def load_prompt(spec: dict[str, Any], root: Path | str, name: str = "") -> PromptTemplate:
+    """Compile a prompt spec; raises PromptError (file and line) on any problem."""
+    root = Path(root)
+    forms = [f for f in FORMS if f in spec]
+    if len(forms) != 1:
+        raise PromptError(
+            f"{_who(name)} must have exactly one of template, text, chat (has {', '.join(forms) or 'none'})",
+            path=f"prompts.{name}",
+        )
+    form = forms[0]
+    variables = spec.get("variables")
+    if not isinstance(variables, list) or not all(isinstance(v, str) for v in variables):
+        raise PromptError(
+            f"{_who(name)}: `variables` must be a list of names", path=f"prompts.{name}.variables"
+        )
+    sources = _sources(form, spec, root, name)
+    env = SandboxedEnvironment(
+        loader=_ProjectLoader(root, {s.label: s.source for s in sources if not s.is_file}),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,  # a template file's last newline is part of the prompt
+        autoescape=False,
+    )
+    for src in sources:
+        try:
+            env.get_template(src.label)
+        except jinja2.TemplateSyntaxError as exc:
+            raise PromptError(
+                f"{_who(name)}: template syntax error: {exc.message}",
+                file=exc.name or src.label,
+                line=exc.lineno or 0,
+                path="" if src.is_file else _inline_path(name, src),
+            ) from None
+    return PromptTemplate(
+        name=name,
+        form=form,
+        variables=tuple(variables),
+        sources=sources,
+        response_field=str(spec.get("response_field", "answer")),
+        env=env,
+    )
+
+
+def _sources(form: str, spec: dict[str, Any], root: Path, name: str) -> list[TemplateSource]:
+    inline_label = f"llmops.yaml prompts.{name}" if name else "llmops.yaml prompt"
+    if form == "template":
+        rel = spec["template"]
+        path = root / str(rel)
+        if not isinstance(rel, str) or not path.is_file():
+            raise PromptError(
+                f"template file '{rel}' not found",
+                file=str(rel),
+                path=f"prompts.{name}.template",
+                hint="the path is relative to the project folder",
+            )
+        return [TemplateSource("text", rel, path.read_text(encoding="utf-8"), True)]
+    if form == "text":
+        if not isinstance(spec["text"], str):
+            raise PromptError(f"{_who(name)}: `text` must be a string", path=f"prompts.{name}.text")
+        return [TemplateSource("text", f"{inline_label}.text", spec["text"], False)]
+    chat = spec["chat"]
+    if not isinstance(chat, dict) or "user" not in chat or set(chat) - set(CHAT_ROLES):
+        raise PromptError(
+            f"{_who(name)}: `chat` must be {{system: TEXT, user: TEXT}} (system optional)",
+            path=f"prompts.{name}.chat",
+        )
+    return [
+        TemplateSource(role, f"{inline_label}.chat.{role}", str(chat[role]), False)
+        for role in CHAT_ROLES
+        if role in chat
+    ]
+
+
+def _first_use_line(ast: nodes.Template, var: str) -> int:
+    lines = [n.lineno for n in ast.find_all(nodes.Name) if n.name == var and n.ctx == "load"]
+    return min(lines) if lines else 0
+
+
+def _template_frame(tb: TracebackType | None) -> tuple[str, int]:
+    """The innermost traceback frame that runs template code: (template filename, line).
+
+    Jinja2 rewrites tracebacks so template frames carry the template's filename (our
+    labels) and line; every other frame is Python code.
+    """
+    found = ("", 0)
+    while tb is not None:
+        fname = tb.tb_frame.f_code.co_filename
+        if not fname.endswith(".py") and not fname.startswith("<"):
+            found = (fname, tb.tb_lineno)
+        tb = tb.tb_next
+    return found
+
+
+def _render_error(name: str, src: TemplateSource, exc: jinja2.TemplateError) -> PromptError:
+    if isinstance(exc, jinja2.TemplateSyntaxError):  # an included template failed to parse
+        label, line = exc.name or src.label, exc.lineno or 0
+        kind = "template syntax error"
+    else:
+        label, line = _template_frame(exc.__traceback__)
+        label = label or src.label
+        kind = "sandbox refused" if isinstance(exc, jinja2.exceptions.SecurityError) else "cannot render"
+    path = "" if src.is_file else _inline_path(name, src)
+    return PromptError(f"{_who(name)}: {kind}: {exc.message or exc}", file=label, line=line, path=path)
+
+
+def _who(name: str) -> str:
+    return f"prompt '{name}'" if name else "prompt"
+
+
+def _inline_path(name: str, src: TemplateSource) -> str:
+    return f"prompts.{name}.text" if src.role == "text" else f"prompts.{name}.chat.{src.role}"
+
+
+def render_prompt(
+    spec: dict[str, Any], root: Path | str, variables: dict[str, Any], tokenizer: Any = None, name: str = ""
+) -> str:
+    """Render a prompt spec with exactly its declared variables (see `PromptTemplate.render`)."""
+    return load_prompt(spec, root, name).render(variables, tokenizer)
+
+
+def prompt_digest(spec: dict[str, Any], root: Path | str) -> str:
+    """Content version of a prompt (`sha256:...`): templates, includes, variables, response_field."""
+    return load_prompt(spec, root).digest()
+
+
+def prompt_files(spec: dict[str, Any], root: Path | str) -> list[str]:
+    """Project-relative files the prompt reads, for fingerprints."""
+    return load_prompt(spec, root).files()
+
+
+def count_tokens(text: str, tokenizer: Any = None) -> int:
+    """Tokens in `text`: the tokenizer's count, or whitespace-separated words without one."""
+    if tokenizer is None:
+        return len(text.split())
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_prompt(name: str, spec: dict[str, Any], root: Path | str, tokenizer: Any = None) -> list[Diagnostic]:
+    """Everything wrong with one prompt, for `llmops validate` (empty list: fine).
+
+    Diagnostics about the template carry its file and line; those about the config
+    (`variables`, `examples`) carry only `path` (e.g. `prompts.NAME.examples[0].expect`)
+    so the caller can add the llmops.yaml position.
+    """
+    try:
+        prompt = load_prompt(spec, root, name)
+        used = prompt.used_variables()
+    except PromptError as exc:
+        return [exc.to_diagnostic()]
+    diags: list[Diagnostic] = []
+    for var, (label, line) in used.items():
+        if var not in prompt.variables:
+            diags.append(Diagnostic(
+                summary=f"template uses variable '{var}' that prompts.{name}.variables does not declare",
+                path=f"prompts.{name}.variables", file=label, line=line,
+                hint=f"add '{var}' to variables, or remove it from the template",
+            ))
+    for var in prompt.variables:
+        if var not in used:
+            diags.append(Diagnostic(
+                summary=f"variable '{var}' is declared but the template never uses it",
+                path=f"prompts.{name}.variables", hint="remove it from variables, or use it in the template",
+            ))
+    if diags:
+        return diags  # examples would only repeat these problems
+    for i, example in enumerate(spec.get("examples") or []):
+        diags.extend(_check_example(prompt, name, i, example, tokenizer))
+    return diags
+
+
+def _as_list(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _check_example(prompt: PromptTemplate, name: str, i: int, example: Any, tokenizer: Any) -> list[Diagnostic]:
+    path = f"prompts.{name}.examples[{i}]"
+    inputs = example.get("inputs", {}) if isinstance(example, dict) else None
+    if not isinstance(inputs, dict):
+        return [Diagnostic(summary=f"example {i + 1}: `inputs` must be a mapping of variable to value", path=path)]
+    try:
+        text = prompt.render(inputs, tokenizer)
+    except PromptError as exc:
+        return [Diagnostic(summary=f"example {i + 1}: {exc.summary}", path=f"{path}.inputs",
+                           file=exc.file, line=exc.line, hint=exc.hint)]
+    expect = example.get("expect") or {}
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    hint = f"rendered: {shown!r}"
+    diags: list[Diagnostic] = []
+
+    def fail(key: str, summary: str) -> None:
+        diags.append(Diagnostic(summary=f"example {i + 1}: {summary}", path=f"{path}.expect.{key}", hint=hint))
+
+    for needle in _as_list(expect["contains"]) if "contains" in expect else []:
+        if needle not in text:
+            fail("contains", f"rendered prompt does not contain {needle!r}")
+    for needle in _as_list(expect["not_contains"]) if "not_contains" in expect else []:
+        if needle in text:
+            fail("not_contains", f"rendered prompt contains {needle!r}")
+    if "regex" in expect:
+        try:
+            if not re.search(str(expect["regex"]), text):
+                fail("regex", f"rendered prompt does not match /{expect['regex']}/")
+        except re.error as exc:
+            fail("regex", f"invalid regular expression {expect['regex']!r}: {exc}")
+    if "max_tokens" in expect:
+        n = count_tokens(text, tokenizer)
+        unit = "tokens" if tokenizer is not None else "words"
+        if n > int(expect["max_tokens"]):
+            fail("max_tokens", f"rendered prompt has {n} {unit}, more than max_tokens {expect['max_tokens']}")
+    return diags
