@@ -59,6 +59,10 @@ def apply_plan(
     report = ApplyReport()
     cancel = threading.Event()
     work = [c for c in plan.changes if c.action != "no-op"]
+    for kind in sorted({c.kind for c in work if not c.lock_only}):
+        provider = project.provider(kind)
+        if provider is not None:
+            provider.warm_up()
 
     try:
         for change in [c for c in work if c.action == "delete"]:
@@ -88,7 +92,12 @@ def _run_one(project: Project, change: ResourceChange, hooks: ApplyHooks, report
 def _message(exc: BaseException) -> str:
     if isinstance(exc, LlmopsError):
         return exc.message
-    return f"{type(exc).__name__}: {exc}"
+    # An unexpected error is a bug: say where it happened so it can be reported.
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"unexpected {type(exc).__name__}: {exc}{where}; please report it with the apply log."
 
 
 def _delete(project: Project, change: ResourceChange) -> None:
@@ -110,12 +119,13 @@ def _no_provider(kind: str, address: str) -> str:
 
 def _run_graph(project, changes, hooks, report, parallelism, keep_going, cancel) -> None:
     pending = {c.address: c for c in changes}
+    in_work = set(pending)
     done: set[str] = set()
     running: dict[Future, ResourceChange] = {}
     stop = False
 
     def ready(c: ResourceChange) -> bool:
-        return all(d not in pending or d in done for d in c.depends_on)
+        return all(d not in in_work or d in done for d in c.depends_on)
 
     def skip_downstream(addr: str, why: str) -> None:
         todo = [addr]

@@ -22,6 +22,7 @@ class Project:
     lock: Lock
     log: Callable[[str, str], None] = lambda address, message: None
     providers: dict[str, Provider | None] = field(default_factory=dict)
+    options: dict[str, object] = field(default_factory=dict)  # run options (e.g. approved_by)
     # Tests can substitute providers per kind (a dict kind -> Provider class).
     provider_overrides: dict[str, type[Provider]] = field(default_factory=dict)
 
@@ -41,6 +42,7 @@ class Project:
             config=self.config.data,
             log=lambda address, message: self.log(address, message),
             target=self.config.target,
+            options=self.options,
         )
 
     def provider(self, kind: str) -> Provider | None:

@@ -108,7 +108,10 @@ def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, 
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--parallelism", type=click.IntRange(min=1), help="Resources applied at once (default: settings.parallelism).")
 @click.option("--keep-going", is_flag=True, help="After a failure, go on with everything that does not depend on it.")
-def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, parallelism, keep_going) -> int:
+@click.option("--approved-by", metavar="NAME",
+              help="Approve `approval: required` promotions outside GitHub (needs settings.allow_local_approvals).")
+def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, parallelism, keep_going,
+              approved_by) -> int:
     """Apply the changes (or exactly those of a saved PLANFILE) and record them in llmops.lock."""
     from llmops.apply import apply_plan
     from llmops.applylock import ApplyLock
@@ -117,6 +120,8 @@ def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, pa
 
     console = _console()
     project = _open(root, target)
+    if approved_by:
+        project.options["approved_by"] = approved_by
     with ApplyLock(project.state_dir, command="apply") as lock:
         if lock.took_over:
             console.print(f"[yellow]Note: took over a stale apply lock ({lock.took_over.describe()}); "
@@ -211,3 +216,31 @@ def lock_cmd(root, target, check) -> int:
         if c.action != "no-op":
             click.echo(f"  {c.action:8} {c.address}: {'; '.join(c.reasons)}", err=True)
     return EXIT_ERROR
+
+
+@click.command("rollback")
+@click.argument("address")
+@project_dir
+@target_opt
+def rollback_cmd(address, root, target) -> int:
+    """Point deployment ADDRESS's alias back at its previous version (recorded in the lock)."""
+    from llmops.operations import rollback_deployment
+
+    entry = rollback_deployment(_open(root, target), address)
+    out = entry.outputs
+    click.echo(f"{entry.address}: alias {out['alias']} of {out['model_name']} now points to v{out['version']} "
+               f"(was v{out.get('rolled_back_from')}); recorded in llmops.lock.")
+    return 0
+
+
+@click.command("down")
+@click.argument("address")
+@project_dir
+@target_opt
+def down_cmd(address, root, target) -> int:
+    """Stop deployment ADDRESS's server (its registry alias stays)."""
+    from llmops.operations import stop_deployment
+
+    stopped = stop_deployment(_open(root, target), address)
+    click.echo("Server stopped." if stopped else "No server was running.")
+    return 0

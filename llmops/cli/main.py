@@ -47,6 +47,8 @@ COMMANDS = {
     "graph": (_C, "graph_cmd", "Print the dependency graph (Mermaid or DOT)."),
     "force-unlock": (_C, "force_unlock_cmd", "Remove a stale apply lock left by a crashed apply."),
     "lock": (_C, "lock_cmd", "Check that llmops.lock matches llmops.yaml (for required status checks)."),
+    "rollback": (_C, "rollback_cmd", "Move a deployment's alias back to its previous version."),
+    "down": (_C, "down_cmd", "Stop a deployment's server."),
     "init": ("llmops.cli.gitops", "init_command", "Scaffold a new project in the current folder."),
     "pr": ("llmops.cli.gitops", "pr_group", "Pull-request helpers (sticky plan comment)."),
 }

@@ -35,6 +35,7 @@ class ProviderContext:
     config: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str, str], None] = _no_log
     target: str | None = None  # the --target overlay in use
+    options: dict[str, Any] = field(default_factory=dict)  # run options, e.g. approved_by
 
     def path(self, rel: str) -> Path:
         """A project-relative path made absolute."""
@@ -98,11 +99,21 @@ class Provider(ABC):
       in_place_fields: top-level spec keys whose change alone is an `update` rather than
         a `replace` (e.g. an eval's `thresholds`, a deployment's `alias`).
       upstream_change: the action planned when only an upstream changed.
+      heavy_modules: imported by `warm_up` in the main thread before apply's threads start.
     """
 
     kind: ClassVar[str]
     in_place_fields: ClassVar[frozenset[str]] = frozenset()
     upstream_change: ClassVar[str] = "replace"
+    # Libraries apply imports in the main thread before it starts worker threads: concurrent
+    # first imports of torch/transformers/mlflow from several threads are not safe.
+    heavy_modules: ClassVar[tuple[str, ...]] = ()
+
+    def warm_up(self) -> None:
+        import importlib
+
+        for module in self.heavy_modules:
+            importlib.import_module(module)
 
     def __init__(self, ctx: ProviderContext) -> None:
         self.ctx = ctx

@@ -277,6 +277,7 @@ class BaseModelsProvider(Provider):
     """Plans and applies `base_models.*` (hf, path or build)."""
 
     kind = "base_models"
+    heavy_modules = ("torch", "tokenizers", "transformers", "transformers.models.llama.modeling_llama")
 
     def __init__(self, ctx: ProviderContext) -> None:
         super().__init__(ctx)

@@ -17,6 +17,7 @@ from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
 
 class PromptsProvider(Provider):
     kind = "prompts"
+    heavy_modules = ("mlflow",)
 
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
         from llmops.prompts import PromptError, prompt_files

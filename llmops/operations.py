@@ -1,0 +1,52 @@
+"""Imperative operations outside plan/apply: roll a deployment back, stop its server.
+
+Each one holds the apply lock while it changes state and records the result in llmops.lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from llmops.applylock import ApplyLock
+from llmops.errors import LlmopsError
+from llmops.lockfile import LockedResource, save_lock
+from llmops.project import Project
+
+
+def _deployment(project: Project, address: str) -> tuple[str, LockedResource]:
+    kind, _, name = address.partition(".")
+    if not name:
+        kind, name = "deployments", address
+    if kind != "deployments":
+        raise LlmopsError(f"'{address}' is not a deployment; use deployments.NAME.")
+    entry = project.lock.get(f"deployments.{name}")
+    if entry is None:
+        raise LlmopsError(f"deployments.{name} is not in llmops.lock; apply it first.")
+    return name, entry
+
+
+def rollback_deployment(project: Project, address: str) -> LockedResource:
+    """Point the deployment's alias at its previous version, serve that, record it."""
+    from llmops.providers.deployments import rollback
+
+    name, entry = _deployment(project, address)
+    with ApplyLock(project.state_dir, command="rollback"):
+        outputs = rollback(project.context(), name, entry)
+        new = replace(entry, outputs=outputs)
+        project.lock.set(new)
+        save_lock(project.lock, project.lock_path)
+    return new
+
+
+def stop_deployment(project: Project, address: str) -> bool:
+    """Stop the deployment's server (the alias stays); True when one was running."""
+    from llmops.providers.deployments import down
+
+    name, entry = _deployment(project, address)
+    with ApplyLock(project.state_dir, command="down"):
+        stopped = down(project.context(), name)
+        if "endpoint" in entry.outputs:
+            outputs = {k: v for k, v in entry.outputs.items() if k not in ("endpoint", "served_model")}
+            project.lock.set(replace(entry, outputs=outputs))
+            save_lock(project.lock, project.lock_path)
+    return stopped

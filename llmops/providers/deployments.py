@@ -1,0 +1,235 @@
+"""Deployments: promote a registered model version to an MLflow alias, gated, and serve it.
+
+Apply promotes only when every gate (eval) it names passed for exactly the model version
+being promoted, and, with `approval: required`, only after an approved pull request (or an
+allowed local approval). The lock records version, previous version, gates, approval and
+endpoint. Refresh reads the registry alias and the endpoint: an alias moved by hand or a
+server that is down is drift.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from llmops.errors import GateError, LlmopsError, ProviderError
+from llmops.lockfile import LockedResource
+from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider, ProviderContext
+
+
+def _serve_state(ctx: ProviderContext, name: str) -> Path:
+    return ctx.state_dir / "serve" / f"{name}.json"
+
+
+def live_endpoint(ctx: ProviderContext, name: str) -> str | None:
+    """URL of deployment NAME's server when it is up and healthy now, else None."""
+    from llmops.serve.process import server_status
+
+    status = server_status(_serve_state(ctx, name), probe=True)
+    return status.url if status.running and status.healthy else None
+
+
+def _model_address(spec: dict[str, Any], upstream: dict[str, LockedResource]) -> str:
+    value = str(spec.get("model"))
+    for addr in (value, f"finetunes.{value}", f"base_models.{value}"):
+        if addr in upstream:
+            return addr
+    raise ProviderError(f"model '{value}' is not among this deployment's applied upstreams; run `llmops plan`.")
+
+
+class DeploymentsProvider(Provider):
+    kind = "deployments"
+    heavy_modules = ("mlflow",)
+    in_place_fields = frozenset({"alias", "gates", "approval", "approvers", "serve"})
+    upstream_change = "update"  # a new model version or new eval results: re-check gates, promote
+
+    def _client(self):
+        from llmops.tracking import client
+
+        return client(self.ctx.root, self.ctx.settings)
+
+    # -- apply -------------------------------------------------------------------------
+    def apply(self, request: ApplyRequest) -> ApplyResult:
+        spec = request.spec
+        model_addr = _model_address(spec, request.upstream)
+        model = request.upstream[model_addr].outputs
+        name, version = model.get("model_name"), model.get("model_version")
+        if not name or not version:
+            raise ProviderError(f"{model_addr} has no registered model version to promote (deploy a fine-tune).")
+        version = str(version)
+        gates = self._check_gates(spec, request.upstream, model_addr, version)
+        approval = self._check_approval(request.name, spec)
+        alias = str(spec.get("alias") or "production")
+        client = self._client()
+        previous = _alias_version(client, name, alias)
+        if previous != version:
+            client.set_registered_model_alias(name, alias, version)
+        before = request.before.outputs if request.before else {}
+        if before.get("alias") and before.get("alias") != alias and before.get("model_name") == name:
+            _delete_alias(client, name, before["alias"])  # the alias was renamed in llmops.yaml
+        current = {"version": version, "adapter": model.get("adapter", {}).get("path"),
+                   "base_model": model.get("base_model", {}).get("path")}
+        outputs: dict[str, Any] = {
+            "model": model_addr,
+            "model_name": name,
+            "version": version,
+            "alias": alias,
+            "gates": gates,
+        }
+        if before.get("version") and str(before["version"]) != version:
+            outputs["previous"] = {k: before[k] for k in ("version", "adapter", "base_model") if before.get(k)}
+        elif before.get("previous"):
+            outputs["previous"] = before["previous"]
+        elif previous and previous != version:
+            outputs["previous"] = {"version": previous}  # promoted before llmops managed it
+        if approval:
+            outputs["approval"] = approval
+        if spec.get("serve"):
+            outputs.update(self._serve(request.name, spec, name, current))
+        else:
+            self._stop(request.name)
+        outputs["adapter"], outputs["base_model"] = current["adapter"], current["base_model"]
+        return ApplyResult(outputs={k: v for k, v in outputs.items() if v is not None})
+
+    def _check_gates(self, spec, upstream, model_addr: str, version: str) -> dict[str, Any]:
+        failures: list[str] = []
+        results: dict[str, Any] = {}
+        for gate in spec.get("gates") or []:
+            addr = f"evals.{gate}"
+            out = upstream[addr].outputs
+            if out.get("model") != model_addr or str(out.get("model_version")) != version:
+                failures.append(f"{addr} scored {out.get('model')} v{out.get('model_version')}, not {model_addr} "
+                                f"v{version}; re-run it (`llmops apply --replace {addr}`)")
+                continue
+            for metric, g in (out.get("gates") or {}).items():
+                if not g.get("passed"):
+                    failures.append(f"{addr}: {_describe_gate(g)}")
+            results[gate] = {"passed": bool(out.get("passed")), "run_id": out.get("run_id")}
+        if failures:
+            raise GateError("gate failed, nothing was promoted: " + "; ".join(failures))
+        return results
+
+    def _check_approval(self, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+        if spec.get("approval") != "required":
+            return None
+        from llmops.gitops.approval import allowed_approvers, check_approval, check_local_approval
+
+        allowed = allowed_approvers(spec, self.ctx.settings, self.ctx.root)
+        approved_by = self.ctx.options.get("approved_by")
+        sha = os.environ.get("GITHUB_SHA")
+        if approved_by:
+            result = check_local_approval(str(approved_by), self.ctx.settings, allowed)
+        elif sha and (os.environ.get("GITHUB_TOKEN") or os.environ.get("LLMOPS_GITHUB_TOKEN")):
+            from llmops.gitops.github import client_from_env
+
+            gh = client_from_env(settings=self.ctx.settings)
+            result = check_approval(gh, gh.repo, sha, allowed)
+        else:
+            raise GateError("promotion needs approval (`approval: required`): run apply in CI on the merge of an "
+                            "approved pull request (GITHUB_TOKEN and GITHUB_SHA set), or pass --approved-by NAME "
+                            "where settings.allow_local_approvals is true; nothing was promoted.")
+        if not result.approved:
+            raise GateError(f"promotion not approved: {result.reason}; nothing was promoted.")
+        return {k: v for k, v in result.to_dict().items() if v not in (None, "")}
+
+    # -- serving -----------------------------------------------------------------------
+    def _serve(self, name: str, spec: dict[str, Any], model_name: str, current: dict[str, Any]) -> dict[str, Any]:
+        serve = spec["serve"]
+        if (serve.get("runner") or self.ctx.settings.get("runner")) == "docker":
+            raise ProviderError("serve with runner docker is not supported yet; use the local runner "
+                                "(serve.runner: local).")
+        from llmops.serve.process import start_server, wait_healthy
+
+        if not current.get("adapter") or not current.get("base_model"):
+            raise ProviderError("the model's lock entry has no base model/adapter path to serve.")
+        self._stop(name)
+        root = self.ctx.root
+        handle = start_server(
+            self.ctx.state_dir / "serve", name, root / current["base_model"],
+            model_name=model_name, adapter_dir=root / current["adapter"],
+            host=str(serve.get("host", "127.0.0.1")), port=int(serve.get("port", 0)),
+            auth_token_env=serve.get("auth_token_env"),
+            request_log=self.ctx.state_dir / "serve" / f"{name}.requests.jsonl",
+        )
+        wait_healthy(handle.url, timeout=float(serve.get("startup_timeout", 180)), handle=handle)
+        return {"endpoint": handle.url, "served_model": model_name}
+
+    def _stop(self, name: str) -> None:
+        from llmops.serve.process import stop_server
+
+        stop_server(_serve_state(self.ctx, name))
+
+    # -- refresh / delete --------------------------------------------------------------
+    def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
+        out = locked.outputs
+        drifts: list[Drift] = []
+        if out.get("model_name") and out.get("alias"):
+            try:
+                live = _alias_version(self._client(), out["model_name"], out["alias"])
+            except LlmopsError as exc:
+                return [Drift(f"cannot read the registry: {exc.message}", "update")]
+            if live != str(out.get("version")):
+                where = f"v{live}" if live else "nothing"
+                drifts.append(Drift(f"alias {out['alias']} -> {where}, lock says v{out.get('version')}", "update"))
+        if out.get("endpoint") and live_endpoint(self.ctx, name) is None:
+            drifts.append(Drift(f"endpoint {out['endpoint']} is not answering", "update"))
+        return drifts
+
+    def delete(self, name: str, locked: LockedResource) -> None:
+        self._stop(name)
+        out = locked.outputs
+        if out.get("model_name") and out.get("alias"):
+            _delete_alias(self._client(), out["model_name"], out["alias"])
+
+
+def _alias_version(client, model_name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower():
+            return None
+        raise ProviderError(f"cannot read alias {alias} of {model_name}: {exc}") from exc
+
+
+def _delete_alias(client, model_name: str, alias: str) -> None:
+    try:
+        client.delete_registered_model_alias(model_name, alias)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+def _describe_gate(g: dict[str, Any]) -> str:
+    if g.get("value") is None:
+        return g.get("reason") or f"{g.get('metric')} was not measured"
+    from llmops.evals.metrics import GateResult
+
+    return GateResult(**{k: g.get(k) for k in ("metric", "value", "op", "threshold", "passed", "margin", "baseline")}).describe()
+
+
+def rollback(ctx: ProviderContext, name: str, locked: LockedResource) -> dict[str, Any]:
+    """Move the deployment's alias back to its previous version (and serve that); new outputs."""
+    out = dict(locked.outputs)
+    prev = out.get("previous")
+    if not isinstance(prev, dict) or not prev.get("version"):
+        raise LlmopsError(f"deployments.{name} has no previous version recorded in llmops.lock; nothing to roll back to.")
+    provider = DeploymentsProvider(ctx)
+    client = provider._client()
+    client.set_registered_model_alias(out["model_name"], out["alias"], str(prev["version"]))
+    current = {k: out.get(k) for k in ("version", "adapter", "base_model")}
+    new = {**out, "version": str(prev["version"]), "previous": {k: v for k, v in current.items() if v},
+           "rolled_back_from": str(out["version"])}
+    new["adapter"], new["base_model"] = prev.get("adapter"), prev.get("base_model")
+    spec = (ctx.config.get("deployments") or {}).get(name) or {}
+    if spec.get("serve") and prev.get("adapter") and prev.get("base_model"):
+        new.update(provider._serve(name, spec, out["model_name"], prev))
+    return {k: v for k, v in new.items() if v is not None}
+
+
+def down(ctx: ProviderContext, name: str) -> bool:
+    """Stop deployment NAME's server; True when one was running."""
+    from llmops.serve.process import stop_server
+
+    return stop_server(_serve_state(ctx, name))

@@ -1,0 +1,210 @@
+"""Evals: run a model on a dataset's eval split through a prompt, score it, check gates.
+
+An eval's apply always records its metrics and gate results, passing or not; it is the
+deployments that refuse to promote on a failed gate. Changing only `thresholds` is an
+`update`: the recorded metrics are re-checked without running the model again.
+A `baseline` deployment is read live (what it serves *now*, before this apply).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmops.errors import ProviderError
+from llmops.lockfile import LockedResource
+from llmops.providers.base import ApplyRequest, ApplyResult, ProgressEvent, Provider
+
+_MODEL_KINDS = ("finetunes", "base_models", "deployments")
+
+
+def model_address(spec: dict[str, Any], upstream: dict[str, LockedResource]) -> str:
+    """The upstream address an eval's `model:` names."""
+    value = str(spec.get("model"))
+    if "." in value and value.split(".", 1)[0] in _MODEL_KINDS:
+        return value
+    for kind in _MODEL_KINDS[:2]:
+        if f"{kind}.{value}" in upstream:
+            return f"{kind}.{value}"
+    raise ProviderError(f"model '{value}' is not among this eval's applied upstreams; run `llmops plan`.")
+
+
+def local_model(root: Path, kind: str, outputs: dict[str, Any]) -> tuple[Path, Path | None]:
+    """(model folder, adapter folder or None) of a fine-tune's or base model's lock outputs."""
+    if kind == "finetunes":
+        base = outputs.get("base_model", {}).get("path")
+        adapter = outputs.get("adapter", {}).get("path")
+        if not base or not adapter:
+            raise ProviderError("the fine-tune's lock entry has no base model/adapter path; re-apply it.")
+        return root / base, root / adapter
+    path = outputs.get("path")
+    if not path:
+        raise ProviderError("the base model's lock entry has no path; re-apply it.")
+    return root / path, None
+
+
+class EvalsProvider(Provider):
+    kind = "evals"
+    heavy_modules = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "mlflow")
+    in_place_fields = frozenset({"thresholds"})
+
+    def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
+        return {}
+
+    def apply(self, request: ApplyRequest) -> ApplyResult:
+        spec = request.spec
+        before = request.before.outputs if request.before else {}
+        model_addr = model_address(spec, request.upstream)
+        model_out = request.upstream[model_addr].outputs
+        if request.action == "update" and before.get("metrics") and before.get("model") == model_addr:
+            # Only thresholds changed: re-check the recorded metrics, do not run the model.
+            metrics, std, run_id = before["metrics"], before.get("std", {}), before.get("run_id")
+            decoding, rows, skipped = before.get("decoding", {}), before.get("rows"), before.get("skipped", {})
+        else:
+            result, rows = self._run(request, model_addr, model_out)
+            metrics = {k: _round(v) for k, v in result.metrics.items()}
+            std = {k: _round(v) for k, v in result.per_metric_std.items()}
+            decoding, skipped = result.decoding, result.skipped
+            run_id = None
+        gates = self._gates(spec, metrics)
+        baseline = self._baseline(request, metrics)
+        gates.update(baseline.pop("gates", {}))
+        if run_id is None:
+            run_id = self._log_run(request, model_addr, model_out, metrics, gates, decoding)
+        passed = all(g["passed"] for g in gates.values())
+        outputs = {
+            "model": model_addr,
+            "model_name": model_out.get("model_name"),
+            "model_version": model_out.get("model_version") or model_out.get("version"),
+            "metrics": metrics,
+            "std": std,
+            "gates": gates,
+            "passed": passed,
+            "decoding": decoding,
+            "rows": rows,
+            "run_id": run_id,
+        }
+        if skipped:
+            outputs["skipped"] = skipped
+        if baseline:
+            outputs["baseline"] = baseline
+        return ApplyResult(outputs={k: v for k, v in outputs.items() if v is not None})
+
+    # -- running -----------------------------------------------------------------------
+    def _prompt_spec(self, request: ApplyRequest, model_addr: str) -> dict[str, Any]:
+        prompts = self.ctx.config.get("prompts") or {}
+        name = request.spec.get("prompt")
+        if not name and model_addr.startswith("finetunes."):
+            name = (self.ctx.config.get("finetunes") or {}).get(model_addr.split(".", 1)[1], {}).get("prompt")
+        if not name or name not in prompts:
+            raise ProviderError("no prompt to evaluate with: set `prompt:` on the eval (or evaluate a fine-tune).")
+        return prompts[name]
+
+    def _rows(self, request: ApplyRequest) -> list[dict[str, Any]]:
+        from llmops.providers.datasets import load_split
+
+        ds = f"datasets.{request.spec['dataset']}"
+        outputs = request.upstream[ds].outputs
+        if "eval" not in outputs:
+            raise ProviderError(f"{ds} has no eval split; add `- split: {{eval_fraction: 0.1}}` to its prepare steps.")
+        rows = load_split(self.ctx.root, outputs, "eval")
+        limit = request.spec.get("limit")
+        return rows[: int(limit)] if limit else rows
+
+    def _run(self, request: ApplyRequest, model_addr: str, model_out: dict[str, Any]):
+        from llmops.evals.runner import evaluate, evaluate_endpoint
+
+        spec = request.spec
+        rows = self._rows(request)
+        prompt = self._prompt_spec(request, model_addr)
+
+        def progress(done: int, total: int) -> None:
+            request.progress(ProgressEvent(done, total, f"{done}/{total} generations"))
+
+        common = dict(decoding=spec.get("decoding"), repeats=int(spec.get("repeats", 1)), progress=progress)
+        kind = model_addr.split(".", 1)[0]
+        if kind == "deployments":
+            url = model_out.get("endpoint")
+            if not url:
+                raise ProviderError(f"{model_addr} serves no endpoint (no `serve:`); evaluate its model instead.")
+            result = evaluate_endpoint(url, rows, prompt, self.ctx.root, spec["metrics"],
+                                       model_name=model_out.get("served_model"), **common)
+        else:
+            model_dir, adapter = local_model(self.ctx.root, kind, model_out)
+            result = evaluate(model_dir, adapter, rows, prompt, self.ctx.root, spec["metrics"],
+                              batch_size=int(spec.get("batch_size", 8)), **common)
+        return result, len(rows)
+
+    # -- gates -------------------------------------------------------------------------
+    def _gates(self, spec: dict[str, Any], metrics: dict[str, float]) -> dict[str, dict[str, Any]]:
+        from llmops.evals.metrics import check_gate
+
+        gates = {}
+        for metric, expr in (spec.get("thresholds") or {}).items():
+            if metric not in metrics:
+                gates[metric] = {"metric": metric, "passed": False, "value": None, "threshold": expr,
+                                 "reason": f"{metric} was not measured; add it to `metrics:`"}
+                continue
+            gates[metric] = check_gate(metric, float(metrics[metric]), str(expr)).to_dict()
+        return gates
+
+    def _baseline(self, request: ApplyRequest, metrics: dict[str, float]) -> dict[str, Any]:
+        """Regression limits against what the baseline deployment serves now (read live)."""
+        spec = request.spec.get("baseline")
+        if not spec:
+            return {}
+        name = spec if isinstance(spec, str) else spec.get("deployment", "")
+        name = name.split(".", 1)[1] if name.startswith("deployments.") else name
+        limits = {} if isinstance(spec, str) else spec
+        from llmops.providers.deployments import live_endpoint
+
+        url = live_endpoint(self.ctx, name)
+        if url is None:
+            return {"deployment": name, "note": "baseline not serving yet; no regression check"}
+        from llmops.evals.metrics import METRICS, check_regression
+        from llmops.evals.runner import evaluate_endpoint
+
+        prompt = self._prompt_spec(request, model_address(request.spec, request.upstream))
+        base = evaluate_endpoint(url, self._rows(request), prompt, self.ctx.root, request.spec["metrics"],
+                                 decoding=request.spec.get("decoding"))
+        gates = {}
+        drops, rises = limits.get("max_drop") or {}, limits.get("max_rise") or {}
+        for metric in sorted(set(drops) | set(rises)):
+            if metric in metrics and metric in base.metrics:
+                m = METRICS.get(metric)
+                gates[f"{metric} vs baseline"] = check_regression(
+                    metric, float(metrics[metric]), float(base.metrics[metric]),
+                    max_drop=drops.get(metric), max_rise=rises.get(metric),
+                    higher_is_better=m.higher_is_better if m else None).to_dict()
+        return {"deployment": name, "metrics": {k: _round(v) for k, v in base.metrics.items()}, "gates": gates}
+
+    def _log_run(self, request, model_addr, model_out, metrics, gates, decoding) -> str | None:
+        from llmops.tracking import artifact_location, client, ensure_experiment, is_local, tracking_uri
+
+        c = client(self.ctx.root, self.ctx.settings)
+        uri = tracking_uri(self.ctx.root, self.ctx.settings)
+        project = str(self.ctx.config.get("project") or "llmops")
+        exp = ensure_experiment(c, f"{project}-evals", artifact_location(self.ctx.root) if is_local(uri) else None)
+        tags = {"llmops.address": request.address, "llmops.model": model_addr,
+                "llmops.fingerprint": request.fingerprint}
+        if model_out.get("model_name"):
+            tags["llmops.model_name"] = str(model_out["model_name"])
+            tags["llmops.model_version"] = str(model_out.get("model_version"))
+        run = c.create_run(exp, tags=tags, run_name=request.name)
+        rid = run.info.run_id
+        for k, v in decoding.items():
+            c.log_param(rid, f"decoding.{k}", v)
+        for k, v in metrics.items():
+            c.log_metric(rid, k, float(v))
+        for k, g in gates.items():
+            c.set_tag(rid, f"gate.{k}", "pass" if g["passed"] else "fail")
+        c.set_terminated(rid)
+        if model_out.get("model_name") and model_out.get("model_version"):
+            # Link the eval to exactly the model version it scored.
+            c.set_model_version_tag(model_out["model_name"], str(model_out["model_version"]),
+                                    f"llmops.eval.{request.name}", rid)
+        return rid
+
+
+def _round(value: Any) -> Any:
+    return round(float(value), 6) if isinstance(value, (int, float)) else value
