@@ -49,7 +49,8 @@ def setup(project, built_base):
     import shutil
 
     colours = ["red", "blue", "green"]
-    rows = [{"question": f"What colour is box {i % 3}?", "answer": f"Box {i % 3} is {colours[i % 3]}."} for i in range(16)]
+    keys = [0, 1, 2] * 5 + [0]
+    rows = [{"question": f"What colour is box {k}?", "answer": f"Box {k} is {colours[k]}."} for k in keys]
     project.write(
         {
             ".llmops/data/colours/train.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
@@ -106,7 +107,8 @@ def test_cancelled_apply_fails_then_resumes_and_records_outputs(setup, project):
 
     # 16 rows / 4 per batch * 2 epochs = 8 steps; stop after step 5 (checkpoints every 2).
     with pytest.raises(ProviderError) as err:
-        provider.apply(request(upstream, progress=record, cancelled=lambda: any((e.completed or 0) >= 5 for e in events)))
+        stop_after_5 = lambda: any((e.completed or 0) >= 5 for e in events)  # noqa: E731
+        provider.apply(request(upstream, progress=record, cancelled=stop_after_5))
     assert "was cancelled" in err.value.message and "train.log" in err.value.message
     run_dir = project.path(".llmops/runs/finetunes/colours/ffffffffffff")
     saved = [p.name for p in (run_dir / "checkpoints" / "trial-0").iterdir()]

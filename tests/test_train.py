@@ -25,8 +25,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def rows(n: int, offset: int = 0) -> list[dict]:
     return [
-        {"question": f"What colour is box {(i + offset) % 4}?", "answer": f"Box {(i + offset) % 4} is {COLOURS[(i + offset) % 4]}."}
-        for i in range(n)
+        {"question": f"What colour is box {k}?", "answer": f"Box {k} is {COLOURS[k]}."}
+        for k in ((i + offset) % 4 for i in range(n))
     ]
 
 
@@ -88,7 +88,11 @@ def run_in_process(spec: dict, capsys) -> tuple[dict, list[dict]]:
     [
         (None, 1, {}),
         ({"training.learning_rate": [1e-4, 2e-4]}, 2, {"training.learning_rate": 1e-4}),
-        ({"training.learning_rate": [1e-4, 2e-4], "adapter.r": [8, 16]}, 4, {"adapter.r": 8, "training.learning_rate": 1e-4}),
+        (
+            {"training.learning_rate": [1e-4, 2e-4], "adapter.r": [8, 16]},
+            4,
+            {"adapter.r": 8, "training.learning_rate": 1e-4},
+        ),
     ],
 )
 def test_expand_sweep(sweep, count, first):
@@ -219,7 +223,8 @@ def test_train_end_to_end_logs_and_registers(tmp_path, base, capsys):
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["training.learning_rate"] == "0.03" and run.data.params["adapter.r"] == "4"
-    assert {"loss", "learning_rate", "tokens_per_s", "train_loss", "eval_loss", "peak_memory_mb"} <= set(run.data.metrics)
+    expected = {"loss", "learning_rate", "tokens_per_s", "train_loss", "eval_loss", "peak_memory_mb"}
+    assert expected <= set(run.data.metrics)
     assert len(client.get_metric_history(result["run_id"], "loss")) == 24
     assert run.data.tags["llmops.dataset.train_md5"] == "abc123"
     assert run.data.tags["llmops.git_commit"] == "0" * 40

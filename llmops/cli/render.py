@@ -42,38 +42,38 @@ class RichHooks(ApplyHooks):
     def __init__(self, console: Console) -> None:
         self.console = console
         self.lock = threading.Lock()
-        self.progress = None
+        self.bar = None
         self.tasks: dict[str, Any] = {}
         if console.is_terminal:
             from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            self.progress = Progress(
+            self.bar = Progress(
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=console, transient=False,
             )
 
     def __enter__(self) -> "RichHooks":
-        if self.progress:
-            self.progress.start()
+        if self.bar:
+            self.bar.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.progress:
-            self.progress.stop()
+        if self.bar:
+            self.bar.stop()
 
     def pre_apply(self, change: ResourceChange) -> None:
         verb = {"create": "creating", "update": "updating", "replace": "replacing", "delete": "deleting"}[change.action]
-        if self.progress:
-            self.tasks[change.address] = self.progress.add_task(f"{change.address} ({verb})", total=None, note="")
+        if self.bar:
+            self.tasks[change.address] = self.bar.add_task(f"{change.address} ({verb})", total=None, note="")
         else:
             self.console.print(f"{change.address}: {verb}...")
 
     def post_apply(self, change: ResourceChange, error: BaseException | None) -> None:
         task = self.tasks.get(change.address)
-        if self.progress and task is not None:
-            t = self.progress.tasks[task]
-            self.progress.update(task, total=t.total or 1, completed=t.total or 1,
+        if self.bar and task is not None:
+            t = self.bar.tasks[task]
+            self.bar.update(task, total=t.total or 1, completed=t.total or 1,
                                  note="[red]failed[/]" if error else "[green]done[/]")
         if error is None:
             self.console.print(f"[green]{change.address}: {change.action} complete[/]")
@@ -81,10 +81,10 @@ class RichHooks(ApplyHooks):
             msg = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
             self.console.print(f"[red]{change.address}: failed:[/] {escape(_unprefixed(change.address, msg))}")
 
-    def progress(self, address: str, event: ProgressEvent) -> None:  # type: ignore[override]
+    def progress(self, address: str, event: ProgressEvent) -> None:
         task = self.tasks.get(address)
-        if self.progress and task is not None:
-            self.progress.update(task, total=event.total, completed=event.completed, note=escape(event.message))
+        if self.bar and task is not None:
+            self.bar.update(task, total=event.total, completed=event.completed, note=escape(event.message))
 
     def log(self, address: str, message: str) -> None:
         self.console.print(f"[dim]{escape(address)}: {escape(message)}[/]")
