@@ -1,0 +1,153 @@
+"""`write_html_report`: one static HTML page with a monitor run's numbers, alerts and time series.
+
+Plots (PNG, matplotlib's Agg backend, imported only here): requests and errors, latency
+p50/p95, feedback positive rate, and drift (PSI of prompt length and token frequency per
+time bucket against the training reference). The series cover the report's window, split
+into up to `BUCKETS` equal time buckets.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmops.monitor.drift import bag_counts, histogram, psi
+from llmops.monitor.runner import MIN_DRIFT_REQUESTS, MonitorReport, window_where
+from llmops.monitor.store import RequestStore
+
+BUCKETS = 48
+
+
+def _buckets(report: MonitorReport) -> tuple[float, float, int] | None:
+    req = report.metrics["requests"]
+    if not req["count"] or req["first"] is None:
+        return None
+    start, end = req["first"], max(req["last"], req["first"] + 1.0)
+    return start, (end - start) / BUCKETS * (1 + 1e-9), BUCKETS
+
+
+def series(report: MonitorReport, store: RequestStore) -> dict[str, Any]:
+    """Per-bucket series (bucket start times and values) for the report's window."""
+    spec = report.spec
+    grid = _buckets(report)
+    if spec is None or grid is None:
+        return {}
+    start, width, n = grid
+    where, params = window_where(spec.window, report.time)
+    t = start + width * np.arange(n)
+    out: dict[str, Any] = {"t": t, "requests": np.zeros(n), "errors": np.zeros(n), "p50": np.full(n, np.nan),
+                           "p95": np.full(n, np.nan), "positive_rate": np.full(n, np.nan),
+                           "psi_length": np.full(n, np.nan), "psi_tokens": np.full(n, np.nan)}
+    rows = store.query("SELECT ts, latency_ms, CASE WHEN status >= 500 OR (status IS NULL AND error IS NOT NULL) "
+                       f"THEN 1 ELSE 0 END FROM requests WHERE {where}", params)
+    if rows:
+        arr = np.asarray([(r[0], np.nan if r[1] is None else r[1], r[2]) for r in rows], dtype=np.float64)
+        b = np.clip(((arr[:, 0] - start) / width).astype(int), 0, n - 1)
+        out["requests"] = np.bincount(b, minlength=n).astype(float)
+        out["errors"] = np.bincount(b, weights=arr[:, 2], minlength=n)
+        for i in np.unique(b):
+            lat = arr[b == i, 1]
+            lat = lat[~np.isnan(lat)]
+            if lat.size:
+                out["p50"][i], out["p95"][i] = np.percentile(lat, [50, 95])
+    fwhere, fparams = window_where(spec.window, report.time, alias="r.")
+    fb = store.query(f"SELECT r.ts, f.positive FROM feedback f JOIN requests r ON r.id = f.request_id WHERE {fwhere}",
+                     fparams)
+    if fb:
+        arr = np.asarray(fb, dtype=np.float64)
+        b = np.clip(((arr[:, 0] - start) / width).astype(int), 0, n - 1)
+        count = np.bincount(b, minlength=n)
+        pos = np.bincount(b, weights=arr[:, 1], minlength=n)
+        out["positive_rate"] = np.where(count > 0, pos / np.maximum(count, 1), np.nan)
+    if report.reference is not None:
+        _drift_series(report, store, where, params, start, width, n, out)
+    return out
+
+
+def _drift_series(report: MonitorReport, store: RequestStore, where: str, params: tuple, start: float,
+                  width: float, n: int, out: dict[str, Any]) -> None:
+    ref = report.reference
+    rows = store.query(f"SELECT ts, prompt_words, token_bag FROM requests WHERE {where} AND prompt_words > 0", params)
+    if not rows or ref is None:
+        return
+    ts = np.fromiter((r[0] for r in rows), dtype=np.float64, count=len(rows))
+    lengths = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
+    b = np.clip(((ts - start) / width).astype(int), 0, n - 1)
+    for i in np.unique(b):
+        idx = np.nonzero(b == i)[0]
+        if idx.size < MIN_DRIFT_REQUESTS:
+            continue
+        out["psi_length"][i] = psi(ref.expected_lengths, histogram(lengths[idx], ref.edges))
+        out["psi_tokens"][i] = psi(ref.token_counts, bag_counts(rows[j][2] for j in idx))
+
+
+def _plot(path: Path, t: np.ndarray, lines: list[tuple[str, np.ndarray]], title: str, ylabel: str,
+          hline: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from datetime import datetime, timezone
+
+    import matplotlib.pyplot as plt
+
+    when = [datetime.fromtimestamp(x, tz=timezone.utc) for x in t]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for label, values in lines:
+        ax.plot(when, values, marker=".", label=label)
+    if hline is not None:
+        ax.axhline(hline, color="red", linestyle="--", label=f"threshold {hline:g}")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_html_report(report: MonitorReport, store: RequestStore, out_dir: Path | str) -> Path:
+    """Write `index.html` and its PNG plots into `out_dir`; returns the page's path.
+
+    `store` must be open (the store `report` was computed from).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = series(report, store)
+    images = []
+    if s:
+        spec = report.spec
+        plots = [
+            ("requests.png", [("requests", s["requests"]), ("errors", s["errors"])], "Requests per bucket", "count",
+             None),
+            ("latency.png", [("p50", s["p50"]), ("p95", s["p95"])], "Latency", "ms",
+             spec.p95_ms_max if spec else None),
+            ("feedback.png", [("positive rate", s["positive_rate"])], "Feedback positive rate", "share",
+             spec.min_positive_rate if spec else None),
+            ("drift.png", [("PSI prompt length", s["psi_length"]), ("PSI token frequency", s["psi_tokens"])],
+             "Drift against the training split", "PSI", spec.psi_max if spec else None),
+        ]
+        for name, lines, title, ylabel, hline in plots:
+            _plot(out / name, s["t"], lines, title, ylabel, hline)
+            images.append(name)
+    page = out / "index.html"
+    page.write_text(_page(report, images), encoding="utf-8")
+    return page
+
+
+def _page(report: MonitorReport, images: list[str]) -> str:
+    e = html.escape
+    alerts = "".join(f"<li>{e(a.message)}</li>" for a in report.alerts) or "<li>none</li>"
+    imgs = "".join(f'<figure><img src="{e(n)}" alt="{e(n[:-4])}"></figure>' for n in images)
+    if not images:
+        imgs = "<p>No requests in the window: nothing to plot.</p>"
+    metrics = e(json.dumps(report.metrics, indent=2, sort_keys=True, default=str))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Monitor {e(report.monitor)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}</style></head><body>"
+            f"<h1>Monitor {e(report.monitor)} (deployment {e(report.deployment)})</h1>"
+            f"<p>Window: {e(str(report.metrics.get('window')))}; store: {e(report.store)}</p>"
+            f"<h2>Alerts</h2><ul>{alerts}</ul><h2>Time series</h2>{imgs}"
+            f"<h2>Metrics</h2><pre>{metrics}</pre></body></html>\n")

@@ -1,0 +1,222 @@
+"""`run_monitor`: one pass of a monitor over its window of logged requests.
+
+It computes traffic (count, error rate: 5xx or failed without a status; 4xx are counted
+as client errors apart), latency p50/p95, feedback (count, positive rate, share of requests
+rated), drift against the training split and suspicious clients; compares them with the
+thresholds of `monitors.NAME`; records the alerts (`alerts.record_alerts`) and POSTs them
+to the webhook. Counting and grouping run in SQL; percentiles and drift in numpy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from llmops.monitor.alerts import Alert, record_alerts, send_webhook
+from llmops.monitor.drift import Reference, bag_counts
+from llmops.monitor.spec import MonitorSpec, Window, store_url
+from llmops.monitor.store import RequestStore, open_store
+from llmops.monitor.suspicious import find_suspicious
+
+MIN_DRIFT_REQUESTS = 30
+MAX_SUSPICIOUS_ALERTS = 10
+MAX_EMBED_TEXTS = 2000
+Embed = Callable[[list[str]], Any]
+
+
+@dataclass
+class MonitorReport:
+    """Result of one monitor run. `metrics` is JSON-able; `alerts` are the breaches."""
+
+    monitor: str
+    deployment: str
+    time: float
+    store: str
+    metrics: dict[str, Any]
+    alerts: list[Alert]
+    webhook: dict[str, Any] | None = None
+    reference: Reference | None = field(default=None, repr=False)  # for the HTML report's drift series
+    spec: MonitorSpec | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.alerts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "deployment": self.deployment, "time": self.time, "store": self.store,
+                "metrics": self.metrics, "alerts": [a.to_dict() for a in self.alerts], "webhook": self.webhook}
+
+
+def window_where(window: Window, now: float, alias: str = "") -> tuple[str, tuple]:
+    """SQL condition (`?` placeholders) selecting the window's rows of `requests [alias]`."""
+    if window.count is not None:
+        return (f"{alias}seq >= COALESCE((SELECT seq FROM requests ORDER BY seq DESC LIMIT 1 OFFSET ?), 0)",
+                (window.count - 1,))
+    return f"{alias}ts > ? AND {alias}ts <= ?", (now - float(window.seconds or 0), now)
+
+
+def run_monitor(root: Path, name: str, monitor_spec: dict[str, Any], training_rows: list[dict] | None,
+                now: float | None = None, *, store: RequestStore | None = None, embed: Embed | None = None,
+                webhook_retries: int = 3, webhook_backoff: float = 0.5,
+                log: Callable[[str], None] | None = None) -> MonitorReport:
+    """Run monitor `name` (its `monitors.NAME` mapping) and record its alerts under `root`.
+
+    `training_rows` are the fine-tune's training split (see `drift.Reference.from_rows`);
+    None skips drift. `store` defaults to the monitor's configured store (closed afterwards).
+    `embed(texts) -> array (n, dim)` enables embedding drift (needs `log_text: true`); without
+    it the report says "not configured".
+    """
+    log = log or (lambda message: None)
+    spec = MonitorSpec.from_dict(name, monitor_spec)
+    now = time.time() if now is None else float(now)
+    own = store is None
+    url = store_url(Path(root), name, spec.store)
+    store = store or open_store(url)
+    try:
+        store.flush()
+        metrics = _traffic(store, spec, now)
+        metrics["feedback"] = _feedback(store, spec.window, now, metrics["requests"]["count"])
+        reference = Reference.from_rows(training_rows) if training_rows else None
+        metrics["drift"] = _drift(store, spec.drift_window, now, reference, embed)
+        where, params = window_where(spec.window, now)
+        metrics["suspicious_clients"] = find_suspicious(store, where, params, spec,
+                                                        metrics["requests"]["first"])
+    finally:
+        if own:
+            store.close()
+    alerts = _alerts(spec, metrics, now)
+    report = MonitorReport(name, spec.deployment, now, _display_url(url), metrics, alerts,
+                           reference=reference, spec=spec)
+    record_alerts(Path(root), spec.deployment, name, alerts, now)
+    if alerts and spec.webhook:
+        payload = {"monitor": name, "deployment": spec.deployment, "time": now,
+                   "alerts": [a.to_dict() for a in alerts]}
+        report.webhook = send_webhook(spec.webhook, payload, retries=webhook_retries, backoff=webhook_backoff)
+        if not report.webhook["ok"]:
+            log(f"webhook {report.webhook['url']} failed after {report.webhook['attempts']} attempts: "
+                f"{report.webhook['error']}")
+    return report
+
+
+def _display_url(url: str) -> str:
+    if "@" in url and "://" in url:  # postgresql://user:password@host/db -> hide credentials
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def _traffic(store: RequestStore, spec: MonitorSpec, now: float) -> dict[str, Any]:
+    where, params = window_where(spec.window, now)
+    n, errors, client_errors, first, last = store.query(
+        "SELECT COUNT(*), SUM(CASE WHEN status >= 500 OR (status IS NULL AND error IS NOT NULL) THEN 1 ELSE 0 END), "
+        "SUM(CASE WHEN status >= 400 AND status < 500 THEN 1 ELSE 0 END), MIN(ts), MAX(ts) "
+        f"FROM requests WHERE {where}", params)[0]
+    n = int(n or 0)
+    lat = np.fromiter((r[0] for r in store.query(
+        f"SELECT latency_ms FROM requests WHERE {where} AND latency_ms IS NOT NULL", params)), dtype=np.float64)
+    latency = {"count": int(lat.size), "p50": None, "p95": None}
+    if lat.size:
+        p50, p95 = np.percentile(lat, [50, 95])
+        latency.update(p50=round(float(p50), 3), p95=round(float(p95), 3))
+    return {
+        "window": spec.window.describe(),
+        "requests": {"count": n, "errors": int(errors or 0), "client_errors": int(client_errors or 0),
+                     "first": None if first is None else float(first), "last": None if last is None else float(last)},
+        "error_rate": round(int(errors or 0) / n, 6) if n else None,
+        "latency_ms": latency,
+    }
+
+
+def _feedback(store: RequestStore, window: Window, now: float, requests: int) -> dict[str, Any]:
+    where, params = window_where(window, now, alias="r.")
+    count, positive, rated = store.query(
+        "SELECT COUNT(*), SUM(f.positive), COUNT(DISTINCT f.request_id) FROM feedback f "
+        f"JOIN requests r ON r.id = f.request_id WHERE {where}", params)[0]
+    count, positive, rated = int(count or 0), int(positive or 0), int(rated or 0)
+    return {"count": count, "positive": positive,
+            "positive_rate": round(positive / count, 6) if count else None,
+            "rated_share": round(rated / requests, 6) if requests else None}
+
+
+def _drift(store: RequestStore, window: Window, now: float, reference: Reference | None,
+           embed: Embed | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"window": window.describe()}
+    where, params = window_where(window, now)
+    out["embedding"] = _embedding_drift(store, where, params, reference, embed)
+    if reference is None:
+        out["status"] = "no training data"
+        return out
+    rows = store.query(f"SELECT prompt_words, token_bag FROM requests WHERE {where} AND prompt_words > 0", params)
+    out["requests"] = len(rows)
+    out["reference_rows"] = reference.rows
+    if len(rows) < MIN_DRIFT_REQUESTS or reference.rows < MIN_DRIFT_REQUESTS:
+        out["status"] = f"too few requests or training rows to judge (need {MIN_DRIFT_REQUESTS} of each)"
+        return out
+    lengths = np.fromiter((r[0] for r in rows), dtype=np.float64, count=len(rows))
+    out["prompt_length"] = reference.length_drift(lengths)
+    out["token_frequency"] = reference.token_drift(bag_counts(r[1] for r in rows))
+    out["status"] = "ok"
+    return out
+
+
+def _embedding_drift(store: RequestStore, where: str, params: tuple, reference: Reference | None,
+                     embed: Embed | None) -> dict[str, Any]:
+    """Cosine distance between the mean embeddings of logged prompts and training prompts."""
+    if embed is None:
+        return {"status": "not configured", "detail": "embedding drift needs an embedding model; none is configured"}
+    if reference is None or not reference.texts:
+        return {"status": "no training data"}
+    texts = [r[0] for r in store.query(f"SELECT prompt FROM requests WHERE {where} AND prompt IS NOT NULL "
+                                       f"ORDER BY seq DESC LIMIT {MAX_EMBED_TEXTS}", params)]
+    if not texts:
+        return {"status": "no logged texts", "detail": "set `log_text: true` on the monitor to log prompts"}
+    a = np.asarray(embed(reference.texts[:MAX_EMBED_TEXTS]), dtype=np.float64).mean(axis=0)
+    b = np.asarray(embed(texts), dtype=np.float64).mean(axis=0)
+    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
+    return {"status": "ok", "cosine_distance": round(1.0 - cos, 6), "requests": len(texts)}
+
+
+def _alert(spec: MonitorSpec, now: float, check: str, metric: str, value: float, threshold: float, op: str,
+           message: str) -> Alert:
+    return Alert(spec.deployment, spec.name, check, metric, value, threshold, op, message, now)
+
+
+def _alerts(spec: MonitorSpec, m: dict[str, Any], now: float) -> list[Alert]:
+    out: list[Alert] = []
+    drift = m["drift"]
+    for feature, label in (("prompt_length", "prompt length"), ("token_frequency", "token frequency")):
+        stats = drift.get(feature)
+        if not stats:
+            continue
+        for stat, limit in (("psi", spec.psi_max), ("ks", spec.ks_max)):
+            if limit is not None and stats[stat] > limit:
+                out.append(_alert(spec, now, "drift", f"drift.{feature}.{stat}", stats[stat], limit, ">",
+                                  f"drift: {stat.upper()} {stats[stat]:.2f} > {limit:g} on {label}"))
+    fb = m["feedback"]
+    if (spec.min_positive_rate is not None and fb["positive_rate"] is not None
+            and fb["count"] >= spec.min_feedback_count and fb["positive_rate"] < spec.min_positive_rate):
+        out.append(_alert(spec, now, "feedback", "feedback.positive_rate", fb["positive_rate"], spec.min_positive_rate,
+                          "<", f"feedback: positive rate {fb['positive_rate']:.2f} < {spec.min_positive_rate:g} "
+                          f"({fb['count']} ratings)"))
+    p95 = m["latency_ms"]["p95"]
+    if spec.p95_ms_max is not None and p95 is not None and p95 > spec.p95_ms_max:
+        out.append(_alert(spec, now, "latency", "latency_ms.p95", p95, spec.p95_ms_max, ">",
+                          f"latency: p95 {p95:.0f} ms > {spec.p95_ms_max:g} ms"))
+    rate = m["error_rate"]
+    if spec.error_rate_max is not None and rate is not None and rate > spec.error_rate_max:
+        out.append(_alert(spec, now, "error_rate", "error_rate", rate, spec.error_rate_max, ">",
+                          f"errors: error rate {rate:.2%} > {spec.error_rate_max:.2%}"))
+    if spec.suspicious:
+        clients = m["suspicious_clients"]
+        for c in clients[:MAX_SUSPICIOUS_ALERTS]:
+            out.append(_alert(spec, now, "suspicious", "suspicious_clients", float(len(c["reasons"])), 0.0, ">",
+                              f"suspicious client {c['client']}: {'; '.join(c['reasons'])}"))
+        if len(clients) > MAX_SUSPICIOUS_ALERTS:
+            rest = len(clients) - MAX_SUSPICIOUS_ALERTS
+            out.append(_alert(spec, now, "suspicious", "suspicious_clients", float(rest), 0.0, ">",
+                              f"suspicious clients: {rest} more not listed"))
+    return out

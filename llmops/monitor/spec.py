@@ -1,0 +1,129 @@
+"""A monitor's settings (`monitors.NAME` in llmops.yaml) with their defaults, and where its store lives.
+
+`MonitorSpec.from_dict` accepts the validated config mapping; every threshold is optional
+and a check only raises alerts when its section is configured (metrics are always reported).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmops.monitor.errors import MonitorError
+
+DEFAULT_WINDOW = 1000
+_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Window:
+    """Requests considered: the last `count` requests, or those of the last `seconds`."""
+
+    count: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> "Window":
+        if isinstance(value, bool):
+            raise MonitorError(f"{where}: window must be a count (1000) or a duration (24h), not {value!r}.")
+        if isinstance(value, int) and value >= 1:
+            return cls(count=value)
+        if isinstance(value, str):
+            m = _DURATION.match(value.strip())
+            if m and int(m.group(1)) > 0:
+                return cls(seconds=float(int(m.group(1)) * _UNIT[m.group(2)]))
+        raise MonitorError(f"{where}: window {value!r} is not a positive count (1000) or a duration such as "
+                           "30m, 24h, 7d; fix it in llmops.yaml.")
+
+    def describe(self) -> str:
+        if self.count is not None:
+            return f"last {self.count} requests"
+        secs = int(self.seconds or 0)
+        for unit in ("d", "h", "m"):
+            if secs % _UNIT[unit] == 0:
+                return f"last {secs // _UNIT[unit]}{unit}"
+        return f"last {secs}s"
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    """`monitors.NAME`; `None` thresholds are not checked."""
+
+    name: str
+    deployment: str
+    window: Window
+    drift_window: Window
+    psi_max: float | None = None
+    ks_max: float | None = None
+    min_positive_rate: float | None = None
+    min_feedback_count: int = 1
+    p95_ms_max: float | None = None
+    error_rate_max: float | None = None
+    suspicious: bool = False
+    rate_spike_factor: float = 10.0
+    max_prompt_chars: int = 20000
+    injection_max: int = 3
+    log_text: bool = False
+    store: str | None = None
+    webhook: str | None = None
+
+    @classmethod
+    def from_dict(cls, name: str, spec: dict[str, Any]) -> "MonitorSpec":
+        where = f"monitors.{name}"
+        window = Window.parse(spec.get("window", DEFAULT_WINDOW), f"{where}.window")
+        drift = _section(spec, "drift", where)
+        feedback = _section(spec, "feedback", where)
+        latency = _section(spec, "latency", where)
+        susp = spec.get("suspicious")
+        sus = _section(spec, "suspicious", where)
+        drift_window = Window.parse(drift["window"], f"{where}.drift.window") if "window" in drift else window
+        return cls(
+            name=name,
+            deployment=str(spec.get("deployment") or name),
+            window=window,
+            drift_window=drift_window,
+            psi_max=_num(drift.get("psi_max")),
+            ks_max=_num(drift.get("ks_max")),
+            min_positive_rate=_num(feedback.get("min_positive_rate")),
+            min_feedback_count=int(feedback.get("min_count", 1)),
+            p95_ms_max=_num(latency.get("p95_ms_max")),
+            error_rate_max=_num(spec.get("error_rate_max")),
+            suspicious=susp is not None,
+            rate_spike_factor=float(sus.get("rate_spike_factor", 10.0)),
+            max_prompt_chars=int(sus.get("max_prompt_chars", 20000)),
+            injection_max=int(sus.get("injection_max", 3)),
+            log_text=bool(spec.get("log_text", False)),
+            store=spec.get("store"),
+            webhook=spec.get("webhook"),
+        )
+
+
+def _section(spec: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = spec.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MonitorError(f"{where}.{key} must be a mapping; fix it in llmops.yaml.")
+    return value
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def store_url(root: Path, name: str, store: str | None) -> str:
+    """The store URL of monitor `name`: its `store:` (relative sqlite paths are relative to the
+    project) or `sqlite:///.llmops/monitor/NAME.db`; always absolute for sqlite."""
+    if not store:
+        return "sqlite:///" + str((root / ".llmops" / "monitor" / f"{name}.db").resolve())
+    if store.startswith(("postgresql://", "postgresql+", "postgres://")):
+        return store
+    if store.startswith("sqlite") and "://" in store:
+        path = store.split("://", 1)[1]
+        path = path[1:] if path.startswith("/") else path  # sqlite:///rel -> rel; sqlite:////abs -> /abs
+        p = Path(path)
+        return "sqlite:///" + str(p if p.is_absolute() else (root / p).resolve())
+    raise MonitorError(f"store {store!r} is neither sqlite:///PATH nor postgresql://...; fix monitors.{name}.store.")
