@@ -24,6 +24,7 @@ class ResourceChange:
     lock_only: only lock-recorded fields changed (e.g. `protect`); apply rewrites the lock
       entry without calling the provider.
     details: facts from the provider for display (e.g. sweep trials).
+    alerts: open alerts from monitoring, shown by plan; they are not an action.
     """
 
     address: str
@@ -35,6 +36,7 @@ class ResourceChange:
     private: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     lock_only: bool = False
+    alerts: list[str] = field(default_factory=list)  # open monitoring alerts (do not make a change)
 
     @property
     def kind(self) -> str:
@@ -62,6 +64,10 @@ class Plan:
         for c in self.changes:
             counts[c.action] += 1
         return counts
+
+    @property
+    def alerts(self) -> list[tuple[str, str]]:
+        return [(c.address, a) for c in self.changes for a in c.alerts]
 
     @property
     def has_changes(self) -> bool:

@@ -34,6 +34,10 @@ def _metric_rows(c: ResourceChange) -> list[str]:
 def plan_to_markdown(plan: Plan, project_name: str = "", limit: int = MAX_CHARS) -> str:
     title = f"## llmops plan{': ' + project_name if project_name else ''}"
     head = [MARKER, title, ""]
+    if plan.alerts:
+        head += ["> [!WARNING]", "> Open monitoring alerts:"]
+        head += [f"> - `{addr}`: {_cell(alert, 300)}" for addr, alert in plan.alerts]
+        head.append("")
     if not plan.has_changes:
         return "\n".join(head + ["**No changes.** llmops.yaml, llmops.lock and live state agree.", ""])
     head += [f"**{plan.summary_line()}**", "", "| resource | action | why |", "|---|---|---|"]

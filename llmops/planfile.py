@@ -31,6 +31,7 @@ def change_to_dict(c: ResourceChange) -> dict[str, Any]:
         "depends_on": list(c.depends_on),
         "details": c.details,
         "lock_only": c.lock_only,
+        "alerts": list(c.alerts),
         "private": c.private,
     }
 
@@ -75,7 +76,7 @@ def load_plan(path: Path) -> Plan:
                 address=c["address"], action=c["action"], reasons=list(c.get("reasons", [])),
                 before=c.get("before"), after=c.get("after"), depends_on=list(c.get("depends_on", [])),
                 private=c.get("private") or {}, details=c.get("details") or {},
-                lock_only=bool(c.get("lock_only", False)),
+                lock_only=bool(c.get("lock_only", False)), alerts=list(c.get("alerts", [])),
             )
             for c in data["resource_changes"]
         ]

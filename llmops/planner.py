@@ -79,6 +79,8 @@ def make_plan(
             change.private = provider.plan_private(res.name, res.spec, locked)
         if provider:
             change.details = provider.describe(res.name, res.spec, locked)
+            if refresh and locked is not None:
+                change.alerts = provider.alerts(res.name, res.spec, locked)
         planned[addr] = change
         changes.append(change)
 

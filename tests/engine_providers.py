@@ -45,6 +45,10 @@ class RecordingProvider(Provider):
             return [Drift(f"output missing: out/{self.kind}.{name}.txt", "replace")]
         return []
 
+    def alerts(self, name, spec, locked):
+        path = self.ctx.root / f"ALERT_{name}"
+        return [path.read_text()] if path.exists() else []
+
     def apply(self, request: ApplyRequest) -> ApplyResult:
         global _active, _max_active
         with _lock:

@@ -238,3 +238,15 @@ def test_kind_without_provider_fails_apply_with_clear_message(proj):
         providers._PROVIDERS["deployments"] = orig
     assert "cannot apply `deployments` resources yet" in report.failed["deployments.d"]
     assert "evals.e" in report.applied
+
+
+def test_open_alerts_are_shown_by_plan_but_are_not_changes(proj):
+    apply_all(proj)
+    proj.write({"ALERT_d": "drift: PSI 0.31 > 0.2 on prompt length"})
+    plan = plan_of(proj)
+    assert not plan.has_changes
+    assert plan.alerts == [("deployments.d", "drift: PSI 0.31 > 0.2 on prompt length")]
+    assert plan_of(proj, refresh=False).alerts == []
+    from llmops.plan_markdown import plan_to_markdown
+
+    assert "> - `deployments.d`: drift: PSI 0.31 > 0.2 on prompt length" in plan_to_markdown(plan)

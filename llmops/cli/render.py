@@ -18,6 +18,10 @@ STYLE = {"create": "green", "update": "yellow", "replace": "magenta", "delete": 
 
 def render_plan(console: Console, plan: Plan, show_noop: bool = False) -> None:
     changes = [c for c in plan.changes if show_noop or c.action != "no-op"]
+    for address, alert in plan.alerts:
+        console.print(f"[red bold]  ! {escape(address)}[/] [red]alert: {escape(alert)}[/]")
+    if plan.alerts:
+        console.print()
     if not plan.has_changes:
         console.print("[green]No changes.[/] llmops.yaml, llmops.lock and live state agree.")
         return

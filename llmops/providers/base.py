@@ -126,6 +126,10 @@ class Provider(ABC):
         """Read live state; return how it differs from the lock (empty: in sync)."""
         return []
 
+    def alerts(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[str]:
+        """Open alerts about the live resource (e.g. monitoring drift), shown by plan with refresh."""
+        return []
+
     def plan_private(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
         """Data handed from plan to apply (Terraform's `Private`); JSON-serialisable."""
         return {}

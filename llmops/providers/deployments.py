@@ -176,6 +176,11 @@ class DeploymentsProvider(Provider):
             drifts.append(Drift(f"endpoint {out['endpoint']} is not answering", "update"))
         return drifts
 
+    def alerts(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[str]:
+        from llmops.monitor import open_alerts
+
+        return [a.message for a in open_alerts(self.ctx.root, name)]
+
     def delete(self, name: str, locked: LockedResource) -> None:
         self._stop(name)
         out = locked.outputs
