@@ -83,7 +83,10 @@ def setup(project, built_base):
     return ctx, upstream
 
 
-def request(upstream, spec=None, fingerprint="f" * 64, progress=None, cancelled=None) -> ApplyRequest:
+FP = "sha256:" + "f" * 64
+
+
+def request(upstream, spec=None, fingerprint=FP, progress=None, cancelled=None) -> ApplyRequest:
     return ApplyRequest(
         address="finetunes.colours",
         name="colours",
@@ -143,7 +146,7 @@ def test_cancelled_apply_fails_then_resumes_and_records_outputs(setup, project):
     client = tracking.client(project.root, {})
     run = client.get_run(out["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["llmops.fingerprint"] == "f" * 64
+    assert run.data.tags["llmops.fingerprint"] == FP
     assert client.get_experiment(run.info.experiment_id).name == "colour-bot"
     assert client.get_experiment(run.info.experiment_id).artifact_location.startswith(
         project.path(".llmops/mlartifacts").resolve().as_uri()
@@ -154,7 +157,7 @@ def test_cancelled_apply_fails_then_resumes_and_records_outputs(setup, project):
     assert version.tags["llmops.version"]
 
     # refresh sees a deleted adapter; delete removes local files but keeps MLflow history.
-    locked = LockedResource("finetunes.colours", "f" * 64, outputs=out)
+    locked = LockedResource("finetunes.colours", FP, outputs=out)
     assert provider.refresh("colours", SPEC, locked) == []
     weights.unlink()
     assert "missing" in provider.refresh("colours", SPEC, locked)[0].reason
@@ -227,6 +230,10 @@ def test_runner_selection_and_multi_gpu_command(tmp_path):
     assert isinstance(get_runner({"runner": "docker"}, {"resources": {"runner": "local"}}), LocalRunner)
     with pytest.raises(ProviderError, match="unknown"):
         get_runner({"runner": "slurm"}, {})
+    from llmops.runners.docker import DockerRunner
+
+    docker = get_runner({"runner": "local", "docker_host": "tcp://127.0.0.1:1"}, {"resources": {"runner": "docker"}})
+    assert isinstance(docker, DockerRunner) and docker.docker_host == "tcp://127.0.0.1:1"
     job = Job(name="x", module="llmops.train", args=["spec.json"], workdir=tmp_path, log_path=tmp_path / "l", gpus=2)
     cmd = job_command(job)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
