@@ -1,0 +1,285 @@
+"""The finetunes provider: trains a LoRA/QLoRA adapter as a job on a runner.
+
+Apply writes the job spec (`.llmops/runs/finetunes/NAME/<fingerprint[:12]>/job.json`),
+runs `python -m llmops.train` on the resource's runner, turns the job's JSON progress
+lines into progress events and records the job's result: MLflow run, registered model
+version, adapter/tokenizer hashes and metrics. A failed or killed job raises
+ProviderError with the log's tail; applying again resumes from the job's newest
+checkpoint (same fingerprint, same folder). Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import llmops
+from llmops import tracking
+from llmops.errors import ProviderError
+from llmops.lockfile import LockedResource
+from llmops.providers.base import ApplyRequest, ApplyResult, Drift, ProgressEvent, Provider
+from llmops.train import spec as specs
+
+JOB_MODULE = "llmops.train"
+
+
+class FinetunesProvider(Provider):
+    kind = "finetunes"
+    heavy_modules = ("mlflow",)
+
+    def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
+        prompt = (self.ctx.config.get("prompts") or {}).get(spec.get("prompt", ""), {}) or {}
+        return [prompt["template"]] if prompt.get("template") else []
+
+    def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
+        return {"trials": len(specs.expand_sweep(spec.get("sweep")))}
+
+    def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
+        adapter = (locked.outputs or {}).get("adapter") or {}
+        if not adapter.get("path"):
+            return []
+        weights = self.ctx.root / adapter["path"] / "adapter_model.safetensors"
+        if not weights.is_file():
+            return [Drift(f"adapter {adapter['path']} is missing; it will be trained again")]
+        return []
+
+    def run_dir(self, name: str, fingerprint: str) -> Path:
+        digest = fingerprint.split(":", 1)[-1]  # "sha256:abc..." -> "abc..."
+        return self.ctx.state_dir / "runs" / "finetunes" / name / digest[:12]
+
+    def apply(self, request: ApplyRequest) -> ApplyResult:
+        spec, name = request.spec, request.name
+        addr = request.address
+        self._precheck(spec)
+        run_dir = self.run_dir(name, request.fingerprint)
+        forced = request.before is not None and request.before.fingerprint == request.fingerprint
+        if forced and run_dir.exists():  # --replace of an unchanged resource: train afresh
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dataset, base, prompt = self._upstreams(request)
+        inputs = self._inputs(dataset, base)
+        job_spec = self._job_spec(request, run_dir, dataset, base, prompt, inputs)
+        job_path = run_dir / "job.json"
+        job_path.write_text(json.dumps(job_spec, indent=2, sort_keys=True))
+
+        from llmops.runners.base import Job
+        from llmops.runners.select import get_runner
+
+        resources = spec.get("resources") or {}
+        job = Job(
+            name=f"finetune-{name}",
+            module=JOB_MODULE,
+            args=[str(job_path)],
+            workdir=self.ctx.root,
+            log_path=run_dir / "train.log",
+            env={"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"},
+            gpus=int(resources.get("gpus") or 0),
+            image=resources.get("image"),
+        )
+        watcher = _ProgressWatcher(request)
+        runner = get_runner(self.ctx.settings, spec)
+        self.ctx.log(addr, f"training with {type(runner).__name__}; log: {self._rel(job.log_path)}")
+        result = runner.run(job, watcher.on_line, request.cancelled)
+        if result.exit_code != 0 or watcher.done is None:
+            why = "was cancelled" if request.cancelled() else f"failed (exit code {result.exit_code})"
+            raise ProviderError(
+                f"{addr}: the training job {why}. Last lines of {self._rel(job.log_path)}:\n{result.log_tail}\n"
+                "Fix the cause and run `llmops apply` again: training resumes from the last checkpoint."
+            )
+        if result.image_digest:
+            inputs["image_digest"] = result.image_digest
+        return ApplyResult(outputs=self._outputs(watcher.done, base), inputs=inputs)
+
+    def delete(self, name: str, locked: LockedResource) -> None:
+        """Remove the fine-tune's local files; MLflow runs and model versions stay as history."""
+        shutil.rmtree(self.ctx.state_dir / "runs" / "finetunes" / name, ignore_errors=True)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _upstreams(self, request: ApplyRequest) -> tuple[dict, dict, dict]:
+        spec = request.spec
+
+        def upstream(kind: str, ref: str) -> dict[str, Any]:
+            entry = request.upstream.get(f"{kind}.{ref}")
+            if entry is None:
+                raise ProviderError(
+                    f"{request.address}: upstream {kind}.{ref} has not been applied; "
+                    f"run `llmops apply --select {request.address}` to apply it first."
+                )
+            return entry.outputs or {}
+
+        dataset = upstream("datasets", spec["dataset"])
+        if not (dataset.get("train") or {}).get("path"):
+            raise ProviderError(
+                f"{request.address}: datasets.{spec['dataset']} has no train split output; re-apply the dataset."
+            )
+        base = upstream("base_models", spec["base_model"])
+        if not base.get("path"):
+            raise ProviderError(f"{request.address}: base_models.{spec['base_model']} has no model folder recorded.")
+        prompt = dict((self.ctx.config.get("prompts") or {}).get(spec["prompt"]) or {})
+        if not prompt:
+            raise ProviderError(f"{request.address}: prompts.{spec['prompt']} is not in llmops.yaml; add it.")
+        return dataset, base, prompt
+
+    def _inputs(self, dataset: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+        inputs: dict[str, Any] = {
+            "dataset_md5": {s: dataset[s]["md5"] for s in ("train", "eval") if (dataset.get(s) or {}).get("md5")}
+        }
+        if base.get("commit"):
+            inputs["base_model_commit"] = base["commit"]
+        if base.get("files"):
+            inputs["base_model_files_sha"] = _digest(base["files"])
+        return inputs
+
+    def _prompt_section(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"response_field": prompt.get("response_field") or "answer"}
+        if prompt.get("template"):
+            path = self.ctx.path(prompt["template"])
+            try:
+                out["text"] = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ProviderError(f"{prompt['template']}: cannot read the prompt template ({exc}); fix the path.")
+        elif prompt.get("chat"):
+            out["chat"] = prompt["chat"]
+        else:
+            out["text"] = prompt.get("text") or ""
+        return out
+
+    def _job_spec(
+        self,
+        request: ApplyRequest,
+        run_dir: Path,
+        dataset: dict[str, Any],
+        base: dict[str, Any],
+        prompt: dict[str, Any],
+        inputs: dict[str, Any],
+    ) -> dict[str, Any]:
+        spec, root = request.spec, self.ctx.root
+        uri = tracking.tracking_uri(root, self.ctx.settings)
+        tags = {
+            "llmops.address": request.address,
+            "llmops.fingerprint": request.fingerprint,
+            "llmops.version": llmops.__version__,
+            "llmops.base_model": spec["base_model"],
+            "llmops.dataset": spec["dataset"],
+            "llmops.prompt": spec["prompt"],
+        }
+        for split, md5 in inputs["dataset_md5"].items():
+            tags[f"llmops.dataset.{split}_md5"] = md5
+        for key in ("base_model_commit", "base_model_files_sha"):
+            if key in inputs:
+                tags[f"llmops.{key}"] = inputs[key]
+        commit = tracking.git_commit(root)
+        if commit:
+            tags["llmops.git_commit"] = commit
+        eval_split = dataset.get("eval") or {}
+        return {
+            "name": request.name,
+            "base_model": str((root / base["path"]).resolve()),
+            "train_path": str((root / dataset["train"]["path"]).resolve()),
+            "eval_path": str((root / eval_split["path"]).resolve()) if eval_split.get("path") else None,
+            "prompt": self._prompt_section(prompt),
+            "adapter": specs.resolve_adapter(spec.get("adapter")),
+            "training": specs.resolve_training(spec.get("training")),
+            "export": spec.get("export") or {},
+            "sweep": spec.get("sweep") or None,
+            "select": specs.resolve_select(spec.get("select")),
+            "output_dir": str(run_dir),
+            "checkpoint_dir": str(run_dir / "checkpoints"),
+            "tracking_uri": uri,
+            "registry_uri": tracking.registry_uri(root, self.ctx.settings),
+            "artifact_location": tracking.artifact_location(root) if tracking.is_local(uri) else None,
+            "experiment": self.ctx.config.get("project") or "llmops",
+            "registered_model": request.name,
+            "tags": tags,
+            "params": {"base_model": spec["base_model"], "dataset": spec["dataset"], "prompt": spec["prompt"]},
+        }
+
+    def _precheck(self, spec: dict[str, Any]) -> None:
+        from llmops.runners.select import runner_name
+
+        adapter = specs.resolve_adapter(spec.get("adapter"))
+        if adapter["type"] == "qlora" and runner_name(self.ctx.settings, spec) == "local":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ProviderError(
+                    "adapter.type qlora needs the bitsandbytes package and a CUDA GPU, and bitsandbytes is not "
+                    "installed here; `pip install bitsandbytes` on a GPU machine or use adapter.type: lora."
+                )
+
+    def _rel(self, path: str | Path) -> str:
+        p = Path(path)
+        try:
+            return p.resolve().relative_to(self.ctx.root.resolve()).as_posix()
+        except ValueError:
+            return str(p)
+
+    def _outputs(self, done: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "run_id": done.get("run_id"),
+            "model_name": done.get("model_name"),
+            "model_version": done.get("model_version"),
+            "adapter": {"path": self._rel(done["adapter"]["path"]), "sha256": done["adapter"]["sha256"]},
+            "tokenizer": {"path": self._rel(done["tokenizer"]["path"]), "sha256": done["tokenizer"]["sha256"]},
+            "tokenizer_sha256": done["tokenizer"]["sha256"],
+            "base_model": {"path": base["path"]},
+            "metrics": {k: _round(v) for k, v in (done.get("metrics") or {}).items() if v is not None},
+        }
+        if done.get("merged"):
+            out["merged"] = {"path": self._rel(done["merged"]["path"]), "sha256": done["merged"]["sha256"]}
+        if done.get("best_trial"):
+            out["best_trial"] = done["best_trial"]
+            out["trials"] = done.get("trials")
+        return {k: v for k, v in out.items() if v is not None}
+
+
+class _ProgressWatcher:
+    """Turns the job's JSON lines into progress events; keeps the `done` event."""
+
+    def __init__(self, request: ApplyRequest) -> None:
+        self.request = request
+        self.done: dict[str, Any] | None = None
+        self.trials = 1
+        self.trial = 0
+
+    def on_line(self, line: str) -> None:
+        if not line.startswith("{"):
+            return
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        kind = event.get("event")
+        if kind == "start":
+            self.trials = int(event.get("trials") or 1)
+        elif kind == "trial":
+            self.trial = int(event.get("trial") or 0)
+        elif kind == "step":
+            where = f"trial {self.trial + 1}/{self.trials} " if self.trials > 1 else ""
+            self.request.progress(
+                ProgressEvent(
+                    completed=event.get("step"),
+                    total=event.get("total"),
+                    message=f"{where}step {event.get('step')}/{event.get('total')} loss {event.get('loss', 0):.4f}",
+                )
+            )
+        elif kind == "resume":
+            step = event.get("step")
+            self.request.progress(ProgressEvent(step, event.get("total"), f"resumed at step {step}"))
+        elif kind == "done":
+            self.done = {k: v for k, v in event.items() if k != "event"}
+
+
+def _digest(files: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    return value
+

@@ -1,0 +1,147 @@
+"""MLflow helpers shared by fine-tunes, evals and deployments.
+
+The embedded default is `sqlite:///.llmops/mlflow.db` with artifacts under
+`.llmops/mlartifacts`, both relative to the project; an `http(s)://` tracking server is
+used as given. mlflow is imported inside the functions that need it (the CLI starts
+without it) and telemetry is always off.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from llmops.errors import ProviderError
+
+DEFAULT_TRACKING_URI = "sqlite:///.llmops/mlflow.db"
+ARTIFACTS_DIR = ".llmops/mlartifacts"
+
+
+def quiet_env() -> None:
+    """Environment every MLflow user here sets first: no telemetry, no version nagging."""
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+
+
+def resolve_uri(uri: str, root: Path) -> str:
+    """`uri` with a relative sqlite or file path made absolute to `root` (its folder is created)."""
+    root = Path(root).resolve()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = (root / uri[len("sqlite:///") :]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if uri.startswith("sqlite:////"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        return uri
+    if "://" not in uri:  # a plain folder: MLflow's file store
+        path = (root / uri).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path.as_uri()
+    return uri
+
+
+def is_local(uri: str) -> bool:
+    """Whether runs of this tracking URI keep their artifacts on this machine by default."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def tracking_uri(root: Path, settings: dict[str, Any]) -> str:
+    """The project's tracking URI (settings.tracking_uri or the embedded default), absolute."""
+    Path(root, ".llmops").mkdir(parents=True, exist_ok=True)
+    return resolve_uri(settings.get("tracking_uri") or DEFAULT_TRACKING_URI, root)
+
+
+def registry_uri(root: Path, settings: dict[str, Any]) -> str:
+    """settings.registry_uri, or the tracking URI."""
+    if settings.get("registry_uri"):
+        return resolve_uri(settings["registry_uri"], root)
+    return tracking_uri(root, settings)
+
+
+def artifact_location(root: Path) -> str:
+    """Where experiments created on a local store keep artifacts: `.llmops/mlartifacts`."""
+    path = (Path(root) / ARTIFACTS_DIR).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri()
+
+
+def make_client(uri: str, registry: str | None = None) -> Any:
+    """An MlflowClient for explicit URIs (the training job, which has no settings dict)."""
+    quiet_env()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=registry or uri)
+
+
+def client(root: Path, settings: dict[str, Any]) -> Any:
+    """An MlflowClient on the project's tracking and registry URIs."""
+    return make_client(tracking_uri(root, settings), registry_uri(root, settings))
+
+
+def ensure_experiment(mlflow_client: Any, name: str, artifacts: str | None = None) -> str:
+    """The id of experiment `name`, created (with `artifacts` as its location) when missing."""
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifacts)
+    except Exception:  # created concurrently by another resource of the same apply
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def register_version(
+    mlflow_client: Any,
+    model_name: str,
+    run_id: str,
+    artifact_path: str,
+    tags: dict[str, str] | None = None,
+    description: str = "",
+) -> str:
+    """Register `artifact_path` of run `run_id` as a new version of `model_name`; returns it.
+
+    The registered model is created on first use; the version carries `tags` (lineage).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_registered_model(model_name)
+    except MlflowException:
+        try:
+            mlflow_client.create_registered_model(model_name)
+        except MlflowException:
+            mlflow_client.get_registered_model(model_name)  # created concurrently; must exist now
+    run = mlflow_client.get_run(run_id)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    try:
+        version = mlflow_client.create_model_version(
+            name=model_name,
+            source=source,
+            run_id=run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()},
+            description=description or None,
+        )
+    except MlflowException as exc:
+        raise ProviderError(
+            f"MLflow refused to register '{model_name}' from {source}: {exc.message}; check the tracking server."
+        ) from exc
+    return str(version.version)
+
+
+def git_commit(root: Path) -> str | None:
+    """HEAD of the git repository holding `root`, or None outside git / before a first commit."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
