@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import yaml
 
 from llmops.addrs import address_sort_key
 from llmops.errors import LockfileError
+from llmops.fsutil import atomic_write_text
 
 LOCK_VERSION = 1
 LOCK_NAME = "llmops.lock"
@@ -218,30 +217,3 @@ def _write_parse_cache(path: Path, digest: str, data: Any) -> None:
 def save_lock(lock: Lock, path: Path) -> None:
     """Write the lock atomically (temp file, fsync, rename)."""
     atomic_write_text(path, lock.dumps())
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp's 0600 would not
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

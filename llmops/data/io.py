@@ -11,11 +11,10 @@ import csv
 import datetime as _dt
 import decimal
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmops.fsutil import atomic_write_text
 from llmops.errors import LlmopsError
 
 FORMATS: dict[str, str] = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -151,19 +150,7 @@ def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> str:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text via a temp file and `os.replace`, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_text(path, text)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -14,8 +14,6 @@ Only the standard library is imported here, so `llmops plan` can call `open_aler
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -112,12 +110,6 @@ def send_webhook(url: str, payload: dict[str, Any], retries: int = 3, backoff: f
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` via a temp file and `os.replace` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from llmops.fsutil import atomic_write_text
+
+    atomic_write_text(path, text)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -114,14 +113,12 @@ class FileHashCache:
         return result
 
     def _save(self, entries: dict[str, list]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".file-hashes-", dir=self.path.parent)
+        from llmops.fsutil import atomic_write_text
+
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": 1, "files": entries}, f, sort_keys=True)
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps({"version": 1, "files": entries}, sort_keys=True))
         except OSError:
-            Path(tmp).unlink(missing_ok=True)  # the cache is an optimisation; never fail a plan on it
+            pass  # the cache is an optimisation; never fail a plan on it
 
 
 # --- Hugging Face cache -------------------------------------------------------------------

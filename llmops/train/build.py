@@ -14,9 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -87,23 +84,15 @@ def build_tiny_model(build_spec: dict[str, Any], texts: Iterable[str], out_dir: 
             "build: the tokenizer_from dataset has no text to train a tokenizer on; "
             "give it rows with string fields."
         )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
-    try:
-        with _no_progress_bars():
-            tokenizer = _train_tokenizer(texts, spec)
-            tokenizer.save_pretrained(str(tmp))
-            _portable_tokenizer_class(tmp)
-            model = _init_model(spec, tokenizer)
-            model.save_pretrained(str(tmp))
+    from llmops.fsutil import atomic_folder
+
+    with atomic_folder(out_dir) as tmp, _no_progress_bars():
+        tokenizer = _train_tokenizer(texts, spec)
+        tokenizer.save_pretrained(str(tmp))
+        _portable_tokenizer_class(tmp)
+        model = _init_model(spec, tokenizer)
+        model.save_pretrained(str(tmp))
         files = hash_folder(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"files": files, "spec": spec}
 
 

@@ -7,10 +7,8 @@ the previous checkpoint or the new one, never a torn one. Only the newest is kep
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,18 +57,13 @@ def save(
         "rng": _rng_state(),
         "extra": extra or {},
     }
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=checkpoint_dir))
+    from llmops.fsutil import atomic_folder
+
     final = checkpoint_dir / f"{PREFIX}{pos.step:08d}"
-    try:
+    with atomic_folder(final) as tmp:
         torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dir.iterdir():
-        if old != final and (old.name.startswith(PREFIX) or old.name.startswith(".tmp-")):
+        if old != final and (old.name.startswith(PREFIX) or old.name.startswith(f".{PREFIX}")):
             shutil.rmtree(old, ignore_errors=True)
     return final
 
