@@ -370,3 +370,27 @@ def test_cli_pr_comment_creates_then_updates(gh, tmp_path: Path, monkeypatch):
 
     missing = runner.invoke(pr_group, ["comment", "--body-file", str(tmp_path / "nope.md")])
     assert isinstance(missing.exception, LlmopsError) and "nope.md" in str(missing.exception)
+
+
+def test_cli_pr_comment_from_a_saved_plan(gh, tmp_path: Path, monkeypatch):
+    """`llmops pr comment --plan FILE` renders a saved plan (from `llmops plan --out`) as the comment."""
+    from llmops.cli.gitops import pr_group
+    from llmops.plan import Plan, ResourceChange
+    from llmops.planfile import save_plan
+
+    n = merged_pr(gh, 13)
+    for key, value in {"GITHUB_TOKEN": TOKEN, "GITHUB_REPOSITORY": REPO, "GITHUB_API_URL": gh.url}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("LLMOPS_GITHUB_TOKEN", raising=False)
+    plan_file = tmp_path / "plan.bin"
+    save_plan(Plan([ResourceChange("finetunes.support-lora", "replace",
+                                   ["training.learning_rate: 0.0002 -> 0.0001"])]), plan_file)
+    runner = CliRunner()
+    res = runner.invoke(pr_group, ["comment", "--plan", str(plan_file), "--pr", str(n)])
+    assert res.exit_code == 0, res.output
+    (comment,) = gh.issue_comments(n)
+    assert comment["body"].startswith(PLAN_MARKER)
+    assert "**Plan: 0 to create, 1 to replace, 0 to update, 0 to delete.**" in comment["body"]
+    assert "training.learning_rate: 0.0002 -> 0.0001" in comment["body"]
+    both = runner.invoke(pr_group, ["comment", "--plan", str(plan_file), "--body-file", str(plan_file)])
+    assert both.exit_code != 0 and "exactly one of --body-file or --plan" in both.output

@@ -188,3 +188,18 @@ def test_commit_lock_step_pushes_only_a_changed_lock(rendered, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     assert _git(remote, "rev-list", "--count", "main") == "2"
     assert _git(remote, "log", "-1", "--format=%s", "main") == "llmops: record apply of 0123456789ab [skip ci]"
+
+
+def test_example_project_carries_the_rendered_workflows(tmp_path: Path):
+    """example-project/.github/workflows are the templates, rendered, and pass actionlint."""
+    from llmops.scaffold import render_workflows, workflow_context
+
+    example = Path(__file__).resolve().parents[1] / "example-project"
+    expected = render_workflows(workflow_context(install='pip install "torch==2.13.0" -r requirements.txt'))
+    assert sorted(expected) == sorted(
+        f".github/workflows/{p.name}" for p in (example / ".github" / "workflows").glob("*.yml"))
+    for rel, text in expected.items():
+        assert (example / rel).read_text() == text, f"{rel} differs from templates/: re-render it"
+    files = [str(example / rel) for rel in expected]
+    proc = subprocess.run([actionlint_binary(), "-no-color", *files], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -44,13 +44,28 @@ def pr_group() -> None:
 @pr_group.command("comment")
 @click.option(
     "--body-file",
-    required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Markdown to post (e.g. the output of `llmops plan --markdown`).",
 )
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A plan saved by `llmops plan --out FILE`: post it rendered as markdown.",
+)
 @click.option("--pr", "pr_number", type=int, help="Pull request number (default: from GITHUB_EVENT_PATH).")
 @click.option("--marker", default=PLAN_MARKER, show_default=True, help="Hidden marker that finds the comment to update.")
-def comment_command(body_file: Path, pr_number: int | None, marker: str) -> None:
+def comment_command(body_file: Path | None, plan_file: Path | None, pr_number: int | None, marker: str) -> None:
     """Create or update the one sticky llmops comment on a pull request."""
-    result = comment_on_pr(body_file, pr_number=pr_number, marker=marker)
+    if (body_file is None) == (plan_file is None):
+        raise click.UsageError("give exactly one of --body-file or --plan.")
+    if plan_file is not None:
+        from llmops.gitops.comments import post_sticky_comment
+        from llmops.plan_markdown import plan_to_markdown
+        from llmops.planfile import load_plan
+
+        body = plan_to_markdown(load_plan(plan_file))
+        result = post_sticky_comment(body, pr_number=pr_number, marker=marker)
+    else:
+        result = comment_on_pr(body_file, pr_number=pr_number, marker=marker)
     click.echo(f"{result.action} comment {result.comment_id} on pull request #{result.pr_number}: {result.url}")

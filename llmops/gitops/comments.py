@@ -94,11 +94,23 @@ def comment_on_pr(
     settings: Mapping[str, Any] | None = None,
 ) -> StickyComment:
     """Post or update the sticky comment on a PR with the contents of `body_file`."""
-    env = os.environ if env is None else env
     try:
         body = Path(body_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise LlmopsError(f"Cannot read the comment body {body_file}: {err}; write the plan there first.") from None
+    return post_sticky_comment(body, pr_number=pr_number, marker=marker, env=env, settings=settings)
+
+
+def post_sticky_comment(
+    body: str,
+    *,
+    pr_number: int | None = None,
+    marker: str = PLAN_MARKER,
+    env: Mapping[str, str] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> StickyComment:
+    """Post or update the sticky comment on a PR with `body` (GitHub settings from `env`)."""
+    env = os.environ if env is None else env
     number = pr_number if pr_number is not None else pr_number_from_env(env)
     client = client_from_env(env, settings)
     action, comment_id = upsert_sticky_comment(client, number, body, marker)
