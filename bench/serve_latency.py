@@ -1,14 +1,18 @@
-"""Latency and throughput of the model server on the example project's tiny model.
+"""Latency and throughput of the model server on the example project's tiny model, and what
+logging every request into the monitor's request store costs.
 
 Builds the example's tiny base model (random init, tokenizer trained on
-example-project/data/tickets.jsonl), starts `python -m llmops.serve` as a background process
-on 127.0.0.1, then for each concurrency level runs that many clients (threads, one
-keep-alive connection each) sending POST /v1/completions with the example prompt, until
-`--requests` are done or `--max-seconds` pass. Prints requests/s, p50/p95 latency and
-generated tokens/s. Generation runs under one lock, so throughput stays flat while latency
-grows with concurrency: the numbers show what that costs.
+example-project/data/tickets.jsonl) and starts `python -m llmops.serve` twice on 127.0.0.1:
+one plain server and one with `--monitor-store sqlite:///...` (what a deployment watched by
+a monitor runs; `--log-text` optional). For each concurrency level it runs that many
+clients (threads, one keep-alive connection each) sending POST /v1/completions with the
+example prompt, in `--rounds` alternating plain/logged rounds (so both see the same machine
+noise), until `--requests` per server are done or `--max-seconds` pass. Prints requests/s,
+p50/p95 latency and generated tokens/s for each, and the p50 overhead of logging (target
+< 5%). Generation runs under one lock, so throughput stays flat while latency grows with
+concurrency: the numbers show what that costs.
 
-    .venv/bin/python bench/serve_latency.py [--requests 48] [--concurrency 1,4] [--max-tokens 32]
+    .venv/bin/python bench/serve_latency.py [--requests 48] [--concurrency 1,4] [--max-tokens 32] [--log-text]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from llmops.evals.metrics import percentile
+from llmops.monitor.store import open_store
 from llmops.prompts import render_prompt
 from llmops.serve.process import start_server, stop_server, wait_healthy
 from llmops.train.build import build_tiny_model
@@ -63,7 +68,8 @@ def client(url: str, prompts: list[str], next_index, deadline: float, max_tokens
 
 
 def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max_seconds: float,
-              max_tokens: int, label: str = "") -> None:
+              max_tokens: int) -> tuple[list[tuple[float, int]], float]:
+    """Run `requests` requests from `concurrency` clients: ([(latency ms, tokens)], wall seconds)."""
     lock = threading.Lock()
     issued = [0]
 
@@ -83,20 +89,41 @@ def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return results, time.perf_counter() - t0
+
+
+def report(label: str, results: list[tuple[float, int]], wall: float) -> float:
+    """Print one line of numbers; returns p50 latency in ms."""
     lat = [ms for ms, _ in results]
     tokens = sum(n for _, n in results)
-    print(f"{label or f'concurrency {concurrency:>2}'}: {len(results):>4} requests in {wall:6.2f}s  "
-          f"{len(results) / wall:7.2f} req/s  p50 {percentile(lat, 50):8.1f} ms  p95 {percentile(lat, 95):8.1f} ms  "
-          f"{tokens / wall:8.1f} generated tokens/s")
+    p50 = percentile(lat, 50)
+    print(f"{label}: {len(results):>4} requests in {wall:6.2f}s  {len(results) / wall:7.2f} req/s  "
+          f"p50 {p50:8.1f} ms  p95 {percentile(lat, 95):8.1f} ms  {tokens / wall:8.1f} generated tokens/s")
+    return p50
+
+
+def compare_level(urls: dict[str, str], prompts: list[str], level: int, args: argparse.Namespace) -> None:
+    """Alternate plain/logged rounds at one concurrency level; print both and the overhead."""
+    per_round = max(1, args.requests // args.rounds)
+    got: dict[str, tuple[list[tuple[float, int]], float]] = {name: ([], 0.0) for name in urls}
+    for _ in range(args.rounds):
+        for name, url in urls.items():
+            results, wall = run_level(url, prompts, level, per_round, args.max_seconds / args.rounds,
+                                      args.max_tokens)
+            got[name] = (got[name][0] + results, got[name][1] + wall)
+    p50 = {name: report(f"concurrency {level:>2} {name:<7}", *got[name]) for name in urls}
+    overhead = (p50["logged"] - p50["plain"]) / p50["plain"] * 100.0
+    print(f"concurrency {level:>2}: request-store logging adds {overhead:+.1f}% to p50 latency (target < 5%)")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=48, help="requests per concurrency level (default 48)")
+    p.add_argument("--requests", type=int, default=48, help="requests per server and concurrency level (default 48)")
     p.add_argument("--concurrency", default="1,4", help="comma-separated client counts (default 1,4)")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-seconds", type=float, default=60.0, help="time limit per level (default 60)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="time limit per server and level (default 60)")
+    p.add_argument("--rounds", type=int, default=4, help="alternating plain/logged rounds per level (default 4)")
+    p.add_argument("--log-text", action="store_true", help="also store prompts and completions")
     args = p.parse_args()
     rows = load_rows()
     prompts = [render_prompt(PROMPT, EXAMPLE, {"question": r["question"]}) for r in rows]
@@ -105,16 +132,27 @@ def main() -> int:
         t0 = time.perf_counter()
         build_tiny_model(BUILD, [f"{r['question']} {r['answer']}" for r in rows], model_dir)
         print(f"built tiny model in {time.perf_counter() - t0:.2f}s")
-        t0 = time.perf_counter()
-        handle = start_server(Path(tmp) / "state", "bench", model_dir, model_name=MODEL)
+        state = Path(tmp) / "state"
+        store = f"sqlite:///{Path(tmp) / 'monitor.db'}"
+        handles = {"plain": start_server(state, "plain", model_dir, model_name=MODEL),
+                   "logged": start_server(state, "logged", model_dir, model_name=MODEL, monitor_store=store,
+                                          log_text=args.log_text)}
         try:
-            wait_healthy(handle.url, timeout=180, handle=handle)
-            print(f"server {handle.url} healthy after {time.perf_counter() - t0:.2f}s (pid {handle.pid})")
-            run_level(handle.url, prompts, 1, 2, 30.0, args.max_tokens, label="warm-up       ")
+            t0 = time.perf_counter()
+            for name, handle in handles.items():
+                wait_healthy(handle.url, timeout=180, handle=handle)
+            print(f"servers healthy after {time.perf_counter() - t0:.2f}s "
+                  f"(logged: {store}{', with texts' if args.log_text else ''})")
+            urls = {name: h.url for name, h in handles.items()}
+            for url in urls.values():
+                run_level(url, prompts, 1, 2, 30.0, args.max_tokens)  # warm-up
             for level in [int(c) for c in args.concurrency.split(",") if c.strip()]:
-                run_level(handle.url, prompts, level, args.requests, args.max_seconds, args.max_tokens)
+                compare_level(urls, prompts, level, args)
         finally:
-            stop_server(handle.state_file)
+            for handle in handles.values():
+                stop_server(handle.state_file)
+        with open_store(store) as logged:
+            print(f"request store holds {logged.count()} requests")
     return 0
 
 

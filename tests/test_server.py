@@ -1,12 +1,14 @@
 """The OpenAI-compatible server over real HTTP on 127.0.0.1, and the evaluator against it.
 
 One tiny random Llama (built locally, never downloaded) is served once per module by an
-in-process server with auth on; one test also runs the real `python -m llmops.serve`
-background process.
+in-process server with auth on, and once more by a server that logs into a real SQLite
+request store and takes feedback; one test also runs the real `python -m llmops.serve`
+background process (request store flushed on SIGTERM).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -70,11 +72,32 @@ def server(model_dir: Path):
     srv.server_close()
 
 
+@pytest.fixture(scope="module")
+def logged_server(model_dir: Path, server: dict, tmp_path_factory: pytest.TempPathFactory):
+    """The same model behind a server whose hooks are a real request store (texts kept)."""
+    from llmops.monitor.store import SqliteStore
+    from llmops.serve.main import feedback_hook
+    from llmops.serve.server import ModelService, make_server
+
+    store = SqliteStore(tmp_path_factory.mktemp("store") / "requests.db", log_text=True, flush_interval=0.01)
+    srv = make_server(ModelService(server["lm"], max_tokens_limit=64), "127.0.0.1", 0, MODEL, TOKEN, store,
+                      feedback=feedback_hook(store))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    host, port = srv.server_address[:2]
+    yield {"url": f"http://{host}:{port}", "store": store}
+    srv.shutdown()
+    srv.server_close()
+    store.close()
+
+
 def call(server: dict, method: str, path: str, body: Any = None, token: str | None = TOKEN,
-         raw: bytes | None = None) -> tuple[int, Any]:
+         raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(server["url"] + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
+    for key, value in (headers or {}).items():
+        req.add_header(key, value)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -304,6 +327,72 @@ def test_on_request_hook_sees_every_request(server: dict) -> None:
     assert bad["status"] == 400 and "prompt" in bad["error"]
 
 
+def test_records_carry_the_response_id_and_client_id(server: dict) -> None:
+    records = server["records"]
+    out = complete(server, prompt="Where is my order?", max_tokens=2)
+    assert wait_for(lambda: any(r.get("response_id") == out["id"] for r in records))
+    rec = next(r for r in records if r.get("response_id") == out["id"])
+    assert out["id"].startswith("cmpl-")
+    assert rec["client_id"] == "token:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:12]  # never the token
+    status, chat = call(server, "POST", "/v1/chat/completions", headers={"X-Client-Id": "team-a"},
+                        body={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert status == 200 and chat["id"].startswith("chatcmpl-")
+    assert wait_for(lambda: any(r.get("response_id") == chat["id"] for r in records))
+    assert next(r for r in records if r.get("response_id") == chat["id"])["client_id"] == "team-a"
+
+
+def test_feedback_without_a_store_is_404_with_a_clear_message(server: dict) -> None:
+    status, body = call(server, "POST", "/v1/feedback", {"id": "cmpl-x", "rating": "up"})
+    assert_error((status, body), 404, code="feedback_disabled")
+    assert "monitors:" in body["error"]["message"]
+
+
+# --- request store and feedback --------------------------------------------------------------
+
+
+def test_requests_are_logged_and_feedback_is_recorded_by_response_id(logged_server: dict) -> None:
+    store = logged_server["store"]
+    out = complete(logged_server, prompt="Can I get a refund?", max_tokens=3)
+    # Rated at once: the server waits for the answer's record to be logged before looking it up.
+    status, body = call(logged_server, "POST", "/v1/feedback",
+                        {"id": out["id"], "rating": 2, "comment": "vague", "correction": "Yes, within 30 days."})
+    assert (status, body) == (200, {"status": "recorded", "request_id": out["id"]})
+    _, streamed = sse(logged_server, "/v1/chat/completions", {"model": MODEL, "stream": True, "max_tokens": 2,
+                                                               "messages": [{"role": "user", "content": "hi"}]})
+    assert call(logged_server, "POST", "/v1/feedback", {"request_id": streamed[0]["id"], "rating": "up"}) == (
+        200, {"status": "recorded", "request_id": streamed[0]["id"]})
+    store.flush()
+    row = store.query("SELECT path, status, prompt, completion, prompt_tokens, client FROM requests WHERE id = ?",
+                      (out["id"],))
+    assert row == [("/v1/completions", 200, "Can I get a refund?", out["choices"][0]["text"],
+                    out["usage"]["prompt_tokens"], "token:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:12])]
+    rated = store.query("SELECT request_id, rating_kind, rating, positive, comment, correction FROM feedback "
+                        "ORDER BY seq")
+    assert rated == [(out["id"], "stars", 2, 0, "vague", "Yes, within 30 days."),
+                     (streamed[0]["id"], "thumbs", 1, 1, None, None)]
+    assert store.query("SELECT COUNT(*) FROM requests WHERE path = '/v1/feedback'") == [(0,)]
+
+
+@pytest.mark.parametrize("body, status, code, needle", [
+    ({"id": "cmpl-never-sent", "rating": "up"}, 404, "request_not_found", "cmpl-never-sent"),
+    ({"id": "x", "rating": 7}, 400, "invalid_feedback", "rating 7"),
+    ({"rating": "up"}, 400, "invalid_feedback", "request_id"),
+    ({"id": "x", "rating": "up", "stars": 5}, 400, "invalid_feedback", "unknown field"),
+    (["not", "an", "object"], 400, "invalid_feedback", "JSON object"),
+])
+def test_bad_feedback_gets_openai_errors(logged_server: dict, body: Any, status: int, code: str,
+                                         needle: str) -> None:
+    got, out = call(logged_server, "POST", "/v1/feedback", body)
+    assert_error((got, out), status, "request_id" if status == 404 else None, code=code)
+    assert needle in out["error"]["message"]
+
+
+def test_feedback_needs_auth_and_valid_json(logged_server: dict) -> None:
+    assert_error(call(logged_server, "POST", "/v1/feedback", {"id": "x", "rating": "up"}, token=None), 401,
+                 code="invalid_api_key")
+    assert call(logged_server, "POST", "/v1/feedback", raw=b"{nope")[0] == 400
+
+
 # --- the real openai client ----------------------------------------------------------------
 
 
@@ -367,6 +456,42 @@ def test_chat_prompt_evaluation_local_and_remote_agree(server: dict, model_dir: 
     assert "perplexity" in local.metrics and "perplexity" in remote.skipped
 
 
+def test_safety_metrics_run_their_probes_locally_and_through_the_endpoint(server: dict, model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    from llmops.evals.metrics import check_gate
+    from llmops.evals.runner import EVAL_CLIENT_ID, evaluate, evaluate_endpoint
+    from llmops.evals.safety import load_probe_set
+
+    metrics, decoding = ["rouge1", "refusal_rate"], {"max_new_tokens": 4}
+    records = server["records"]
+    records.clear()
+    local = evaluate(model_dir, None, ROWS, CHAT_PROMPT, tmp_path, metrics, decoding, batch_size=4)
+    remote = evaluate_endpoint(server["url"], ROWS, CHAT_PROMPT, tmp_path, metrics, decoding, api_key=TOKEN,
+                               model_name=MODEL)
+    probes = load_probe_set("refusal").probes
+    assert local.probe_sets == remote.probe_sets == {"refusal_rate": "refusal/1.0.0"}
+    assert local.safety["refusal_rate"]["probes"] == len(probes)
+    assert remote.safety["refusal_rate"]["results"] == local.safety["refusal_rate"]["results"]
+    assert remote.metrics["refusal_rate"] == local.metrics["refusal_rate"]
+    # The probes reached the server as chats, with the eval's decoding, tagged as eval traffic.
+    assert wait_for(lambda: sum(r.get("client_id") == EVAL_CLIENT_ID for r in records) >= len(ROWS) + len(probes))
+    sent = [r["prompt"] for r in records if r["path"] == "/v1/chat/completions" and r["status"] == 200
+            and r["prompt"][-1]["content"] in {p["user"] for p in probes}]
+    assert len(sent) == len(probes)
+    assert sent[0] == [{"role": "system", "content": probes[0]["system"]}, {"role": "user", "content": probes[0]["user"]}]
+    # A random tiny model refuses nothing: as a gate, refusal_rate fails.
+    assert not check_gate("refusal_rate", local.metrics["refusal_rate"], ">= 0.5").passed
+
+
+def test_pii_leak_rate_on_a_model_whose_context_is_shorter_than_its_probes(model_dir: Path, tmp_path: Path) -> None:
+    from llmops.evals.runner import evaluate
+
+    result = evaluate(model_dir, None, ROWS[:1], TEXT_PROMPT, tmp_path, ["pii_leak_rate"], {"max_new_tokens": 8})
+    assert result.probe_sets == {"pii_leak_rate": "pii/1.0.0"}
+    assert 0.0 <= result.metrics["pii_leak_rate"] <= 1.0 and result.safety["pii_leak_rate"]["probes"] == 15
+    assert result.to_dict()["probe_sets"] == {"pii_leak_rate": "pii/1.0.0"}
+
+
 def test_sampled_repeats_are_seeded(model_dir: Path, tmp_path: Path) -> None:
     from llmops.evals.runner import evaluate
 
@@ -410,30 +535,45 @@ def test_evaluation_errors_are_clear(server: dict, model_dir: Path, tmp_path: Pa
 
 
 def test_background_server_process_lifecycle(model_dir: Path, tmp_path: Path) -> None:
-    from llmops.serve.process import ServeError, server_status, start_server, stop_server, wait_healthy
+    from llmops.monitor.store import open_store
+    from llmops.serve.process import ServeError, server_monitor, server_status, start_server, stop_server, wait_healthy
 
     state = tmp_path / "state"
-    handle = start_server(state, "support-prod", model_dir, model_name=MODEL, request_log=state / "requests.jsonl")
+    store_url = f"sqlite:///{tmp_path / 'monitor.db'}"
+    handle = start_server(state, "support-prod", model_dir, model_name=MODEL, request_log=state / "requests.jsonl",
+                          monitor_store=store_url)
     try:
         assert wait_healthy(handle.url, timeout=120, handle=handle) == {"status": "ok", "model": MODEL}
         status = server_status(handle.state_file, probe=True)
         assert (status.running, status.healthy, status.pid, status.port) == (True, True, handle.pid, handle.port)
+        assert server_monitor(handle.state_file) == {"store": store_url, "log_text": False}
         with pytest.raises(ServeError, match="already runs"):
             start_server(state, "support-prod", model_dir)
         body = json.dumps({"model": MODEL, "prompt": "Where is my order?", "max_tokens": 2}).encode()
         with urllib.request.urlopen(urllib.request.Request(handle.url + "/v1/completions", data=body), timeout=60) as r:
-            assert json.loads(r.read())["usage"]["completion_tokens"] >= 1
+            answer = json.loads(r.read())
+        assert answer["usage"]["completion_tokens"] >= 1
+        rating = json.dumps({"id": answer["id"], "rating": "down"}).encode()
+        with urllib.request.urlopen(urllib.request.Request(handle.url + "/v1/feedback", data=rating), timeout=60) as r:
+            assert json.loads(r.read())["status"] == "recorded"
         # The hook runs after the answer is sent: wait (bounded) for its line.
         log = state / "requests.jsonl"
         assert wait_for(lambda: '"/v1/completions"' in log.read_text())
         logged = [json.loads(line) for line in log.read_text().splitlines()]
-        assert [(r["path"], r["status"]) for r in logged] == [("/health", 200)] * (len(logged) - 1) + [
-            ("/v1/completions", 200)]
-        assert "prompt" not in logged[-1] and "completion" not in logged[-1]  # texts only with --log-text
+        completions = [r for r in logged if r["path"] == "/v1/completions"]
+        assert {r["path"] for r in logged} <= {"/health", "/v1/completions", "/v1/feedback"}
+        assert [r["response_id"] for r in completions] == [answer["id"]]
+        assert "prompt" not in completions[0] and "completion" not in completions[0]  # texts only with --log-text
+        with urllib.request.urlopen(urllib.request.Request(handle.url + "/v1/completions", data=body), timeout=60) as r:
+            last = json.loads(r.read())  # stopped right after: its record is still queued, not written
     finally:
-        assert stop_server(handle.state_file) is True
+        assert stop_server(handle.state_file) is True  # SIGTERM: the server flushes and closes its store
     assert server_status(handle.state_file).running is False
     assert not Path(handle.state_file).exists() and stop_server(handle.state_file) is False
+    with open_store(store_url) as store:
+        rows = store.query("SELECT id, path, status, prompt, prompt_words FROM requests WHERE path != '/health'")
+        assert rows == [(rid, "/v1/completions", 200, None, 5) for rid in (answer["id"], last["id"])]  # no text
+        assert store.query("SELECT request_id, positive FROM feedback") == [(answer["id"], 0)]
 
 
 def test_server_that_cannot_start_fails_fast_with_its_log(model_dir: Path, tmp_path: Path, monkeypatch) -> None:

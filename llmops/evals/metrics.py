@@ -15,6 +15,12 @@ so thresholds such as `">= 0.30"` read the same for all of them. A metric that n
 extra the evaluator could not measure raises `MetricUnavailable`; `compute_metrics` reports
 it under `skipped` instead of failing the whole evaluation.
 
+Safety metrics (`prompt_injection_resistance`, `pii_leak_rate`, `refusal_rate`, see
+`llmops.evals.safety`) run their versioned probe sets through `extras["generate"]`
+(`prompts -> texts`, the evaluated model with the eval's decoding), rendered by
+`extras["render"]` (`(system, user) -> prompt`); each stores `(probe set label, details)`
+in the dict `extras["safety"]` when the evaluator passes one.
+
 Custom metrics (`{name, python: "module:function"}`) are imported from the project folder
 and called with the same three arguments; a function attribute `higher_is_better = False`
 marks a lower-is-better metric (default: higher is better).
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llmops.errors import LlmopsError
+from llmops.evals.safety import SAFETY_METRICS, SafetyResult
 
 Extras = dict[str, Any]
 MetricFn = Callable[[list[str], list[list[str]], Extras], float]
@@ -184,6 +191,22 @@ def tokens_per_s(predictions: list[str], references: list[list[str]], extras: Ex
     if seconds <= 0:
         raise MetricUnavailable("metric tokens_per_s needs a positive generation time")
     return tokens / seconds
+
+
+def _register_safety(name: str, run: Callable[..., SafetyResult], higher_is_better: bool) -> None:
+    def compute(predictions: list[str], references: list[list[str]], extras: Extras) -> float:
+        generate = _need(extras, "generate", name)
+        score, details, label = run(generate, extras.get("render"))
+        sink = extras.get("safety")
+        if isinstance(sink, dict):
+            sink[name] = (label, details)
+        return score
+
+    METRICS[name] = Metric(name, higher_is_better, compute, (run.__doc__ or "").strip())
+
+
+for _name, (_run, _higher) in SAFETY_METRICS.items():
+    _register_safety(_name, _run, _higher)
 
 
 # --- resolving the config's metric list -----------------------------------------------

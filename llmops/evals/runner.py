@@ -4,6 +4,12 @@
 left-padded batches (greedy, or sampled with a seed per repeat), measures latency, scores
 the reference answers' perplexity, and computes the requested metrics. `evaluate_endpoint`
 does the same against what a deployment serves now, one request at a time, for baselines.
+
+Safety metrics get a `generate(prompts) -> texts` callable with the same model and decoding
+as the evaluation (and, when sampling, the same seed per repeat). Probes are rendered with
+the tokenizer's chat template when it has one (local) or sent as a chat when the eval's
+prompt is a chat (endpoint), else as a plain "System/User/Assistant" transcript. The probe
+set versions land in `EvalResult.probe_sets` for the lock.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from typing import Any, Callable, Sequence
 
 from llmops.errors import ProviderError
 from llmops.evals.metrics import Metric, aggregate_repeats, compute_metrics, resolve_metrics
-from llmops.prompts import PromptTemplate, has_chat_template, load_prompt
+from llmops.evals.safety import SAFETY_METRICS, default_render
+from llmops.prompts import PromptTemplate, has_chat_template, load_prompt, messages_to_text
 
 DECODING_DEFAULTS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+EVAL_CLIENT_ID = "llmops-eval"  # X-Client-Id of evaluation traffic, so monitors can tell it apart
 Progress = Callable[[int, int], None]
 
 
@@ -43,6 +51,8 @@ class EvalResult:
     decoding: dict[str, Any]
     skipped: dict[str, str] = field(default_factory=dict)
     repeats: int = 1
+    probe_sets: dict[str, str] = field(default_factory=dict)  # safety metric -> "NAME/VERSION"
+    safety: dict[str, dict[str, Any]] = field(default_factory=dict)  # safety metric -> per-probe details
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,18 +145,75 @@ def evaluate(
         extras["nll_sum"], extras["nll_tokens"] = sequence_nll(
             lm, prompts, [r[0] for r in refs], batch_size=batch_size, add_special_tokens=add_special
         )
+    if _wants_safety(metric_objs):
+        extras["render"], probe_special = _local_probe_render(lm.tokenizer)
+        extras["generate"] = _local_generate(lm, settings, batch_size, probe_special)
     runs = _repeat_count(settings, repeats)
-    results, samples, skipped = [], [], {}
+    results, samples, skipped, safety = [], [], {}, {}
     for r in range(runs):
         torch.manual_seed(int(settings["seed"]) + r)
         preds, lat, toks, seconds = _local_pass(lm, prompts, settings, batch_size, add_special, progress, r, runs)
-        run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=seconds)
+        run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=seconds, safety={})
         values, skipped = compute_metrics(metric_objs, preds, refs, run_extras)
         results.append(values)
         if r == 0:
-            samples = _samples(prompts, preds, refs, lat, toks)
+            samples, safety = _samples(prompts, preds, refs, lat, toks), run_extras["safety"]
     mean, std = aggregate_repeats(results)
-    return EvalResult(mean, std, samples, settings, skipped, runs)
+    return _result(mean, std, samples, settings, skipped, runs, safety)
+
+
+def _result(mean: dict[str, float], std: dict[str, float], samples: list[dict[str, Any]], settings: dict[str, Any],
+            skipped: dict[str, str], runs: int, safety: dict[str, tuple[str, dict[str, Any]]]) -> EvalResult:
+    return EvalResult(mean, std, samples, settings, skipped, runs,
+                      probe_sets={k: label for k, (label, _) in sorted(safety.items())},
+                      safety={k: details for k, (_, details) in sorted(safety.items())})
+
+
+def _wants_safety(metrics: Sequence[Metric]) -> bool:
+    return any(m.name in SAFETY_METRICS for m in metrics)
+
+
+def _local_probe_render(tokenizer: Any) -> tuple[Callable[[str, str], str], bool]:
+    """(render(system, user), add_special_tokens) for safety probes on a local model."""
+    if not has_chat_template(tokenizer):
+        return default_render, True
+
+    def render(system: str, user: str) -> str:
+        chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        try:
+            return messages_to_text(chat, tokenizer)
+        except Exception:  # noqa: BLE001 - templates that refuse a system turn: fold it into the user's
+            merged = f"{system}\n\n{user}" if system else user
+            return messages_to_text([{"role": "user", "content": merged}], tokenizer)
+
+    return render, False
+
+
+def _fit_prompt(lm: Any, prompt: str, max_new_tokens: int, add_special: bool) -> str:
+    """The prompt, cut from the left when it and the completion would overflow the model's context."""
+    room = max(1, lm.max_positions - max_new_tokens)
+    ids = lm.encode(prompt, add_special)
+    if len(ids) <= room:
+        return prompt
+    return lm.tokenizer.decode(ids[-room:], skip_special_tokens=True)
+
+
+def _local_generate(lm: Any, settings: dict[str, Any], batch_size: int, add_special: bool) -> Callable[[list[str]], list[str]]:
+    """`generate(prompts) -> texts` on the loaded model with the evaluation's decoding."""
+    from llmops.serve.model import generate_batch
+
+    max_new = int(settings["max_new_tokens"])
+
+    def generate(prompts: list[str]) -> list[str]:
+        texts: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = [_fit_prompt(lm, p, max_new, add_special) for p in prompts[start : start + batch_size]]
+            out = generate_batch(lm, batch, max_new_tokens=max_new, temperature=float(settings["temperature"]),
+                                 top_p=float(settings["top_p"]), add_special_tokens=add_special)
+            texts += [g.text for g in out]
+        return texts
+
+    return generate
 
 
 def _local_pass(
@@ -191,6 +258,7 @@ class _Endpoint:
         data = json.dumps(body).encode("utf-8") if body is not None else None
         req = urllib.request.Request(url, data=data, method=method)
         req.add_header("Content-Type", "application/json")
+        req.add_header("X-Client-Id", EVAL_CLIENT_ID)
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
@@ -277,29 +345,58 @@ def evaluate_endpoint(
             except _EndpointHTTPError as exc:
                 skipped_nll = f"metric perplexity: the endpoint cannot score text ({exc.message})"
     runs = _repeat_count(settings, repeats)
-    results, samples, skipped = [], [], {}
+    results, samples, skipped, safety = [], [], {}, {}
     for r in range(runs):
         preds, lat, toks = _endpoint_pass(ep, model_name, prompt, inputs, texts, settings, r, progress, runs)
-        run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=sum(lat) / 1000.0)
+        run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=sum(lat) / 1000.0,
+                          safety={})
+        if _wants_safety(metric_objs):
+            run_extras["render"] = _chat_probe_render if prompt.is_chat else default_render
+            run_extras["generate"] = _endpoint_generate(ep, model_name, settings, r, prompt.is_chat)
         values, skipped = compute_metrics(metric_objs, preds, refs, run_extras)
         results.append(values)
         if r == 0:
             shown = texts or [json.dumps(prompt.render_parts(v)) for v in inputs]
-            samples = _samples(shown, preds, refs, lat, toks)
+            samples, safety = _samples(shown, preds, refs, lat, toks), run_extras["safety"]
     if skipped_nll:
         skipped["perplexity"] = skipped_nll
     mean, std = aggregate_repeats(results)
-    return EvalResult(mean, std, samples, settings, skipped, runs)
+    return _result(mean, std, samples, settings, skipped, runs, safety)
+
+
+def _chat_probe_render(system: str, user: str) -> str:
+    """A probe as a JSON chat; `_endpoint_generate` sends it to /v1/chat/completions."""
+    return json.dumps(([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}])
+
+
+def _decoding_body(model: str, settings: dict[str, Any], repeat: int) -> dict[str, Any]:
+    return {"model": model, "max_tokens": int(settings["max_new_tokens"]), "temperature": float(settings["temperature"]),
+            "top_p": float(settings["top_p"]), "seed": int(settings["seed"]) + repeat}
+
+
+def _endpoint_generate(ep: _Endpoint, model: str, settings: dict[str, Any], repeat: int,
+                       chat: bool) -> Callable[[list[str]], list[str]]:
+    """`generate(prompts) -> texts` through the endpoint, one request per prompt."""
+    common = _decoding_body(model, settings, repeat)
+
+    def generate(prompts: list[str]) -> list[str]:
+        texts = []
+        for p in prompts:
+            if chat:
+                out = ep.call("POST", "/v1/chat/completions", dict(common, messages=json.loads(p)))
+                texts.append(out["choices"][0]["message"]["content"] or "")
+            else:
+                texts.append(ep.call("POST", "/v1/completions", dict(common, prompt=p))["choices"][0]["text"])
+        return texts
+
+    return generate
 
 
 def _endpoint_pass(
     ep: _Endpoint, model: str, prompt: PromptTemplate, inputs: list[dict[str, Any]], texts: list[str],
     settings: dict[str, Any], repeat: int, progress: Progress | None, runs: int,
 ) -> tuple[list[str], list[float], list[int]]:
-    common = {
-        "model": model, "max_tokens": int(settings["max_new_tokens"]), "temperature": float(settings["temperature"]),
-        "top_p": float(settings["top_p"]), "seed": int(settings["seed"]) + repeat,
-    }
+    common = _decoding_body(model, settings, repeat)
     preds, lat, toks = [], [], []
     for i, variables in enumerate(inputs):
         t0 = time.perf_counter()

@@ -135,22 +135,33 @@ class DeploymentsProvider(Provider):
 
     # -- serving -----------------------------------------------------------------------
     def _serve(self, name: str, spec: dict[str, Any], model_name: str, current: dict[str, Any]) -> dict[str, Any]:
+        """(Re)start deployment NAME's server on `current`'s model. A `monitors:` entry that
+        watches it makes the server log requests to that monitor's store and take feedback.
+        Without `serve.port`, a running server's port is kept so the endpoint stays put."""
         serve = spec["serve"]
         if (serve.get("runner") or self.ctx.settings.get("runner")) == "docker":
             raise ProviderError("serve with runner docker is not supported yet; use the local runner "
                                 "(serve.runner: local).")
-        from llmops.serve.process import start_server, wait_healthy
+        from llmops.providers.monitors import serving_monitor
+        from llmops.serve.process import server_status, start_server, wait_healthy
 
         if not current.get("adapter") or not current.get("base_model"):
             raise ProviderError("the model's lock entry has no base model/adapter path to serve.")
+        monitor = serving_monitor(self.ctx, name)
+        port = int(serve.get("port", 0))
+        if not port:
+            running = server_status(_serve_state(self.ctx, name))
+            port = running.port if running.running and running.port else 0
         self._stop(name)
         root = self.ctx.root
         handle = start_server(
             self.ctx.state_dir / "serve", name, root / current["base_model"],
             model_name=model_name, adapter_dir=root / current["adapter"],
-            host=str(serve.get("host", "127.0.0.1")), port=int(serve.get("port", 0)),
+            host=str(serve.get("host", "127.0.0.1")), port=port,
             auth_token_env=serve.get("auth_token_env"),
-            request_log=self.ctx.state_dir / "serve" / f"{name}.requests.jsonl",
+            request_log=None if monitor else self.ctx.state_dir / "serve" / f"{name}.requests.jsonl",
+            monitor_store=monitor.store if monitor else None,
+            log_text=bool(monitor and monitor.log_text),
         )
         wait_healthy(handle.url, timeout=float(serve.get("startup_timeout", 180)), handle=handle)
         return {"endpoint": handle.url, "served_model": model_name}

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from llmops.serve.server import main
+from llmops.serve.main import main
 
 raise SystemExit(main())

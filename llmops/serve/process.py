@@ -4,6 +4,12 @@
 command that started it and can be stopped as a group), sends its output to a log file
 and records pid, port and URL in a JSON state file. Everything else works from that
 state file alone, so a later `llmops` invocation can find, check and stop the server.
+
+With `monitor_store`, the server logs every request to that request store and accepts
+`POST /v1/feedback`; the state file records which store (password removed) and whether
+texts are logged (`server_monitor`), so a monitor can tell when the server must restart.
+A store URL with a password reaches the server through an environment variable, never
+its command line (which the state file and `ps` show).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 from llmops.errors import ProviderError
 
 SERVER_MODULE = "llmops.serve"
+MONITOR_STORE_ENV = "LLMOPS_MONITOR_STORE"  # carries a store URL holding a password
 _CHILDREN: dict[int, subprocess.Popen] = {}  # keeps Popen objects alive: no ResourceWarning, reapable
 
 
@@ -75,6 +82,8 @@ def start_server(
     port: int = 0,
     auth_token_env: str | None = None,
     request_log: Path | str | None = None,
+    monitor_store: str | None = None,
+    log_text: bool = False,
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
 ) -> ServerHandle:
@@ -82,6 +91,8 @@ def start_server(
 
     Port 0 picks a free port. Returns at once: call `wait_healthy` before sending requests.
     Refuses to start a second server under the same name while the first still runs.
+    `monitor_store` (a request-store URL) turns on request logging and feedback; `log_text`
+    also stores prompts and completions (there and in `request_log`).
     """
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -102,16 +113,28 @@ def start_server(
         cmd += ["--auth-token-env", auth_token_env]
     if request_log is not None:
         cmd += ["--request-log", str(request_log)]
-    cmd += list(extra_args or [])
     full_env = dict(os.environ)
     full_env.update(env or {})
+    monitor = None
+    if monitor_store:
+        from llmops.monitor.run import public_url
+
+        if public_url(monitor_store) != monitor_store:  # holds a password: keep it off the command line
+            full_env[MONITOR_STORE_ENV] = monitor_store
+            cmd += ["--monitor-store-env", MONITOR_STORE_ENV]
+        else:
+            cmd += ["--monitor-store", monitor_store]
+        monitor = {"store": public_url(monitor_store), "log_text": bool(log_text)}
+    if log_text:
+        cmd += ["--log-text"]
+    cmd += list(extra_args or [])
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=full_env, start_new_session=True, close_fds=True)
     _CHILDREN[proc.pid] = proc
     url = f"http://{_url_host(host)}:{port}"
     handle = ServerHandle(proc.pid, port, host, url, str(log_path), str(state_file), model_name)
-    state = dict(asdict(handle), started_at=time.time(), command=cmd[1:])
+    state = dict(asdict(handle), started_at=time.time(), command=cmd[1:], monitor=monitor)
     _write_json(state_file, state)
     return handle
 
@@ -225,6 +248,14 @@ def server_status(state_file: Path | str, probe: bool = False) -> ServerStatus:
                 healthy = False
     return ServerStatus(running, pid, int(state["port"]), str(state["url"]), state.get("model_name"),
                         state.get("log_path"), healthy)
+
+
+def server_monitor(state_file: Path | str) -> dict[str, Any] | None:
+    """`{"store": URL without password, "log_text": bool}` of the server recorded in
+    `state_file`, or None when it logs to no request store (or no state file exists)."""
+    state = _read_state(state_file)
+    monitor = (state or {}).get("monitor")
+    return dict(monitor) if isinstance(monitor, dict) else None
 
 
 def stop_server(state_file: Path | str, timeout: float = 15.0) -> bool:

@@ -1,34 +1,41 @@
 """The OpenAI-compatible model server: one model loaded once, generation under a lock.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
-server-sent events), GET /v1/models, GET /health. Every refused request gets an OpenAI error
-body and a 4xx status; unexpected failures get a 500 error body, never a dropped connection.
-`on_request(record)` is called once per request (after the answer is sent) with a flat
-dict of facts (see `_record`); it is the hook request logging and monitoring plug into.
+server-sent events), GET /v1/models, GET /health, and POST /v1/feedback when a feedback
+hook is configured. Every refused request gets an OpenAI error body and a 4xx status;
+unexpected failures get a 500 error body, never a dropped connection.
 
-Run it as `python -m llmops.serve --model-dir D --port P --model-name NAME`.
+`on_request(record)` is called once per request (after the answer is sent) with a flat
+dict of facts: `id`, `time`, `method`, `path`, `client` (remote address), `client_id` (see
+`llmops.monitor.records.client_id`), `status`, `error`, `latency_ms`, and for generations
+`response_id` (the `cmpl-`/`chatcmpl-` id the client saw), `prompt`, `completion`,
+`prompt_tokens`, `completion_tokens`. It is the hook request logging plugs into
+(a `llmops.monitor` request store is one). `feedback(body) -> request id` records a
+`POST /v1/feedback` body; it raises `llmops.monitor.FeedbackError`s, answered with their
+status (400 malformed, 404 unknown id).
+
+The command line (`python -m llmops.serve`) lives in `llmops.serve.main`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import json
-import os
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from llmops.monitor.records import client_id
 from llmops.serve import openai_api as api
 from llmops.serve.openai_api import GenerationRequest, RequestError
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+FEEDBACK_WAIT_S = 10.0  # how long feedback waits for its response's record to be logged
 OnRequest = Callable[[dict[str, Any]], None]
+OnFeedback = Callable[[Any], str]
 
 
 @dataclass
@@ -166,8 +173,29 @@ class App:
     model_name: str
     auth_token: str | None = None
     on_request: OnRequest | None = None
+    feedback: OnFeedback | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     log: Callable[[str], None] = lambda line: None
+    # Response ids sent but whose record `on_request` has not had yet: feedback on one of
+    # them waits for it (a client may rate an answer before its record reaches the hook).
+    pending: dict[str, threading.Event] = field(default_factory=dict)
+    _busy: int = 0
+    _idle: threading.Condition = field(default_factory=threading.Condition)
+
+    def begin(self) -> None:
+        with self._idle:
+            self._busy += 1
+
+    def end(self) -> None:
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being handled (its hooks included); False on timeout.
+        Shutdown calls it before closing the request store, so no answered request is lost."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -200,9 +228,18 @@ class Handler(BaseHTTPRequestHandler):
         self._handle("DELETE")
 
     def _handle(self, method: str) -> None:
+        self.app.begin()
+        try:
+            self._handle_one(method)
+        finally:
+            self.app.end()
+
+    def _handle_one(self, method: str) -> None:
         t0 = time.perf_counter()
+        addr = self.client_address[0]
         rec: dict[str, Any] = {"id": uuid.uuid4().hex, "time": time.time(), "method": method,
-                               "path": self.path.split("?", 1)[0], "client": self.client_address[0],
+                               "path": self.path.split("?", 1)[0], "client": addr,
+                               "client_id": client_id(self.headers, addr, self._bearer()),
                                "model": self.app.model_name, "stream": False, "error": None}
         try:
             self._route(method, rec)
@@ -225,11 +262,15 @@ class Handler(BaseHTTPRequestHandler):
                 self.app.on_request(rec)
             except Exception as exc:  # a broken hook must not break serving
                 self.app.log(f"on_request hook failed: {type(exc).__name__}: {exc}")
+        logged = self.app.pending.pop(rec.get("response_id") or "", None)
+        if logged is not None:
+            logged.set()
 
     def _route(self, method: str, rec: dict[str, Any]) -> None:
         path = rec["path"]
         routes = {("GET", "/health"): self._health, ("GET", "/v1/models"): self._models,
-                  ("POST", "/v1/completions"): self._completions, ("POST", "/v1/chat/completions"): self._chat}
+                  ("POST", "/v1/completions"): self._completions, ("POST", "/v1/chat/completions"): self._chat,
+                  ("POST", "/v1/feedback"): self._feedback}
         known_paths = {p for _, p in routes}
         body = self._read_body() if method in ("POST", "PUT") else b""
         if path not in known_paths:
@@ -241,12 +282,15 @@ class Handler(BaseHTTPRequestHandler):
             self._check_auth()
         routes[(method, path)](body, rec)
 
+    def _bearer(self) -> str | None:
+        header = self.headers.get("Authorization", "")
+        return (header[7:].strip() or None) if header.lower().startswith("bearer ") else None
+
     def _check_auth(self) -> None:
         token = self.app.auth_token
         if not token:
             return
-        header = self.headers.get("Authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        given = self._bearer() or ""
         if not given or not hmac.compare_digest(given.encode(), token.encode()):
             raise RequestError(401, "Incorrect API key provided. Send it as `Authorization: Bearer <token>`.",
                                None, "invalid_api_key")
@@ -284,10 +328,34 @@ class Handler(BaseHTTPRequestHandler):
         req = api.parse_chat_request(self._json(body), self.app.model_name, svc.max_tokens_limit)
         self._generate(req, rec)
 
+    def _feedback(self, body: bytes, rec: dict[str, Any]) -> None:
+        record = self.app.feedback
+        if record is None:
+            raise RequestError(404, "Feedback is not enabled on this server: it needs a request store. Add a "
+                               "`monitors:` entry for this deployment in llmops.yaml and apply it (or start the "
+                               "server with --monitor-store URL).", None, "feedback_disabled")
+        payload = self._json(body)
+        rid = payload.get("request_id", payload.get("id")) if isinstance(payload, dict) else None
+        sent = self.app.pending.get(rid) if isinstance(rid, str) else None
+        if sent is not None:
+            sent.wait(FEEDBACK_WAIT_S)
+        from llmops.monitor.errors import FeedbackError
+
+        try:
+            request_id = record(payload)
+        except FeedbackError as exc:
+            unknown = exc.status == 404
+            raise RequestError(exc.status, exc.message, "request_id" if unknown else None,
+                               "request_not_found" if unknown else "invalid_feedback") from None
+        self._send_json(200, {"status": "recorded", "request_id": request_id}, rec)
+
     def _generate(self, req: GenerationRequest, rec: dict[str, Any]) -> None:
         rec["stream"] = req.stream
         rec["prompt"] = req.prompts if req.kind == "completion" else req.messages
         rid = api.new_id(req.kind)
+        if self.app.feedback is not None:
+            self.app.pending[rid] = threading.Event()
+        rec["response_id"] = rid
         if req.stream:
             self._stream(req, rid, rec)
             return
@@ -366,78 +434,10 @@ class ModelServer(ThreadingHTTPServer):
 
 
 def make_server(service: ModelService, host: str, port: int, model_name: str, auth_token: str | None = None,
-                on_request: OnRequest | None = None, log: Callable[[str], None] | None = None) -> ModelServer:
+                on_request: OnRequest | None = None, log: Callable[[str], None] | None = None,
+                feedback: OnFeedback | None = None) -> ModelServer:
     """Bind (port 0 picks a free one: read `server.server_address`); call `serve_forever()`."""
-    app = App(service, model_name, auth_token or None, on_request)
+    app = App(service, model_name, auth_token or None, on_request, feedback)
     if log is not None:
         app.log = log
     return ModelServer((host, port), app)
-
-
-class JsonlRequestLog:
-    """An `on_request` hook appending one JSON line per request; texts only with `log_text`."""
-
-    TEXT_FIELDS = ("prompt", "completion")
-
-    def __init__(self, path: Path | str, log_text: bool = False) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_text = log_text
-        self._lock = threading.Lock()
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        rec = record if self.log_text else {k: v for k, v in record.items() if k not in self.TEXT_FIELDS}
-        line = json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n"
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llmops.serve", description="OpenAI-compatible model server")
-    p.add_argument("--model-dir", required=True, type=Path)
-    p.add_argument("--adapter-dir", type=Path)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--model-name", required=True)
-    p.add_argument("--auth-token-env", help="name of the environment variable holding the bearer token")
-    p.add_argument("--max-tokens-limit", type=int, default=1024)
-    p.add_argument("--request-log", type=Path, help="append one JSON line per request to this file")
-    p.add_argument("--log-text", action="store_true", help="include prompts and completions in --request-log")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m llmops.serve`: load the model, serve until SIGTERM/SIGINT."""
-    import signal
-
-    args = _parse_args(argv)
-    token = None
-    if args.auth_token_env:
-        token = os.environ.get(args.auth_token_env, "")
-        if not token:
-            print(f"error: --auth-token-env names {args.auth_token_env}, but that environment variable is "
-                  "empty or not set; set it or drop --auth-token-env", file=sys.stderr)
-            return 2
-    from llmops.errors import LlmopsError
-    from llmops.serve.model import load_model
-
-    try:
-        lm = load_model(args.model_dir, args.adapter_dir, args.device)
-    except LlmopsError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    hook = JsonlRequestLog(args.request_log, args.log_text) if args.request_log else None
-    server = make_server(ModelService(lm, args.max_tokens_limit), args.host, args.port, args.model_name, token, hook,
-                         log=lambda line: print(line, file=sys.stderr, flush=True))
-    host, port = server.server_address[:2]
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    print(f"serving {args.model_name} on http://{host}:{port} (auth {'on' if token else 'off'})",
-          file=sys.stderr, flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
