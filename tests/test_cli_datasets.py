@@ -149,3 +149,26 @@ finetunes:
     dot = proj.run("graph", "--format", "dot").stdout
     assert '"datasets.tickets" -> "base_models.m";' in dot
     assert '"base_models.m" -> "finetunes.f";' in dot
+
+
+def test_lock_check_and_hand_edited_lock_is_caught_by_refresh(proj):
+    res = proj.run("lock", "--check")
+    assert res.returncode == 1 and "llmops.lock does not match llmops.yaml" in res.stderr
+    assert proj.run("apply", "--auto-approve").returncode == 0
+    res = proj.run("lock", "--check")
+    assert res.returncode == 0 and "llmops.lock matches llmops.yaml." in res.stdout
+
+    # A hand edit of the recorded output hash (e.g. in a PR) does not match real state.
+    import yaml
+
+    data = yaml.safe_load(proj.read("llmops.lock"))
+    recorded = data["resources"]["datasets.tickets"]["outputs"]["train"]["md5"]
+    proj.write({"llmops.lock": proj.read("llmops.lock").replace(recorded, "0" * 32)})
+    res = proj.run("plan", "--detailed-exitcode")
+    assert res.returncode == 2
+    assert "datasets.tickets  replace" in res.stdout and "drift: outputs changed on disk" in res.stdout
+
+    # A hand edit of llmops.yaml without apply fails the required status check.
+    proj.write({"llmops.yaml": CONFIG.replace("seed: 7", "seed: 9")})
+    res = proj.run("lock", "--check")
+    assert res.returncode == 1 and "replace  datasets.tickets: prepare" in res.stderr
