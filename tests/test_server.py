@@ -478,7 +478,8 @@ def test_safety_metrics_run_their_probes_locally_and_through_the_endpoint(server
     sent = [r["prompt"] for r in records if r["path"] == "/v1/chat/completions" and r["status"] == 200
             and r["prompt"][-1]["content"] in {p["user"] for p in probes}]
     assert len(sent) == len(probes)
-    assert sent[0] == [{"role": "system", "content": probes[0]["system"]}, {"role": "user", "content": probes[0]["user"]}]
+    assert sent[0] == [{"role": "system", "content": probes[0]["system"]},
+                       {"role": "user", "content": probes[0]["user"]}]
     # A random tiny model refuses nothing: as a gate, refusal_rate fails.
     assert not check_gate("refusal_rate", local.metrics["refusal_rate"], ">= 0.5").passed
 

@@ -49,6 +49,9 @@ COMMANDS = {
     "lock": (_C, "lock_cmd", "Check that llmops.lock matches llmops.yaml (for required status checks)."),
     "rollback": (_C, "rollback_cmd", "Move a deployment's alias back to its previous version."),
     "down": (_C, "down_cmd", "Stop a deployment's server."),
+    "monitor": ("llmops.cli.monitor", "monitor_cmd",
+                "Check served traffic: drift, feedback, latency, errors; exit 3 on alerts."),
+    "feedback": ("llmops.cli.monitor", "feedback_group", "Export human feedback as a dataset."),
     "init": ("llmops.cli.gitops", "init_command", "Scaffold a new project in the current folder."),
     "pr": ("llmops.cli.gitops", "pr_group", "Pull-request helpers (sticky plan comment)."),
 }

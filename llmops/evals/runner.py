@@ -198,7 +198,8 @@ def _fit_prompt(lm: Any, prompt: str, max_new_tokens: int, add_special: bool) ->
     return lm.tokenizer.decode(ids[-room:], skip_special_tokens=True)
 
 
-def _local_generate(lm: Any, settings: dict[str, Any], batch_size: int, add_special: bool) -> Callable[[list[str]], list[str]]:
+def _local_generate(lm: Any, settings: dict[str, Any], batch_size: int,
+                    add_special: bool) -> Callable[[list[str]], list[str]]:
     """`generate(prompts) -> texts` on the loaded model with the evaluation's decoding."""
     from llmops.serve.model import generate_batch
 
@@ -370,8 +371,9 @@ def _chat_probe_render(system: str, user: str) -> str:
 
 
 def _decoding_body(model: str, settings: dict[str, Any], repeat: int) -> dict[str, Any]:
-    return {"model": model, "max_tokens": int(settings["max_new_tokens"]), "temperature": float(settings["temperature"]),
-            "top_p": float(settings["top_p"]), "seed": int(settings["seed"]) + repeat}
+    return {"model": model, "max_tokens": int(settings["max_new_tokens"]),
+            "temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
+            "seed": int(settings["seed"]) + repeat}
 
 
 def _endpoint_generate(ep: _Endpoint, model: str, settings: dict[str, Any], repeat: int,

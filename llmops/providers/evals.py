@@ -60,11 +60,13 @@ class EvalsProvider(Provider):
             # Only thresholds changed: re-check the recorded metrics, do not run the model.
             metrics, std, run_id = before["metrics"], before.get("std", {}), before.get("run_id")
             decoding, rows, skipped = before.get("decoding", {}), before.get("rows"), before.get("skipped", {})
+            probe_sets = before.get("probe_sets")
         else:
             result, rows = self._run(request, model_addr, model_out)
             metrics = {k: _round(v) for k, v in result.metrics.items()}
             std = {k: _round(v) for k, v in result.per_metric_std.items()}
             decoding, skipped = result.decoding, result.skipped
+            probe_sets = getattr(result, "probe_sets", None)
             run_id = None
         gates = self._gates(spec, metrics)
         baseline = self._baseline(request, metrics)
@@ -83,6 +85,7 @@ class EvalsProvider(Provider):
             "decoding": decoding,
             "rows": rows,
             "run_id": run_id,
+            "probe_sets": probe_sets or None,  # versions of the shipped safety probe sets used
         }
         if skipped:
             outputs["skipped"] = skipped

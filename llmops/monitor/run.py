@@ -1,0 +1,142 @@
+"""A project's monitors, run the way `llmops monitor` and `llmops feedback export` need them.
+
+- `run_project_monitors(project, name)`: for each monitor (or NAME), the training rows of
+  the deployment's fine-tune (its dataset's train split, rendered with the fine-tune's
+  prompt into a `prompt` field), one `run_monitor` pass, and optionally its HTML report
+  under `.llmops/reports/monitor/NAME/`.
+- `training_rows(project, deployment)`: that reference, followed through llmops.lock:
+  deployment outputs -> model address -> the fine-tune's dataset upstream -> its outputs.
+- `export_project_feedback`: rated requests of a monitor's store as JSONL.
+- `public_url`: a store URL with any password removed (for the lock, state files, output).
+
+Only the standard library is imported at module level (the server's process manager uses
+`public_url`); numpy and the monitor runner are imported when a monitor runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from llmops.monitor.errors import MonitorError
+
+if TYPE_CHECKING:
+    from llmops.monitor.runner import MonitorReport
+    from llmops.project import Project
+
+REPORTS_DIR = Path(".llmops") / "reports" / "monitor"
+Log = Callable[[str], None]
+
+
+def public_url(url: str) -> str:
+    """`url` without its password (`postgresql://u:pw@h/db` -> `postgresql://u@h/db`)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
+
+
+@dataclass
+class MonitorOutcome:
+    """One monitor's run: its report and, with `html`, the report page written."""
+
+    report: "MonitorReport"
+    html: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.report.to_dict(), "html": None if self.html is None else str(self.html)}
+
+
+def monitor_specs(project: "Project", name: str | None = None) -> dict[str, dict[str, Any]]:
+    """`{NAME: spec}` of every monitor in llmops.yaml, or of NAME alone."""
+    monitors = project.config.data.get("monitors") or {}
+    if name is None:
+        if not monitors:
+            raise MonitorError("llmops.yaml declares no monitors; add a `monitors:` entry for a deployment.")
+        return {n: dict(monitors[n] or {}) for n in sorted(monitors)}
+    short = name.split(".", 1)[1] if name.startswith("monitors.") else name
+    if short not in monitors:
+        close = difflib.get_close_matches(short, list(monitors), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(monitors)) or 'none'}"
+        raise MonitorError(f"no monitor '{short}' in llmops.yaml ({hint}).")
+    return {short: dict(monitors[short] or {})}
+
+
+def training_rows(project: "Project", deployment: str) -> list[dict[str, Any]] | None:
+    """The deployment's fine-tune's train split rendered with its prompt (`prompt` field),
+    or None when the deployment is not applied or serves a base model (no training data)."""
+    from llmops.prompts import load_prompt
+    from llmops.providers.datasets import load_split
+
+    dep = project.lock.get(f"deployments.{deployment}")
+    model = str((dep.outputs if dep else {}).get("model") or "")
+    finetune = project.lock.get(model) if model.startswith("finetunes.") else None
+    if finetune is None:
+        return None
+    ds_addr = f"datasets.{finetune.spec.get('dataset')}"
+    if ds_addr not in finetune.upstreams:
+        ds_addr = next((u for u in sorted(finetune.upstreams) if u.startswith("datasets.")), "")
+    dataset = project.lock.get(ds_addr)
+    if dataset is None:
+        raise MonitorError(f"{model} names {ds_addr or 'no dataset'}, which is not in llmops.lock; run `llmops apply`.")
+    prompt_name = str(finetune.spec.get("prompt") or "")
+    prompt_spec = (project.config.data.get("prompts") or {}).get(prompt_name)
+    if prompt_spec is None:
+        raise MonitorError(f"{model} uses prompt '{prompt_name}', which llmops.yaml no longer declares; "
+                           "put it back or re-apply the fine-tune.")
+    prompt = load_prompt(prompt_spec, project.root, prompt_name)
+    rows = load_split(project.root, dataset.outputs, "train")
+    out = []
+    for row in rows:
+        if all(v in row for v in prompt.variables):  # rows without the variables were not trained on
+            out.append({"prompt": prompt.render({v: row[v] for v in prompt.variables})})
+    return out or None
+
+
+def _store_url(project: "Project", name: str, spec: dict[str, Any]) -> str:
+    from llmops.monitor.spec import store_url
+
+    return store_url(project.root, name, spec.get("store"))
+
+
+def run_project_monitors(project: "Project", name: str | None = None, *, html: bool = False,
+                         log: Log | None = None) -> list[MonitorOutcome]:
+    """Run every monitor (or NAME) once; alerts are recorded and sent to webhooks."""
+    from llmops.monitor.runner import run_monitor
+    from llmops.monitor.spec import MonitorSpec
+    from llmops.monitor.store import open_store
+
+    outcomes = []
+    for mon, spec in monitor_specs(project, name).items():
+        deployment = MonitorSpec.from_dict(mon, spec).deployment
+        rows = training_rows(project, deployment)
+        store = open_store(_store_url(project, mon, spec))
+        try:
+            report = run_monitor(project.root, mon, spec, rows, store=store, log=log)
+            page = None
+            if html:
+                from llmops.monitor.report_html import write_html_report
+
+                page = write_html_report(report, store, project.root / REPORTS_DIR / mon)
+        finally:
+            store.close()
+        outcomes.append(MonitorOutcome(report, page))
+    return outcomes
+
+
+def export_project_feedback(project: "Project", name: str, to: Path | str, min_rating: Any = None) -> int:
+    """Write monitor NAME's rated requests to `to` as JSONL; returns the number of rows."""
+    from llmops.monitor.feedback import export_feedback
+    from llmops.monitor.store import open_store
+
+    (mon, spec), = monitor_specs(project, name).items()
+    store = open_store(_store_url(project, mon, spec))
+    try:
+        return export_feedback(store, to, min_rating)
+    finally:
+        store.close()

@@ -1,0 +1,119 @@
+"""Monitors: a deployment's request store, and the server settings that log into it.
+
+A monitor (`monitors.NAME`) watches the deployment of the same name (or `deployment:`).
+Its apply makes sure the request store exists and records where it is; the deployment's
+server logs to it because `DeploymentsProvider._serve` asks `serving_monitor` which store
+to pass. When the server runs with other monitor settings than llmops.yaml now asks for
+(a monitor added, `store` or `log_text` changed), apply restarts it through the
+deployments provider. The monitor's checks themselves run with `llmops monitor`; their
+open alerts are shown by plan (`alerts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmops.errors import ProviderError
+from llmops.lockfile import LockedResource
+from llmops.providers.base import ApplyRequest, ApplyResult, Provider, ProviderContext
+
+
+@dataclass(frozen=True)
+class ServedMonitor:
+    """What a deployment's server needs from the monitor watching it."""
+
+    name: str
+    store: str  # full store URL (may hold a password: never record it as is)
+    log_text: bool
+
+
+def monitor_deployment(name: str, spec: dict[str, Any] | None) -> str:
+    return str((spec or {}).get("deployment") or name)
+
+
+def serving_monitor(ctx: ProviderContext, deployment: str) -> ServedMonitor | None:
+    """The monitor of `deployment` in the resolved llmops.yaml, or None when none watches it."""
+    from llmops.monitor.spec import store_url
+
+    monitors = ctx.config.get("monitors") or {}
+    names = sorted(n for n, spec in monitors.items() if monitor_deployment(n, spec) == deployment)
+    if not names:
+        return None
+    if len(names) > 1:
+        raise ProviderError(f"deployments.{deployment} is watched by monitors {', '.join(names)}; a server logs to "
+                            "one request store, so keep one monitor per deployment in llmops.yaml.")
+    spec = monitors[names[0]] or {}
+    return ServedMonitor(names[0], store_url(ctx.root, names[0], spec.get("store")), bool(spec.get("log_text", False)))
+
+
+def _wanted(monitor: ServedMonitor | None) -> dict[str, Any] | None:
+    from llmops.monitor.run import public_url
+
+    return None if monitor is None else {"store": public_url(monitor.store), "log_text": monitor.log_text}
+
+
+class MonitorsProvider(Provider):
+    kind = "monitors"
+    heavy_modules = ()
+    # Nothing is rebuilt: every change (and an upstream deployment's) is applied in place.
+    in_place_fields = frozenset({"deployment", "window", "drift", "feedback", "latency", "error_rate_max",
+                                 "suspicious", "log_text", "store", "webhook"})
+    upstream_change = "update"
+
+    def apply(self, request: ApplyRequest) -> ApplyResult:
+        from llmops.monitor.run import public_url
+        from llmops.monitor.store import open_store
+
+        deployment = monitor_deployment(request.name, request.spec)
+        monitor = serving_monitor(self.ctx, deployment)
+        if monitor is None or monitor.name != request.name:
+            raise ProviderError(f"monitors.{request.name} does not watch deployments.{deployment} in llmops.yaml; "
+                                "run `llmops plan` again.")
+        open_store(monitor.store).close()  # creates the store and its schema, or says why it cannot
+        outputs: dict[str, Any] = {"deployment": deployment, "store": public_url(monitor.store),
+                                   "log_text": monitor.log_text}
+        if not ((self.ctx.config.get("deployments") or {}).get(deployment) or {}).get("serve"):
+            self.ctx.log(request.address, f"deployments.{deployment} has no `serve:`; nothing logs requests into "
+                                          "this monitor's store until it serves")
+        dep = request.upstream.get(f"deployments.{deployment}")
+        if dep is not None:
+            self._restart_if_changed(deployment, dep, monitor)
+        old = (request.before.outputs if request.before else {}).get("deployment")
+        if old and old != deployment:  # the monitor moved to another deployment: the old one stops logging
+            self._reconfigure(str(old))
+        return ApplyResult(outputs=outputs)
+
+    def _restart_if_changed(self, deployment: str, dep: LockedResource, monitor: ServedMonitor | None) -> bool:
+        """Restart the deployment's running server when it logs with other settings than wanted."""
+        from llmops.providers.deployments import DeploymentsProvider, _serve_state
+        from llmops.serve.process import server_monitor, server_status
+
+        state = _serve_state(self.ctx, deployment)
+        if not server_status(state).running or server_monitor(state) == _wanted(monitor):
+            return False
+        spec = (self.ctx.config.get("deployments") or {}).get(deployment) or {}
+        out = dep.outputs
+        if not spec.get("serve") or not out.get("model_name"):
+            return False
+        current = {"version": out.get("version"), "adapter": out.get("adapter"), "base_model": out.get("base_model")}
+        self.ctx.log(f"deployments.{deployment}", "restarting the server with the monitor's request-log settings")
+        served = DeploymentsProvider(self.ctx)._serve(deployment, spec, str(out["model_name"]), current)
+        if out.get("endpoint") and served["endpoint"] != out["endpoint"]:
+            raise ProviderError(f"deployments.{deployment} restarted on {served['endpoint']}, but llmops.lock says "
+                                f"{out['endpoint']}; run `llmops apply` to record the new endpoint.")
+        return True
+
+    def delete(self, name: str, locked: LockedResource) -> None:
+        """Stop logging into the removed monitor's store (its data stays on disk)."""
+        self._reconfigure(str(locked.outputs.get("deployment") or name))
+
+    def _reconfigure(self, deployment: str) -> None:
+        """Restart a deployment no monitor watches any more so it stops logging into a store."""
+        if serving_monitor(self.ctx, deployment) is not None:
+            return  # another monitor watches it now; that monitor's apply sets the server up
+        from llmops.lockfile import load_lock, lock_path
+
+        dep = load_lock(lock_path(self.ctx.root)).get(f"deployments.{deployment}")
+        if dep is not None:
+            self._restart_if_changed(deployment, dep, None)

@@ -1,0 +1,155 @@
+"""`python -m llmops.serve ...`: arguments, request logging hooks, signals, and the serve loop.
+
+Request logging: `--monitor-store URL` (or `--monitor-store-env VAR` naming an environment
+variable that holds the URL, for URLs with a password) opens a `llmops.monitor` request
+store, makes it the server's `on_request` hook and enables `POST /v1/feedback`; the store is
+flushed and closed on shutdown, SIGTERM included. `--request-log FILE` appends one JSON line
+per request instead (or as well). `--log-text` keeps prompts and completions in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from llmops.serve.server import OnFeedback, OnRequest, make_server
+
+SHUTDOWN_GRACE_S = 10.0  # requests still running at SIGTERM get this long to finish and be logged
+
+
+class JsonlRequestLog:
+    """An `on_request` hook appending one JSON line per request; texts only with `log_text`."""
+
+    TEXT_FIELDS = ("prompt", "completion")
+
+    def __init__(self, path: Path | str, log_text: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_text = log_text
+        self._lock = threading.Lock()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        rec = record if self.log_text else {k: v for k, v in record.items() if k not in self.TEXT_FIELDS}
+        line = json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n"
+        with self._lock, self.path.open("a", encoding="utf-8") as fh:
+            fh.write(line)
+
+
+def fan_out(hooks: list[OnRequest]) -> OnRequest | None:
+    """One `on_request` hook calling each of `hooks` (None when there are none)."""
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+
+    def call_all(record: dict[str, Any]) -> None:
+        for hook in hooks:
+            hook(record)
+
+    return call_all
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m llmops.serve", description="OpenAI-compatible model server")
+    p.add_argument("--model-dir", required=True, type=Path)
+    p.add_argument("--adapter-dir", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--auth-token-env", help="name of the environment variable holding the bearer token")
+    p.add_argument("--max-tokens-limit", type=int, default=1024)
+    p.add_argument("--request-log", type=Path, help="append one JSON line per request to this file")
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--monitor-store", metavar="URL",
+                       help="log requests to this request store (sqlite:///PATH or postgresql://...) and accept "
+                            "POST /v1/feedback")
+    store.add_argument("--monitor-store-env", metavar="VAR",
+                       help="like --monitor-store, with the URL read from this environment variable")
+    p.add_argument("--log-text", action="store_true",
+                   help="include prompts and completions in the request store and --request-log")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    return p.parse_args(argv)
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _store_url(args: argparse.Namespace) -> str | None:
+    if args.monitor_store_env:
+        url = os.environ.get(args.monitor_store_env, "")
+        if not url:
+            raise ValueError(f"--monitor-store-env names {args.monitor_store_env}, but that environment variable is "
+                             "empty or not set; set it or pass --monitor-store URL")
+        return url
+    return args.monitor_store
+
+
+def feedback_hook(store: Any) -> OnFeedback:
+    """The server's `feedback` hook recording `POST /v1/feedback` bodies in a request store."""
+    from llmops.monitor.feedback import parse_feedback
+
+    def record(body: Any) -> str:
+        return store.record_feedback(parse_feedback(body)).request_id
+
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m llmops.serve`: load the model, serve until SIGTERM/SIGINT."""
+    import signal
+
+    args = _parse_args(argv)
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    token = None
+    if args.auth_token_env:
+        token = os.environ.get(args.auth_token_env, "")
+        if not token:
+            _error(f"--auth-token-env names {args.auth_token_env}, but that environment variable is empty or not "
+                   "set; set it or drop --auth-token-env")
+            return 2
+    from llmops.errors import LlmopsError
+
+    try:
+        url = _store_url(args)
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    store = None
+    try:
+        if url:
+            from llmops.monitor.store import open_store
+
+            store = open_store(url, log_text=args.log_text, on_error=lambda m: log(f"request store: {m}"))
+        from llmops.serve.model import load_model
+        from llmops.serve.server import ModelService
+
+        lm = load_model(args.model_dir, args.adapter_dir, args.device)
+    except LlmopsError as exc:
+        _error(exc.message)
+        if store is not None:
+            store.close()
+        return 1
+    hooks: list[OnRequest] = [JsonlRequestLog(args.request_log, args.log_text)] if args.request_log else []
+    if store is not None:
+        hooks.append(store)
+    server = make_server(ModelService(lm, args.max_tokens_limit), args.host, args.port, args.model_name, token,
+                         fan_out(hooks), log=log, feedback=feedback_hook(store) if store is not None else None)
+    host, port = server.server_address[:2]
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    logging_to = f", logging requests to {store.describe()}" if store is not None else ""
+    log(f"serving {args.model_name} on http://{host}:{port} (auth {'on' if token else 'off'}{logging_to})")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        if not server.app.wait_idle(SHUTDOWN_GRACE_S):
+            log(f"shutting down with requests still running after {SHUTDOWN_GRACE_S:g}s; their records are lost")
+        if store is not None:
+            store.close()  # stores what is queued: SIGTERM loses no answered request
+    return 0
