@@ -5,9 +5,10 @@ then /var/run/docker.sock, else a private engine started by `.ci/docker-setup.sh
 installs docker.io only when `dockerd` is missing). When no engine can run it returns
 None and `skip_reason()` says why, so tests skip with that reason and nothing else.
 
-`ensure_base_image(host)` imports, once per content, an image holding just the shared
-libraries this interpreter needs (no registry is reachable): containers run the host's
-own Python and venv, bind-mounted read-only at the same paths (`python_mounts()`).
+`ensure_base_image(host)` imports, once per content, an image holding just the system
+shared libraries this interpreter and the venv's compiled modules (torch, tokenizers, ...)
+need (no registry is reachable): containers run the host's own Python and venv, and the
+editable llmops source, bind-mounted read-only at the same paths (`python_mounts()`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SETUP_SCRIPT = REPO / ".ci" / "docker-setup.sh"
 BASE_REPOSITORY = "llmops-test-base"
 
 _state: dict[str, str | None] = {}
+_libs: dict[str, list[str]] = {}
 
 
 def _answers(host: str) -> bool:
@@ -80,18 +82,51 @@ def _find_or_start() -> str | None:
 
 
 def python_mounts() -> list[tuple[str, str, str]]:
-    """Read-only bind mounts that make this interpreter and its venv work in a container."""
+    """Read-only bind mounts that make this interpreter, its venv and llmops work in a container.
+
+    llmops is installed editable: its import hook points at the source folder, which
+    must therefore be there too (at the same path) unless it lies inside the venv.
+    """
+    import llmops
+
     paths = {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+    source = os.path.realpath(Path(llmops.__file__).parent)
+    if not any(_under(source, p) for p in paths):
+        paths.add(source)
     return [(p, p, "ro") for p in sorted(paths)]
 
 
-def _shared_libraries() -> list[str]:
-    """Every shared library (as ldd names it) the interpreter and its C modules load."""
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _compiled_modules() -> list[str]:
+    """The interpreter, its lib-dynload modules, and every compiled file in the venv's site-packages.
+
+    All of site-packages rather than only what training imports: its system-library
+    closure is just a few more files (libstdc++, libgcc_s, ...), and no list of packages
+    has to be kept in step with what torch, tokenizers or MLflow happen to load.
+    """
     binaries = [os.path.realpath(sys.executable)]
     # DESTSHARED is the base interpreter's lib-dynload (a venv has none of its own).
     dynload = Path(sysconfig.get_config_var("DESTSHARED") or "")
     binaries += [str(p) for p in sorted(dynload.glob("*.so"))]
-    done = subprocess.run(["ldd", *binaries], capture_output=True, text=True, check=False)
+    site_dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    for site_dir in sorted(site_dirs):
+        for root, _, files in os.walk(site_dir):
+            binaries += [os.path.join(root, f) for f in sorted(files) if f.endswith(".so") or ".so." in f]
+    return binaries
+
+
+def _shared_libraries() -> list[str]:
+    """Every system shared library (as ldd names it) the interpreter and compiled modules load.
+
+    Libraries inside the bind-mounted folders (the venv's torch/lib, ...) are left out.
+    """
+    if "libs" in _libs:
+        return _libs["libs"]
+    done = subprocess.run(["ldd", *_compiled_modules()], capture_output=True, text=True, check=False)
+    mounted = [source for source, _, _ in python_mounts()]
     libs: set[str] = set()
     for line in done.stdout.splitlines():
         parts = line.split()
@@ -101,10 +136,11 @@ def _shared_libraries() -> list[str]:
             path = parts[0]  # the loader itself: "/lib64/ld-linux-x86-64.so.2 (0x...)"
         else:
             continue
-        # Libraries under the interpreter's own prefix arrive with the bind mount.
-        if path.startswith("/") and not path.startswith(os.path.realpath(sys.base_prefix)):
+        # Libraries under the interpreter's prefix or the venv arrive with the bind mounts.
+        if path.startswith("/") and not any(_under(os.path.realpath(path), m) for m in mounted):
             libs.add(path)
-    return sorted(libs)
+    _libs["libs"] = sorted(libs)
+    return _libs["libs"]
 
 
 def _root_tar(libs: list[str]) -> bytes:

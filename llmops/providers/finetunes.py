@@ -80,7 +80,7 @@ class FinetunesProvider(Provider):
             image=resources.get("image"),
         )
         watcher = _ProgressWatcher(request)
-        runner = get_runner(self.ctx.settings, spec)
+        runner = get_runner(self.ctx.settings, spec, root=self.ctx.root)
         self.ctx.log(addr, f"training with {type(runner).__name__}; log: {self._rel(job.log_path)}")
         result = runner.run(job, watcher.on_line, request.cancelled)
         if result.exit_code != 0 or watcher.done is None:
