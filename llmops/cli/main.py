@@ -68,9 +68,24 @@ def cli() -> None:
     """
 
 
+def _quiet_environment() -> None:
+    """No telemetry from the libraries llmops drives, and no INFO chatter from MLflow."""
+    import os
+
+    for key, value in {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_CONFIGURE_LOGGING": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
 def main(argv: list[str] | None = None) -> None:
     from llmops.errors import LlmopsError
 
+    _quiet_environment()
     try:
         rv = cli.main(args=argv, prog_name="llmops", standalone_mode=False)
     except LlmopsError as exc:

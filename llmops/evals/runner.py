@@ -126,6 +126,10 @@ def evaluate(
     device: str | None = None,
 ) -> EvalResult:
     """Evaluate a local model (and PEFT adapter) on `rows` with the given prompt and metrics."""
+    import warnings
+
+    # transformers' deprecation notices are for its own API users, not for llmops' users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     import torch
 
     from llmops.serve.model import load_model, sequence_nll
