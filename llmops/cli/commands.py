@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -137,9 +136,14 @@ def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, pa
         if not plan.has_changes:
             return 0
         if not planfile and not auto_approve:
-            if not sys.stdin.isatty() and sys.stdin.closed:
-                raise click.UsageError("no terminal to confirm on; pass --auto-approve.")
-            answer = click.prompt("\nApply these changes? Only 'yes' is accepted", default="", show_default=False)
+            try:
+                answer = click.prompt("\nApply these changes? Only 'yes' is accepted", default="",
+                                      show_default=False)
+            except click.exceptions.Abort:
+                from llmops.errors import LlmopsError
+
+                raise LlmopsError("no answer to the confirmation (standard input is closed); nothing was "
+                                  "changed. Pass --auto-approve to apply without asking (as CI does).") from None
             if answer.strip() != "yes":
                 console.print("Apply cancelled; nothing was changed.")
                 return EXIT_ERROR
