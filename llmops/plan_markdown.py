@@ -17,17 +17,20 @@ def _cell(text: str, limit: int = 200) -> str:
 
 
 def _metric_rows(c: ResourceChange) -> list[str]:
-    before = (c.before or {}).get("outputs", {}) if c.before else {}
-    metrics: dict[str, Any] = before.get("metrics") or {}
-    new: dict[str, Any] = (c.details or {}).get("metrics") or {}
-    if not metrics and not new:
+    """An eval's last applied metrics against the thresholds in this change."""
+    table: dict[str, Any] = (c.details or {}).get("metrics") or {}
+    if not table:
         return []
-    rows = ["| metric | last applied | new | delta |", "|---|---:|---:|---:|"]
-    for m in sorted(set(metrics) | set(new)):
-        old, cur = metrics.get(m), new.get(m)
-        delta = f"{cur - old:+.4g}" if isinstance(old, (int, float)) and isinstance(cur, (int, float)) else ""
-        fmt = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else ("—" if v is None else str(v))  # noqa: E731
-        rows.append(f"| {m} | {fmt(old)} | {fmt(cur)} | {delta} |")
+    rerun = c.action in ("create", "replace")
+    rows = ["| metric | last applied | threshold | last value passes? |", "|---|---:|---|---|"]
+    for metric, row in table.items():
+        last = row.get("last")
+        value = f"{last:.4g}" if isinstance(last, (int, float)) else "—"
+        passes = {True: "✅", False: "❌"}.get(row.get("passes"), "")
+        rows.append(f"| {metric} | {value} | {row.get('threshold', '')} | {passes} |")
+    if rerun:
+        rows.append("")
+        rows.append("_The model changed: these are the last applied values; apply runs the eval again._")
     return rows
 
 

@@ -31,13 +31,29 @@ def render_plan(console: Console, plan: Plan, show_noop: bool = False) -> None:
         sym = SYMBOL[c.action]
         label = c.action if c.action != "no-op" else "no changes"
         extra = ""
-        if c.details:
-            extra = "  [dim](" + ", ".join(f"{k}: {v}" for k, v in c.details.items()) + ")[/]"
+        simple = {k: v for k, v in (c.details or {}).items() if not isinstance(v, dict)}
+        if simple:
+            extra = "  [dim](" + ", ".join(f"{k}: {v}" for k, v in simple.items()) + ")[/]"
         console.print(f"[{style}]{sym:>3} {escape(c.address):<{width}}  {label}[/]{extra}")
         for reason in c.reasons:
             console.print(f"        [dim]{escape(reason)}[/]")
+        _metric_table(console, c)
     console.print()
     console.print(f"[bold]{plan.summary_line()}[/]")
+
+
+def _metric_table(console: Console, c: ResourceChange) -> None:
+    table = (c.details or {}).get("metrics")
+    if not table or c.action == "no-op":
+        return
+    for metric, row in table.items():
+        last = row.get("last")
+        value = f"{last:.4g}" if isinstance(last, (int, float)) else "-"
+        check = ""
+        if "threshold" in row:
+            verdict = {True: "[green]passes[/]", False: "[red]fails[/]"}.get(row.get("passes"), "")
+            check = f"  threshold {escape(row['threshold'])} {verdict}"
+        console.print(f"        [dim]last applied {escape(metric)} = {value}[/]{check}")
 
 
 class RichHooks(ApplyHooks):

@@ -137,36 +137,69 @@ class DeploymentsProvider(Provider):
     def _serve(self, name: str, spec: dict[str, Any], model_name: str, current: dict[str, Any]) -> dict[str, Any]:
         """(Re)start deployment NAME's server on `current`'s model. A `monitors:` entry that
         watches it makes the server log requests to that monitor's store and take feedback.
-        Without `serve.port`, a running server's port is kept so the endpoint stays put."""
+        Without `serve.port`, a running server's port is kept so the endpoint stays put.
+        With runner docker the server runs in `serve.image` (see `_serve_container`)."""
         serve = spec["serve"]
-        if (serve.get("runner") or self.ctx.settings.get("runner")) == "docker":
-            raise ProviderError("serve with runner docker is not supported yet; use the local runner "
-                                "(serve.runner: local).")
         from llmops.providers.monitors import serving_monitor
         from llmops.serve.process import server_status, start_server, wait_healthy
 
         if not current.get("adapter") or not current.get("base_model"):
             raise ProviderError("the model's lock entry has no base model/adapter path to serve.")
+        runner = self._docker_runner(name, spec)  # checked before the running server is stopped
         monitor = serving_monitor(self.ctx, name)
         port = int(serve.get("port", 0))
         if not port:
             running = server_status(_serve_state(self.ctx, name))
             port = running.port if running.running and running.port else 0
         self._stop(name)
-        root = self.ctx.root
-        handle = start_server(
-            self.ctx.state_dir / "serve", name, root / current["base_model"],
-            model_name=model_name, adapter_dir=root / current["adapter"],
-            host=str(serve.get("host", "127.0.0.1")), port=port,
+        common: dict[str, Any] = dict(
+            model_name=model_name, host=str(serve.get("host", "127.0.0.1")), port=port,
             auth_token_env=serve.get("auth_token_env"),
             request_log=None if monitor else self.ctx.state_dir / "serve" / f"{name}.requests.jsonl",
             monitor_store=monitor.store if monitor else None,
             log_text=bool(monitor and monitor.log_text),
         )
+        if runner is not None:
+            return self._serve_container(name, serve, runner, current, common)
+        root = self.ctx.root
+        handle = start_server(self.ctx.state_dir / "serve", name, root / current["base_model"],
+                              adapter_dir=root / current["adapter"], **common)
         wait_healthy(handle.url, timeout=float(serve.get("startup_timeout", 180)), handle=handle)
         return {"endpoint": handle.url, "served_model": model_name}
 
+    def _docker_runner(self, name: str, spec: dict[str, Any]):
+        """The Docker runner when deployment NAME serves with runner docker (else None), once
+        `serve.image` is set and on the engine: a bad image leaves the running server alone."""
+        from llmops.runners.select import get_runner, runner_name
+
+        if runner_name(self.ctx.settings, {"serve": spec["serve"]}) != "docker":
+            return None
+        image = spec["serve"].get("image")
+        if not image:
+            raise ProviderError(f"llmops.yaml: deployments.{name}.serve.image is not set, and runner docker needs "
+                                "it; set serve.image to an image with llmops installed (build one with `docker "
+                                "build -f templates/Dockerfile.serve -t IMAGE .`) or use serve.runner: local.")
+        runner = get_runner(self.ctx.settings, {"serve": spec["serve"]}, self.ctx.root)
+        runner.image_digest(str(image))  # raises, naming the image and how to build it, when it is missing
+        return runner
+
+    def _serve_container(self, name: str, serve: dict[str, Any], runner, current: dict[str, Any],
+                         common: dict[str, Any]) -> dict[str, Any]:
+        """Start the server in `serve.image` with `serve.gpus` GPUs; the project folder is
+        mounted at its own path, so the model paths are the same inside the container."""
+        from llmops.serve.container import start_container_server, wait_container_healthy
+
+        root = self.ctx.root.resolve()
+        if common["request_log"] is not None:
+            common["request_log"] = Path(common["request_log"]).resolve()
+        server = start_container_server(
+            self.ctx.state_dir / "serve", name, runner, str(serve["image"]), root / current["base_model"],
+            workdir=root, adapter_dir=root / current["adapter"], gpus=int(serve.get("gpus", 0)), **common)
+        wait_container_healthy(server, runner, timeout=float(serve.get("startup_timeout", 180)))
+        return {"endpoint": server.url, "served_model": common["model_name"], "image_digest": server.image_digest}
+
     def _stop(self, name: str) -> None:
+        """Stop deployment NAME's server, local process or container alike."""
         from llmops.serve.process import stop_server
 
         stop_server(_serve_state(self.ctx, name))

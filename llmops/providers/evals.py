@@ -49,7 +49,22 @@ class EvalsProvider(Provider):
     in_place_fields = frozenset({"thresholds"})
 
     def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
-        return {}
+        """The last applied metrics, checked against the thresholds now in llmops.yaml."""
+        metrics = (locked.outputs.get("metrics") if locked else None) or {}
+        if not metrics:
+            return {}
+        table = {}
+        for metric in sorted(set(metrics) | set(spec.get("thresholds") or {})):
+            row: dict[str, Any] = {"last": metrics.get(metric)}
+            expr = (spec.get("thresholds") or {}).get(metric)
+            if expr is not None:
+                row["threshold"] = str(expr)
+                if metric in metrics:
+                    from llmops.evals.metrics import check_gate
+
+                    row["passes"] = check_gate(metric, float(metrics[metric]), str(expr)).passed
+            table[metric] = row
+        return {"metrics": table}
 
     def apply(self, request: ApplyRequest) -> ApplyResult:
         spec = request.spec

@@ -10,6 +10,9 @@ With `monitor_store`, the server logs every request to that request store and ac
 texts are logged (`server_monitor`), so a monitor can tell when the server must restart.
 A store URL with a password reaches the server through an environment variable, never
 its command line (which the state file and `ps` show).
+
+A state file with a `container` key records a server the Docker runner started
+(`llmops.serve.container`); `server_status` and `stop_server` hand it over there.
 """
 
 from __future__ import annotations
@@ -236,6 +239,10 @@ def server_status(state_file: Path | str, probe: bool = False) -> ServerStatus:
     state = _read_state(state_file)
     if state is None:
         return ServerStatus(running=False)
+    if "container" in state:  # started by the Docker runner
+        from llmops.serve.container import container_status
+
+        return container_status(state, probe=probe)
     pid = int(state["pid"])
     running = _alive(pid) and _is_our_server(pid)
     healthy = None
@@ -264,6 +271,10 @@ def stop_server(state_file: Path | str, timeout: float = 15.0) -> bool:
     state = _read_state(state_file)
     if state is None:
         return False
+    if "container" in state:  # started by the Docker runner
+        from llmops.serve.container import stop_container
+
+        return stop_container(state_file, state, timeout=timeout)
     pid = int(state["pid"])
     was_running = _alive(pid) and _is_our_server(pid)
     if was_running:
