@@ -43,7 +43,7 @@ evals:
     thresholds: {{rougeL: "{threshold}"}}
     decoding: {{max_new_tokens: 12}}
     limit: 8
-deployments:
+{extra}deployments:
   prod:
     model: lora
     alias: production
@@ -75,8 +75,8 @@ def test_train_evaluate_promote_serve_gate_drift_rollback(project):
     port = _free_port()
     shutil.copytree(EXAMPLE / "data", project.path("data"))
     shutil.copytree(EXAMPLE / "prompts", project.path("prompts"))
-    write = lambda lr="1.0e-2", threshold=">= 0.0": project.write(  # noqa: E731
-        {"llmops.yaml": CONFIG.format(lr=lr, threshold=threshold, port=port)})
+    write = lambda lr="1.0e-2", threshold=">= 0.0", extra="": project.write(  # noqa: E731
+        {"llmops.yaml": CONFIG.format(lr=lr, threshold=threshold, port=port, extra=extra)})
     write()
     try:
         res = project.run("apply", "--auto-approve")
@@ -125,6 +125,19 @@ def test_train_evaluate_promote_serve_gate_drift_rollback(project):
         assert "drift: alias production -> v1, lock says v2" in res.stdout
         assert project.run("apply", "--auto-approve").returncode == 0
         assert str(_client(project).get_model_version_by_alias("lora", "production").version) == "2"
+
+        # A baseline reads what the deployment serves now (live) and limits regressions against it.
+        regress = ("  regress:\n    model: lora\n    dataset: tickets\n    metrics: [rougeL]\n"
+                   "    decoding: {max_new_tokens: 12}\n    limit: 8\n"
+                   "    baseline: {deployment: prod, max_drop: {rougeL: 0.0}}\n")
+        write(lr="2.0e-2", extra=regress)
+        res = project.run("apply", "--auto-approve")
+        assert res.returncode == 0, res.stdout + res.stderr
+        out = _lock(project)["evals.regress"]["outputs"]
+        assert out["baseline"]["deployment"] == "prod"
+        assert out["baseline"]["metrics"]["rougeL"] == pytest.approx(out["metrics"]["rougeL"])  # same model served
+        gate = out["gates"]["rougeL vs baseline"]
+        assert gate["passed"] is True and gate["baseline"] == pytest.approx(out["metrics"]["rougeL"])
 
         # Rollback moves the alias to the previous version, serves it, and records it.
         res = project.run("rollback", "deployments.prod")
