@@ -65,15 +65,16 @@ class Timing(ApplyHooks):
         self.done.append(time.perf_counter())
 
 
-def cli_time(root: Path, *args: str, repeat: int = 3) -> float:
-    best = float("inf")
+def cli_time(root: Path, *args: str, repeat: int = 3) -> str:
+    """'first run / best of the rest': the first run fills .llmops/cache, later ones use it."""
+    times = []
     for _ in range(repeat):
         t = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "llmops", *args], cwd=root, capture_output=True, text=True)
-        best = min(best, time.perf_counter() - t)
+        times.append(time.perf_counter() - t)
         if out.returncode not in (0, 2):
             raise SystemExit(f"llmops {' '.join(args)} failed:\n{out.stderr}")
-    return best
+    return f"{times[0]:.3f} s cold / {min(times[1:]):.3f} s warm"
 
 
 def main() -> None:
@@ -84,9 +85,9 @@ def main() -> None:
         root = Path(tmp)
         generate(root, n)
         print(f"project: {n} resources in {root}")
-        print(f"llmops --help                      {cli_time(root, '--help'):.3f} s  (target < 0.3 s)")
-        print(f"llmops validate                    {cli_time(root, 'validate'):.3f} s  (target < 1 s)")
-        print(f"llmops plan --refresh=false (new)  {cli_time(root, 'plan', '--refresh=false'):.3f} s")
+        print(f"llmops --help                      {cli_time(root, '--help')}  (target < 0.3 s)")
+        print(f"llmops validate                    {cli_time(root, 'validate')}  (target < 1 s)")
+        print(f"llmops plan --refresh=false (new)  {cli_time(root, 'plan', '--refresh=false')}")
 
         overrides = {k: type(f"T_{k}", (Trivial,), {"kind": k}) for k in KINDS}
         project = open_project(root, provider_overrides=overrides)
@@ -102,8 +103,9 @@ def main() -> None:
         print(f"apply engine overhead              {total:.2f} s total, {1000 * total / n:.2f} ms/resource "
               f"(target <= 10 ms)")
         print(f"  first half {1000 * first:.2f} ms/resource, second half {1000 * last:.2f} ms/resource "
-              f"(flat = linear; lock is written after every resource)")
-        print(f"llmops plan --refresh=false (lock) {cli_time(root, 'plan', '--refresh=false'):.3f} s  (target < 1 s)")
+              f"(the lock is rewritten after every resource from cached per-resource blocks, so the cost per "
+              f"write grows only with the file's bytes)")
+        print(f"llmops plan --refresh=false (lock) {cli_time(root, 'plan', '--refresh=false')}  (target < 1 s)")
 
 
 if __name__ == "__main__":
