@@ -46,7 +46,8 @@ def stop_deployment(project: Project, address: str) -> bool:
     with ApplyLock(project.state_dir, command="down"):
         stopped = down(project.context(), name)
         if "endpoint" in entry.outputs:
-            outputs = {k: v for k, v in entry.outputs.items() if k not in ("endpoint", "served_model")}
+            outputs = {k: v for k, v in entry.outputs.items()
+                       if k not in ("endpoint", "served_model", "image_digest")}
             project.lock.set(replace(entry, outputs=outputs))
             save_lock(project.lock, project.lock_path)
     return stopped

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from llmops.errors import GateError, LlmopsError, ProviderError
 from llmops.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider, ProviderContext
+
+if TYPE_CHECKING:
+    from llmops.runners.docker import DockerRunner
 
 
 def _serve_state(ctx: ProviderContext, name: str) -> Path:
@@ -167,9 +170,10 @@ class DeploymentsProvider(Provider):
         wait_healthy(handle.url, timeout=float(serve.get("startup_timeout", 180)), handle=handle)
         return {"endpoint": handle.url, "served_model": model_name}
 
-    def _docker_runner(self, name: str, spec: dict[str, Any]):
+    def _docker_runner(self, name: str, spec: dict[str, Any]) -> DockerRunner | None:
         """The Docker runner when deployment NAME serves with runner docker (else None), once
         `serve.image` is set and on the engine: a bad image leaves the running server alone."""
+        from llmops.runners.docker import SERVE_DOCKERFILE
         from llmops.runners.select import get_runner, runner_name
 
         if runner_name(self.ctx.settings, {"serve": spec["serve"]}) != "docker":
@@ -179,11 +183,11 @@ class DeploymentsProvider(Provider):
             raise ProviderError(f"llmops.yaml: deployments.{name}.serve.image is not set, and runner docker needs "
                                 "it; set serve.image to an image with llmops installed (build one with `docker "
                                 "build -f templates/Dockerfile.serve -t IMAGE .`) or use serve.runner: local.")
-        runner = get_runner(self.ctx.settings, {"serve": spec["serve"]}, self.ctx.root)
-        runner.image_digest(str(image))  # raises, naming the image and how to build it, when it is missing
+        runner = cast("DockerRunner", get_runner(self.ctx.settings, {"serve": spec["serve"]}, self.ctx.root))
+        runner.image_digest(str(image), SERVE_DOCKERFILE)  # a missing image: says how to build or pull it
         return runner
 
-    def _serve_container(self, name: str, serve: dict[str, Any], runner, current: dict[str, Any],
+    def _serve_container(self, name: str, serve: dict[str, Any], runner: DockerRunner, current: dict[str, Any],
                          common: dict[str, Any]) -> dict[str, Any]:
         """Start the server in `serve.image` with `serve.gpus` GPUs; the project folder is
         mounted at its own path, so the model paths are the same inside the container."""

@@ -26,7 +26,9 @@ from llmops.runners.base import Job, JobResult, Runner
 LOG_TAIL_LINES = 40
 MANAGED_LABEL = "llmops.managed"
 JOB_LABEL = "llmops.job"
-BUILD_HINT = "docker build -f templates/Dockerfile.train -t {image} ."
+BUILD_HINT = "docker build -f {dockerfile} -t {image} ."
+TRAIN_DOCKERFILE = "templates/Dockerfile.train"
+SERVE_DOCKERFILE = "templates/Dockerfile.serve"
 
 
 def describe_host(docker_host: str | None) -> str:
@@ -141,8 +143,10 @@ class DockerRunner(Runner):
         self._client = client
         return client
 
-    def image_digest(self, image: str) -> str:
-        """The image's repo digest (`name@sha256:...`) when pushed, else its id (`sha256:...`)."""
+    def image_digest(self, image: str, dockerfile: str = TRAIN_DOCKERFILE) -> str:
+        """The image's repo digest (`name@sha256:...`) when pushed, else its id (`sha256:...`).
+
+        A missing image's error says to build it from `dockerfile` (or pull it)."""
         import docker
 
         try:
@@ -150,7 +154,8 @@ class DockerRunner(Runner):
         except docker.errors.ImageNotFound as exc:
             raise ProviderError(
                 f"image {image} is not on the Docker engine ({describe_host(self.docker_host)}); "
-                f"build it with `{BUILD_HINT.format(image=image)}` or pull it with `docker pull {image}`."
+                f"build it with `{BUILD_HINT.format(dockerfile=dockerfile, image=image)}` "
+                f"or pull it with `docker pull {image}`."
             ) from exc
         repo_digests = found.attrs.get("RepoDigests") or []
         return sorted(repo_digests)[0] if repo_digests else found.id
@@ -186,7 +191,8 @@ class DockerRunner(Runner):
             return ProviderError(
                 f"this Docker engine has no GPU support: {text} ({describe_host(self.docker_host)}). "
                 f"Job {job.name} asks for {job.gpus} GPU(s); install the NVIDIA Container Toolkit on "
-                "the engine's host, point DOCKER_HOST at an engine with GPUs, or set resources.gpus: 0."
+                "the engine's host, point DOCKER_HOST at an engine with GPUs, or set resources.gpus: 0 "
+                "(serve.gpus: 0 for a server)."
             )
         return ProviderError(
             f"the Docker engine ({describe_host(self.docker_host)}) could not start job {job.name} "
