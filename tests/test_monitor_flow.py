@@ -217,8 +217,15 @@ def test_shifted_traffic_alerts_by_exit_code_webhook_and_plan(flow: Flow) -> Non
 
     # A burst of prompts four times as long as the short questions of training.
     questions = [r["question"] for r in map(json.loads, flow.project.read("data/tickets.jsonl").splitlines())]
-    for q in [q for q in questions if len(q) < 60][:40]:
+    burst = [q for q in questions if len(q) < 60][:40]
+    logged_before = flow.store_rows("SELECT COUNT(*) FROM requests")[0][0]
+    for q in burst:
         flow.complete(" ".join([q] * 4), max_tokens=1)
+    # The server logs after replying, through a batching writer: wait until the burst is stored.
+    deadline = time.time() + 20
+    while flow.store_rows("SELECT COUNT(*) FROM requests")[0][0] < logged_before + len(burst):
+        assert time.time() < deadline, "the server did not log the burst within 20 s"
+        time.sleep(0.1)
     res = flow.llmops("monitor", "prod", "--html")
     assert res.returncode == 3, res.stdout + res.stderr
     assert "alert: drift: PSI" in res.stdout and "on prompt length" in res.stdout
