@@ -70,6 +70,7 @@ def make_plan(
             after["content"] = content
         change = _decide(project, provider, res.kind, res.name, res.spec, locked, after,
                          planned, refresh, live)
+        _propagate_rebuilds(change, provider, planned, config.deps.get(addr, []))
         if addr in replace and change.action != "create":
             change.action = "replace"
             change.reasons.append("forced by --replace")
@@ -96,6 +97,21 @@ def make_plan(
         refresh=refresh,
         selected=sorted(select, key=address_sort_key),
     )
+
+
+def _propagate_rebuilds(change: ResourceChange, provider, planned: dict[str, ResourceChange], deps: list[str]) -> None:
+    """An upstream rebuilt for a reason that leaves its fingerprint alone (drift, --replace)
+    still produces new outputs: what reads them must follow."""
+    if change.action not in ("no-op", "update") or change.lock_only:
+        return
+    rebuilt = [u for u in deps if u in planned and planned[u].action == "replace"
+               and f"upstream {u} changed" not in change.reasons]
+    if not rebuilt:
+        return
+    follow = provider.upstream_change if provider else "replace"
+    if _ACTION_RANK[follow] > _ACTION_RANK[change.action]:
+        change.action = follow
+    change.reasons.extend(f"upstream {u} will be replaced" for u in rebuilt)
 
 
 def _content_fingerprint(provider, name: str, spec: dict) -> str | None:

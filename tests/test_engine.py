@@ -250,3 +250,17 @@ def test_open_alerts_are_shown_by_plan_but_are_not_changes(proj):
     from llmops.plan_markdown import plan_to_markdown
 
     assert "> - `deployments.d`: drift: PSI 0.31 > 0.2 on prompt length" in plan_to_markdown(plan)
+
+
+def test_a_rebuild_for_drift_or_replace_is_followed_downstream(proj):
+    apply_all(proj)
+    proj.path("out/datasets.a.txt").unlink()
+    plan = plan_of(proj)
+    assert plan.get("datasets.a").action == "replace"
+    assert plan.get("base_models.m").action == "replace"
+    assert plan.get("base_models.m").reasons == ["upstream datasets.a will be replaced"]
+    assert plan.get("evals.e").action == "replace"
+    assert plan.get("deployments.d").action == "update"  # re-checks its gates in place
+    assert plan.get("prompts.p").action == plan.get("datasets.b").action == "no-op"
+    plan = plan_of(proj, refresh=False, replace=["finetunes.f"])
+    assert plan.get("evals.e").reasons == ["upstream finetunes.f will be replaced"]

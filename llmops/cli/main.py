@@ -100,6 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - a bug: one clear line, the traceback on request
+        import os
+
+        if os.environ.get("LLMOPS_DEBUG"):
+            raise
+        click.echo(f"Error: unexpected {type(exc).__name__}: {exc}. This is a bug in llmops; run again with "
+                   "LLMOPS_DEBUG=1 for the traceback and report it.", err=True)
+        sys.exit(EXIT_ERROR)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
