@@ -172,3 +172,12 @@ def test_lock_check_and_hand_edited_lock_is_caught_by_refresh(proj):
     proj.write({"llmops.yaml": CONFIG.replace("seed: 7", "seed: 9")})
     res = proj.run("lock", "--check")
     assert res.returncode == 1 and "replace  datasets.tickets: prepare" in res.stderr
+
+
+def test_global_chdir_option(proj, tmp_path):
+    import os
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "llmops", "-C", str(proj.root), "validate"],
+                         cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ))
+    assert res.returncode == 0 and "llmops.yaml is valid: 2 resources." in res.stdout

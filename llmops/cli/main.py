@@ -59,13 +59,19 @@ COMMANDS = {
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmops")
-def cli() -> None:
+@click.option("-C", "--chdir", "chdir", metavar="DIR", type=click.Path(exists=True, file_okay=False),
+              help="Run as if llmops was started in DIR (like git -C).")
+def cli(chdir: str | None) -> None:
     """llmops: declarative GitOps for fine-tuned language models.
 
     Declare datasets, prompts, base models, fine-tunes, evals, deployments and monitors in
     llmops.yaml; `llmops plan` shows what would change; `llmops apply` makes it so and
     records the result in llmops.lock.
     """
+    if chdir:
+        import os
+
+        os.chdir(chdir)
 
 
 def _quiet_environment() -> None:
