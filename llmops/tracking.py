@@ -80,6 +80,43 @@ def client(root: Path, settings: dict[str, Any]) -> Any:
     return make_client(tracking_uri(root, settings), registry_uri(root, settings))
 
 
+def check_store(root: Path, settings: dict[str, Any]) -> None:
+    """Open the tracking store once, before parallel work: creates the embedded SQLite schema
+    (two training jobs must not race to create it) and fails early, clearly, when a tracking
+    server does not answer."""
+    uri = tracking_uri(root, settings)
+    if uri in _CHECKED:
+        return
+    if uri.startswith(("http://", "https://")):
+        _check_reachable(uri)  # MLflow's own client retries for minutes before giving up
+    try:
+        client(root, settings).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for an unreachable store
+        raise ProviderError(
+            f"cannot use the MLflow tracking store {uri} ({type(exc).__name__}: {str(exc)[:200]}); "
+            "start the tracking server or fix settings.tracking_uri."
+        ) from exc
+    _CHECKED.add(uri)
+
+
+_CHECKED: set[str] = set()
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+    except OSError as exc:
+        raise ProviderError(
+            f"cannot reach the MLflow tracking server {parts.scheme}://{parts.hostname}:{port} "
+            f"({exc.strerror or exc}); start it or fix settings.tracking_uri (or drop --target)."
+        ) from None
+
+
 def ensure_experiment(mlflow_client: Any, name: str, artifacts: str | None = None) -> str:
     """The id of experiment `name`, created (with `artifacts` as its location) when missing."""
     exp = mlflow_client.get_experiment_by_name(name)

@@ -89,3 +89,16 @@ def test_apply_against_a_real_tracking_server(project, mlflow_server):
     client.delete_registered_model_alias("lora", "production")
     res = project.run("plan")
     assert "drift: alias production -> nothing, lock says v1" in res.stdout
+
+
+def test_unreachable_tracking_server_fails_before_any_work(project):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    shutil.copytree(EXAMPLE / "data", project.path("data"))
+    shutil.copytree(EXAMPLE / "prompts", project.path("prompts"))
+    project.write({"llmops.yaml": CONFIG.format(uri=f"http://127.0.0.1:{port}")})
+    res = project.run("apply", "--auto-approve")
+    assert res.returncode == 1
+    assert f"cannot reach the MLflow tracking server http://127.0.0.1:{port}" in res.stderr
+    assert not project.path("llmops.lock").exists()

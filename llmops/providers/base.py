@@ -108,12 +108,17 @@ class Provider(ABC):
     # Libraries apply imports in the main thread before it starts worker threads: concurrent
     # first imports of torch/transformers/mlflow from several threads are not safe.
     heavy_modules: ClassVar[tuple[str, ...]] = ()
+    uses_tracking: ClassVar[bool] = False  # opens the MLflow store: checked once before apply
 
     def warm_up(self) -> None:
         import importlib
 
         for module in self.heavy_modules:
             importlib.import_module(module)
+        if self.uses_tracking:
+            from llmops.tracking import check_store
+
+            check_store(self.ctx.root, self.ctx.settings)
 
     def __init__(self, ctx: ProviderContext) -> None:
         self.ctx = ctx

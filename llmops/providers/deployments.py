@@ -44,6 +44,7 @@ def _model_address(spec: dict[str, Any], upstream: dict[str, LockedResource]) ->
 class DeploymentsProvider(Provider):
     kind = "deployments"
     heavy_modules = ("mlflow",)
+    uses_tracking = True
     in_place_fields = frozenset({"alias", "gates", "approval", "approvers", "serve"})
     upstream_change = "update"  # a new model version or new eval results: re-check gates, promote
 

@@ -46,6 +46,7 @@ def local_model(root: Path, kind: str, outputs: dict[str, Any]) -> tuple[Path, P
 class EvalsProvider(Provider):
     kind = "evals"
     heavy_modules = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "mlflow")
+    uses_tracking = True
     in_place_fields = frozenset({"thresholds"})
 
     def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:

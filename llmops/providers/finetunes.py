@@ -29,6 +29,7 @@ JOB_MODULE = "llmops.train"
 class FinetunesProvider(Provider):
     kind = "finetunes"
     heavy_modules = ("mlflow",)
+    uses_tracking = True
 
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
         prompt = (self.ctx.config.get("prompts") or {}).get(spec.get("prompt", ""), {}) or {}

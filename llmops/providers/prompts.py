@@ -18,6 +18,7 @@ from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
 class PromptsProvider(Provider):
     kind = "prompts"
     heavy_modules = ("mlflow",)
+    uses_tracking = True
 
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
         from llmops.prompts import PromptError, prompt_files
