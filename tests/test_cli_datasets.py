@@ -181,3 +181,21 @@ def test_global_chdir_option(proj, tmp_path):
     res = subprocess.run([sys.executable, "-m", "llmops", "-C", str(proj.root), "validate"],
                          cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ))
     assert res.returncode == 0 and "llmops.yaml is valid: 2 resources." in res.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("plan", "--select", "datasets.tickest"), "unknown resource address 'datasets.tickest'. Did you mean datasets.tickets?"),
+    (("apply", "--replace", "finetunes.x"), "unknown resource address 'finetunes.x'"),
+    (("show", "datasets.nope"), "no resource 'datasets.nope' in llmops.yaml or llmops.lock"),
+    (("apply", "missing-plan.json"), "missing-plan.json: saved plan not found"),
+    (("apply", "llmops.yaml"), "not an llmops plan file"),
+    (("plan", "--target", "staging"), "unknown target 'staging' (targets: none defined)"),
+    (("rollback", "datasets.tickets"), "'datasets.tickets' is not a deployment"),
+    (("force-unlock", "abc"), "no apply lock is held for this project"),
+])
+def test_bad_arguments_get_one_clear_error(proj, args, message):
+    res = proj.run(*args)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not proj.path("llmops.lock").exists()
