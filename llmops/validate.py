@@ -267,10 +267,8 @@ class _CheckCache:
 
 
 def _check_prompts(config: Config, cache: _CheckCache) -> list[Diagnostic]:
-    try:
-        from llmops.prompts import check_prompt
-    except ImportError:  # TODO: remove once llmops.prompts lands (issue 4)
-        return []
+    from llmops.prompts import check_prompt
+
     diags: list[Diagnostic] = []
     for r in config.resources.values():
         if r.kind != "prompts":

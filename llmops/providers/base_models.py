@@ -225,21 +225,9 @@ def _download_hf_snapshot(repo_id: str, revision: str, cache: Path) -> HfSnapsho
 
 
 def _load_train_rows(root: Path, outputs: dict[str, Any]) -> list[dict]:
-    try:
-        from llmops.providers.datasets import load_split
-    except ImportError:
-        load_split = _load_split_fallback
+    from llmops.providers.datasets import load_split
+
     return load_split(root, outputs, "train")
-
-
-def _load_split_fallback(root: Path, locked_outputs: dict, split: str) -> list[dict]:
-    """Read a dataset split's JSONL (`outputs[split]["path"]`, project-relative)."""
-    # TODO: remove once llmops.providers.datasets.load_split exists everywhere.
-    rel = (locked_outputs.get(split) or {}).get("path")
-    if not rel:
-        raise ProviderError(f"the dataset lock entry has no {split} split; run `llmops apply` for the dataset.")
-    with open(root / rel, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def texts_of_rows(rows: list[dict]) -> list[str]:
