@@ -61,6 +61,12 @@ def _rows(m: dict[str, Any]) -> list[tuple[str, str]]:
         stats = drift.get(feature)
         if stats:
             rows.append((label, f"PSI {stats['psi']:.3f}  KS {stats['ks']:.3f}"))
+    emb = drift.get("embedding") or {}
+    if emb.get("status") == "ok":
+        rows.append(("drift: embedding", f"distance {_fmt(emb['cosine_distance'])}  "
+                                         f"(noise floor {_fmt(emb.get('noise_floor'))})"))
+    elif emb.get("status") not in (None, "not configured"):
+        rows.append(("drift: embedding", str(emb.get("detail") or emb["status"])))
     if drift.get("status") != "ok":
         rows.append(("drift", str(drift.get("status"))))
     rows.append(("suspicious clients", str(len(m.get("suspicious_clients") or []))))

@@ -6,6 +6,7 @@
   injection patterns) so texts are kept only with `log_text: true`.
 - `feedback`: `parse_feedback` for `POST /v1/feedback` bodies, `export_feedback` to JSONL.
 - `drift`: PSI / KS and the training-data reference; `suspicious`: suspicious clients.
+- `embedding`: embedding drift (`TransformersEmbedder`, the cached training-side embeddings).
 - `runner`: `run_monitor` -> `MonitorReport`; `alerts`: `Alert`, `open_alerts`, the webhook.
 - `report_html`: `write_html_report` (matplotlib, imported only there).
 
@@ -24,6 +25,7 @@ _EXPORTS = {
     "BadFeedbackError": "errors", "UnknownRequestError": "errors",
     "Feedback": "feedback", "parse_feedback": "feedback", "export_feedback": "feedback",
     "client_id": "records",
+    "TransformersEmbedder": "embedding",
     "MonitorSpec": "spec", "Window": "spec", "store_url": "spec",
     "RequestStore": "store", "SqliteStore": "store", "open_store": "store",
     "MonitorReport": "runner", "run_monitor": "runner",

@@ -19,7 +19,7 @@ template), else all its string fields except the answer (`answer`, `response`,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -111,7 +111,6 @@ class Reference:
     expected_lengths: np.ndarray
     token_counts: np.ndarray
     rows: int
-    texts: list[str] = field(default_factory=list, repr=False)  # a sample, for embedding drift
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> "Reference":
@@ -120,17 +119,13 @@ class Reference:
             rows = [rows[int(i * step)] for i in range(MAX_REFERENCE_ROWS)]
         lengths = []
         bags = []
-        texts = []
         for row in rows:
-            text = row_text(row)
-            if len(texts) < 2000:
-                texts.append(text)
-            units = words(text)
+            units = words(row_text(row))
             lengths.append(len(units))
             bags.append(token_bag(units))
         arr = np.asarray(lengths, dtype=np.float64)
         edges = length_bins(arr)
-        return cls(arr, edges, histogram(arr, edges), bag_counts(bags), len(rows), texts)
+        return cls(arr, edges, histogram(arr, edges), bag_counts(bags), len(rows))
 
     def length_drift(self, lengths: np.ndarray) -> dict[str, float]:
         d = ks_statistic(self.lengths, lengths)

@@ -3,7 +3,8 @@
 - `run_project_monitors(project, name)`: for each monitor (or NAME), the training rows of
   the deployment's fine-tune (its dataset's train split, rendered with the fine-tune's
   prompt into a `prompt` field), one `run_monitor` pass, and optionally its HTML report
-  under `.llmops/reports/monitor/NAME/`.
+  under `.llmops/reports/monitor/NAME/`. With `drift.embedding_model: base_model` the
+  embedding model is the fine-tune's base model folder (`base_model_dir`).
 - `training_rows(project, deployment)`: that reference, followed through llmops.lock:
   deployment outputs -> model address -> the fine-tune's dataset upstream -> its outputs.
 - `export_project_feedback`: rated requests of a monitor's store as JSONL.
@@ -24,10 +25,12 @@ from urllib.parse import urlsplit, urlunsplit
 from llmops.monitor.errors import MonitorError
 
 if TYPE_CHECKING:
+    from llmops.lockfile import LockedResource
     from llmops.monitor.runner import MonitorReport
     from llmops.project import Project
 
 REPORTS_DIR = Path(".llmops") / "reports" / "monitor"
+BASE_MODEL = "base_model"  # `drift.embedding_model: base_model` (as in llmops.monitor.embedding, numpy-free here)
 Log = Callable[[str], None]
 
 
@@ -67,15 +70,41 @@ def monitor_specs(project: "Project", name: str | None = None) -> dict[str, dict
     return {short: dict(monitors[short] or {})}
 
 
+def _locked_finetune(project: "Project", deployment: str) -> tuple[str, "LockedResource | None"]:
+    """The address the deployment serves (per llmops.lock) and its fine-tune's lock entry, if any."""
+    dep = project.lock.get(f"deployments.{deployment}")
+    model = str((dep.outputs if dep else {}).get("model") or "")
+    return model, project.lock.get(model) if model.startswith("finetunes.") else None
+
+
+def base_model_dir(project: "Project", deployment: str) -> Path | None:
+    """The folder of the base model the deployment's fine-tune was trained from (per llmops.lock),
+    or None when the deployment is not applied or serves no fine-tune."""
+    from llmops.providers.base_models import model_folder
+
+    model, finetune = _locked_finetune(project, deployment)
+    if finetune is None:
+        return None
+    addr = f"base_models.{finetune.spec.get('base_model')}"
+    if addr not in finetune.upstreams:
+        addr = next((u for u in sorted(finetune.upstreams) if u.startswith("base_models.")), addr)
+    base = project.lock.get(addr)
+    if base is None:
+        raise MonitorError(f"{model} names {addr}, which is not in llmops.lock; run `llmops apply`.")
+    folder = model_folder(project.root, base.outputs, base.inputs)
+    if folder is None:
+        raise MonitorError(f"the model folder of {addr} is not on this machine; run `llmops apply` to build or "
+                           "fetch it again.")
+    return folder
+
+
 def training_rows(project: "Project", deployment: str) -> list[dict[str, Any]] | None:
     """The deployment's fine-tune's train split rendered with its prompt (`prompt` field),
     or None when the deployment is not applied or serves a base model (no training data)."""
     from llmops.prompts import load_prompt
     from llmops.providers.datasets import load_split
 
-    dep = project.lock.get(f"deployments.{deployment}")
-    model = str((dep.outputs if dep else {}).get("model") or "")
-    finetune = project.lock.get(model) if model.startswith("finetunes.") else None
+    model, finetune = _locked_finetune(project, deployment)
     if finetune is None:
         return None
     ds_addr = f"datasets.{finetune.spec.get('dataset')}"
@@ -115,9 +144,13 @@ def run_project_monitors(project: "Project", name: str | None = None, *, html: b
     for mon, spec in monitor_specs(project, name).items():
         deployment = MonitorSpec.from_dict(mon, spec).deployment
         rows = training_rows(project, deployment)
+        drift = spec.get("drift") if isinstance(spec.get("drift"), dict) else {}
+        base_dir = None
+        if rows is not None and drift.get("embedding_model") == BASE_MODEL and spec.get("log_text"):
+            base_dir = base_model_dir(project, deployment)
         store = open_store(_store_url(project, mon, spec))
         try:
-            report = run_monitor(project.root, mon, spec, rows, store=store, log=log)
+            report = run_monitor(project.root, mon, spec, rows, store=store, base_model_dir=base_dir, log=log)
             page = None
             if html:
                 from llmops.monitor.report_html import write_html_report

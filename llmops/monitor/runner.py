@@ -2,9 +2,10 @@
 
 It computes traffic (count, error rate: 5xx or failed without a status; 4xx are counted
 as client errors apart), latency p50/p95, feedback (count, positive rate, share of requests
-rated), drift against the training split and suspicious clients; compares them with the
-thresholds of `monitors.NAME`; records the alerts (`alerts.record_alerts`) and POSTs them
-to the webhook. Counting and grouping run in SQL; percentiles and drift in numpy.
+rated), drift against the training split (embedding drift in `llmops.monitor.embedding`) and
+suspicious clients; compares them with the thresholds of `monitors.NAME`; records the alerts
+(`alerts.record_alerts`) and POSTs them to the webhook. Counting and grouping run in SQL;
+percentiles and drift in numpy.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import numpy as np
 
 from llmops.monitor.alerts import Alert, record_alerts, send_webhook
 from llmops.monitor.drift import Reference, bag_counts
+from llmops.monitor.embedding import CACHE_DIR as EMBEDDING_CACHE_DIR
+from llmops.monitor.embedding import Embed, embedding_drift, load_embedder, training_sample
 from llmops.monitor.spec import MonitorSpec, Window, store_url
 from llmops.monitor.store import RequestStore, open_store
 from llmops.monitor.suspicious import find_suspicious
 
 MIN_DRIFT_REQUESTS = 30
 MAX_SUSPICIOUS_ALERTS = 10
-MAX_EMBED_TEXTS = 2000
-Embed = Callable[[list[str]], Any]
+MAX_EMBED_TEXTS = 2000  # the window's most recent logged prompts that are embedded
 
 
 @dataclass
@@ -61,14 +63,15 @@ def window_where(window: Window, now: float, alias: str = "") -> tuple[str, tupl
 
 def run_monitor(root: Path, name: str, monitor_spec: dict[str, Any], training_rows: list[dict] | None,
                 now: float | None = None, *, store: RequestStore | None = None, embed: Embed | None = None,
-                webhook_retries: int = 3, webhook_backoff: float = 0.5,
+                base_model_dir: Path | None = None, webhook_retries: int = 3, webhook_backoff: float = 0.5,
                 log: Callable[[str], None] | None = None) -> MonitorReport:
     """Run monitor `name` (its `monitors.NAME` mapping) and record its alerts under `root`.
 
     `training_rows` are the fine-tune's training split (see `drift.Reference.from_rows`);
     None skips drift. `store` defaults to the monitor's configured store (closed afterwards).
-    `embed(texts) -> array (n, dim)` enables embedding drift (needs `log_text: true`); without
-    it the report says "not configured".
+    Embedding drift runs with `embed(texts) -> array (n, dim)` when given, else with the model
+    `drift.embedding_model` names (`base_model` resolves to `base_model_dir`); either way it
+    needs logged prompt texts (`log_text: true`). Without both the report says "not configured".
     """
     log = log or (lambda message: None)
     spec = MonitorSpec.from_dict(name, monitor_spec)
@@ -81,7 +84,9 @@ def run_monitor(root: Path, name: str, monitor_spec: dict[str, Any], training_ro
         metrics = _traffic(store, spec, now)
         metrics["feedback"] = _feedback(store, spec.window, now, metrics["requests"]["count"])
         reference = Reference.from_rows(training_rows) if training_rows else None
-        metrics["drift"] = _drift(store, spec.drift_window, now, reference, embed)
+        metrics["drift"] = _drift(store, spec.drift_window, now, reference)
+        metrics["drift"]["embedding"] = _embedding_drift(
+            Path(root), store, spec, now, training_rows, embed, base_model_dir)
         where, params = window_where(spec.window, now)
         metrics["suspicious_clients"] = find_suspicious(store, where, params, spec,
                                                         metrics["requests"]["first"])
@@ -142,11 +147,9 @@ def _feedback(store: RequestStore, window: Window, now: float, requests: int) ->
             "rated_share": round(rated / requests, 6) if requests else None}
 
 
-def _drift(store: RequestStore, window: Window, now: float, reference: Reference | None,
-           embed: Embed | None) -> dict[str, Any]:
+def _drift(store: RequestStore, window: Window, now: float, reference: Reference | None) -> dict[str, Any]:
     out: dict[str, Any] = {"window": window.describe()}
     where, params = window_where(window, now)
-    out["embedding"] = _embedding_drift(store, where, params, reference, embed)
     if reference is None:
         out["status"] = "no training data"
         return out
@@ -163,26 +166,42 @@ def _drift(store: RequestStore, window: Window, now: float, reference: Reference
     return out
 
 
-def _embedding_drift(store: RequestStore, where: str, params: tuple, reference: Reference | None,
-                     embed: Embed | None) -> dict[str, Any]:
+def _embedding_drift(root: Path, store: RequestStore, spec: MonitorSpec, now: float,
+                     training_rows: list[dict] | None, embed: Embed | None,
+                     base_model_dir: Path | None) -> dict[str, Any]:
     """Cosine distance between the mean embeddings of logged prompts and training prompts."""
-    if embed is None:
-        return {"status": "not configured", "detail": "embedding drift needs an embedding model; none is configured"}
-    if reference is None or not reference.texts:
+    if embed is None and spec.embedding_model is None:
+        return {"status": "not configured", "detail": "set `drift.embedding_model` on the monitor to an "
+                "embedding model folder (or `base_model`) to measure embedding drift"}
+    needs_text = {"status": "needs log_text", "detail": "embedding drift needs log_text: true"}
+    if spec.embedding_model is not None and not spec.log_text:
+        return needs_text
+    if not training_rows:
         return {"status": "no training data"}
+    where, params = window_where(spec.drift_window, now)
     texts = [r[0] for r in store.query(f"SELECT prompt FROM requests WHERE {where} AND prompt IS NOT NULL "
                                        f"ORDER BY seq DESC LIMIT {MAX_EMBED_TEXTS}", params)]
     if not texts:
-        return {"status": "no logged texts", "detail": "set `log_text: true` on the monitor to log prompts"}
-    a = np.asarray(embed(reference.texts[:MAX_EMBED_TEXTS]), dtype=np.float64).mean(axis=0)
-    b = np.asarray(embed(texts), dtype=np.float64).mean(axis=0)
-    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
-    return {"status": "ok", "cosine_distance": round(1.0 - cos, 6), "requests": len(texts)}
+        return needs_text if not spec.log_text else {
+            "status": "no logged texts", "detail": "no request in the drift window has its prompt text logged"}
+    train_texts = training_sample(training_rows)
+    if len(texts) < MIN_DRIFT_REQUESTS or len(train_texts) < MIN_DRIFT_REQUESTS:
+        return {"status": f"too few logged texts or training rows to judge (need {MIN_DRIFT_REQUESTS} of each)",
+                "requests": len(texts)}
+    if embed is None:
+        embed = load_embedder(root, str(spec.embedding_model), base_model_dir,
+                              f"monitors.{spec.name}.drift.embedding_model")
+    return embedding_drift(embed, train_texts, texts, cache_dir=root / EMBEDDING_CACHE_DIR, name=spec.name)
 
 
 def _alert(spec: MonitorSpec, now: float, check: str, metric: str, value: float, threshold: float, op: str,
            message: str) -> Alert:
     return Alert(spec.deployment, spec.name, check, metric, value, threshold, op, message, now)
+
+
+def _short(value: float) -> str:
+    """0.31 -> "0.31", 0.0042 -> "0.0042": two decimals, or two significant digits when small."""
+    return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.2g}"
 
 
 def _alerts(spec: MonitorSpec, m: dict[str, Any], now: float) -> list[Alert]:
@@ -196,6 +215,12 @@ def _alerts(spec: MonitorSpec, m: dict[str, Any], now: float) -> list[Alert]:
             if limit is not None and stats[stat] > limit:
                 out.append(_alert(spec, now, "drift", f"drift.{feature}.{stat}", stats[stat], limit, ">",
                                   f"drift: {stat.upper()} {stats[stat]:.2f} > {limit:g} on {label}"))
+    emb = drift.get("embedding") or {}
+    if spec.embedding_max is not None and emb.get("status") == "ok" and emb["cosine_distance"] > spec.embedding_max:
+        dist, floor = emb["cosine_distance"], emb.get("noise_floor")
+        note = "" if floor is None else f" (training noise floor {_short(floor)})"
+        out.append(_alert(spec, now, "drift", "drift.embedding.cosine_distance", dist, spec.embedding_max, ">",
+                          f"drift: embedding distance {_short(dist)} > {spec.embedding_max:g}{note}"))
     fb = m["feedback"]
     if (spec.min_positive_rate is not None and fb["positive_rate"] is not None
             and fb["count"] >= spec.min_feedback_count and fb["positive_rate"] < spec.min_positive_rate):

@@ -2,6 +2,8 @@
 
 `MonitorSpec.from_dict` accepts the validated config mapping; every threshold is optional
 and a check only raises alerts when its section is configured (metrics are always reported).
+`drift.embedding_model` (a project-relative model folder, or `base_model` for the deployed
+fine-tune's base model) turns on embedding drift; see `llmops.monitor.embedding`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class MonitorSpec:
     drift_window: Window
     psi_max: float | None = None
     ks_max: float | None = None
+    embedding_model: str | None = None  # project-relative model folder, or "base_model"
+    embedding_max: float | None = None
     min_positive_rate: float | None = None
     min_feedback_count: int = 1
     p95_ms_max: float | None = None
@@ -87,6 +91,8 @@ class MonitorSpec:
             drift_window=drift_window,
             psi_max=_num(drift.get("psi_max")),
             ks_max=_num(drift.get("ks_max")),
+            embedding_model=_text(drift.get("embedding_model")),
+            embedding_max=_num(drift.get("embedding_max")),
             min_positive_rate=_num(feedback.get("min_positive_rate")),
             min_feedback_count=int(feedback.get("min_count", 1)),
             p95_ms_max=_num(latency.get("p95_ms_max")),
@@ -112,6 +118,10 @@ def _section(spec: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 
 def _num(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or str(value).strip() == "" else str(value).strip()
 
 
 def store_url(root: Path, name: str, store: str | None) -> str:
