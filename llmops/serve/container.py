@@ -77,7 +77,7 @@ def start_container_server(
     Returns at once: call `wait_container_healthy` before sending requests. Refuses to
     start while a server (of either kind) recorded under NAME still runs.
     """
-    from llmops.serve.process import ServeError, _url_host, _write_json, free_port, server_status
+    from llmops.serve.process import ServeError, _url_host, _write_json, free_port, server_args, server_status
 
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def start_container_server(
     if current.running:
         raise ServeError(f"server '{name}' already runs ({current.url}); stop it first ({state_file})")
     env: dict[str, str] = {}
-    args, monitor = _server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, env)
+    args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, env)
     if auth_token_env:
         token = os.environ.get(auth_token_env, "")
         if not token:
@@ -110,32 +110,6 @@ def start_container_server(
     return server
 
 
-def _server_args(model_dir, adapter_dir, model_name: str, request_log, monitor_store: str | None,
-                 log_text: bool, env: dict[str, str]) -> tuple[list[str], dict[str, Any] | None]:
-    """The server's arguments (those of the local runner) and the state's `monitor` entry.
-
-    A store URL holding a password goes into `env`, never the arguments.
-    """
-    from llmops.serve.process import MONITOR_STORE_ENV
-
-    args = ["--model-dir", str(model_dir), "--model-name", model_name]
-    if adapter_dir is not None:
-        args += ["--adapter-dir", str(adapter_dir)]
-    if request_log is not None:
-        args += ["--request-log", str(request_log)]
-    monitor = None
-    if monitor_store:
-        from llmops.monitor.run import public_url
-
-        if public_url(monitor_store) != monitor_store:
-            env[MONITOR_STORE_ENV] = monitor_store
-            args += ["--monitor-store-env", MONITOR_STORE_ENV]
-        else:
-            args += ["--monitor-store", monitor_store]
-        monitor = {"store": public_url(monitor_store), "log_text": bool(log_text)}
-    if log_text:
-        args += ["--log-text"]
-    return args, monitor
 
 
 def _runner(state: dict[str, Any]) -> DockerRunner:

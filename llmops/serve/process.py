@@ -108,28 +108,12 @@ def start_server(
     port = port or free_port(host)
     model_name = model_name or name
     log_path = state_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", SERVER_MODULE, "--model-dir", str(model_dir), "--host", host,
-           "--port", str(port), "--model-name", model_name]
-    if adapter_dir is not None:
-        cmd += ["--adapter-dir", str(adapter_dir)]
-    if auth_token_env:
-        cmd += ["--auth-token-env", auth_token_env]
-    if request_log is not None:
-        cmd += ["--request-log", str(request_log)]
     full_env = dict(os.environ)
     full_env.update(env or {})
-    monitor = None
-    if monitor_store:
-        from llmops.monitor.run import public_url
-
-        if public_url(monitor_store) != monitor_store:  # holds a password: keep it off the command line
-            full_env[MONITOR_STORE_ENV] = monitor_store
-            cmd += ["--monitor-store-env", MONITOR_STORE_ENV]
-        else:
-            cmd += ["--monitor-store", monitor_store]
-        monitor = {"store": public_url(monitor_store), "log_text": bool(log_text)}
-    if log_text:
-        cmd += ["--log-text"]
+    args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, full_env)
+    cmd = [sys.executable, "-m", SERVER_MODULE, *args, "--host", host, "--port", str(port)]
+    if auth_token_env:
+        cmd += ["--auth-token-env", auth_token_env]
     cmd += list(extra_args or [])
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -140,6 +124,32 @@ def start_server(
     state = dict(asdict(handle), started_at=time.time(), command=cmd[1:], monitor=monitor)
     _write_json(state_file, state)
     return handle
+
+
+def server_args(model_dir, adapter_dir, model_name: str, request_log, monitor_store: str | None,
+                 log_text: bool, env: dict[str, str]) -> tuple[list[str], dict[str, Any] | None]:
+    """The server's arguments (those of the local runner) and the state's `monitor` entry.
+
+    A store URL holding a password goes into `env`, never the arguments.
+    """
+    args = ["--model-dir", str(model_dir), "--model-name", model_name]
+    if adapter_dir is not None:
+        args += ["--adapter-dir", str(adapter_dir)]
+    if request_log is not None:
+        args += ["--request-log", str(request_log)]
+    monitor = None
+    if monitor_store:
+        from llmops.monitor.run import public_url
+
+        if public_url(monitor_store) != monitor_store:
+            env[MONITOR_STORE_ENV] = monitor_store
+            args += ["--monitor-store-env", MONITOR_STORE_ENV]
+        else:
+            args += ["--monitor-store", monitor_store]
+        monitor = {"store": public_url(monitor_store), "log_text": bool(log_text)}
+    if log_text:
+        args += ["--log-text"]
+    return args, monitor
 
 
 def _url_host(host: str) -> str:
