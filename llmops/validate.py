@@ -70,6 +70,7 @@ def load_config(root: Path, target: str | None = None, config_name: str = CONFIG
         diags += _check_cycles(config)
         diags += _check_files(config)
         diags += _check_prompts(config, cache)
+        diags += _check_combinations(config)
     cache.save()
     if diags:
         diags.sort(key=lambda d: (d.line, d.column))
@@ -215,6 +216,28 @@ def _check_files(config: Config) -> list[Diagnostic]:
             diags.append(config.doc.diagnostic(
                 (r.kind, r.name, key), f"{what} not found: {rel}{exists_as}",
                 f"paths are relative to the project folder {config.root}"))
+    return diags
+
+
+def _check_combinations(config: Config) -> list[Diagnostic]:
+    """Settings that are each valid but do not work together."""
+    diags = []
+    for r in config.resources.values():
+        spec = r.spec
+        if r.kind == "monitors":
+            drift = spec.get("drift") if isinstance(spec.get("drift"), dict) else {}
+            if drift.get("embedding_model") and not spec.get("log_text"):
+                diags.append(config.doc.diagnostic(
+                    (r.kind, r.name, "drift", "embedding_model"),
+                    "embedding drift needs the prompt texts, which are only stored with log_text: true",
+                    "add `log_text: true` to this monitor, or drop embedding_model"))
+        if r.kind == "deployments" and isinstance(spec.get("serve"), dict):
+            serve = spec["serve"]
+            runner = serve.get("runner") or config.settings.get("runner")
+            if runner == "docker" and not serve.get("image"):
+                diags.append(config.doc.diagnostic(
+                    (r.kind, r.name, "serve"), "serving with runner docker needs serve.image",
+                    "build one with `docker build -f templates/Dockerfile.serve -t IMAGE .` and name it here"))
     return diags
 
 

@@ -165,16 +165,16 @@ def test_apply_serves_in_a_container_and_down_removes_it(project, engine, base_i
 
 
 def test_docker_serving_without_an_image_fails_clearly(project):
-    # Needs no engine: the missing image is caught before any container is asked for.
+    # Needs no engine: `llmops validate` (and so apply, before any work) names the missing image.
     write_project(project, config("unix:///nonexistent/docker.sock", {"runner": "docker", "port": free_port()},
                                   gates=False))
-    res = project.run("apply", "--auto-approve")
-    out = res.stdout + res.stderr
-    assert res.returncode == 1, out
-    assert f"deployments.{NAME}.serve.image is not set, and runner docker needs it" in out
-    assert "templates/Dockerfile.serve" in out
-    lock = lock_of(project)
-    assert "finetunes.lora" in lock and ADDR not in lock
+    for command in (("validate",), ("apply", "--auto-approve")):
+        res = project.run(*command)
+        out = res.stdout + res.stderr
+        assert res.returncode == 1, out
+        assert f"deployments.{NAME}.serve: serving with runner docker needs serve.image" in out
+        assert "templates/Dockerfile.serve" in out
+    assert not project.path("llmops.lock").exists()
     assert not project.path(f".llmops/serve/{NAME}.json").exists()
 
 

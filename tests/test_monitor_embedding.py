@@ -226,8 +226,9 @@ def test_llmops_monitor_uses_the_fine_tunes_base_model(model_root: Path, tmp_pat
     assert "drift: embedding" in table and "noise floor" in table
     assert f"drift: embedding distance {emb['cosine_distance']:.2f} > 0.05" in table
 
+    # Without stored texts there is nothing to embed: llmops.yaml itself is refused, with the fix.
     (root / "llmops.yaml").write_text(LLMOPS_YAML.replace("log_text: true", "log_text: false"))
     with pytest.raises(SystemExit) as exit_info:
         main(["-C", str(root), "monitor"])
-    assert exit_info.value.code == 0
-    assert "embedding drift needs log_text: true" in capsys.readouterr().out
+    assert exit_info.value.code == 1
+    assert "embedding drift needs the prompt texts" in capsys.readouterr().err

@@ -123,3 +123,22 @@ def test_missing_config_file_is_one_clear_error(project):
     assert res.returncode == 1
     assert "llmops.yaml: file not found. Run `llmops init`" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_settings_that_do_not_work_together(project):
+    text = """\
+version: 1
+project: t
+datasets: {a: {source: data/a.jsonl}}
+prompts: {p: {text: "{{ question }}", variables: [question]}}
+base_models: {m: {build: {architecture: llama, tokenizer_from: a}}}
+finetunes: {f: {base_model: m, dataset: a, prompt: p}}
+deployments:
+  d: {model: f, serve: {port: 8080, runner: docker}}
+monitors:
+  d: {drift: {embedding_model: base_model, embedding_max: 0.2}}
+"""
+    lines = diags(project, text)
+    assert lines[0].startswith("llmops.yaml:8:17: error: deployments.d.serve: serving with runner docker needs serve.image")
+    assert lines[1].startswith("llmops.yaml:10:15: error: monitors.d.drift.embedding_model: embedding drift needs the "
+                               "prompt texts, which are only stored with log_text: true")
