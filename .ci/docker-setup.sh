@@ -55,6 +55,22 @@ if ! command -v dockerd >/dev/null; then
     fi
 fi
 
+# An engine killed without a clean stop (CI ends every process of the session) leaves its
+# pid file and socket behind, and a new dockerd refuses to start over the pid file.
+clear_stale() {
+    local pidfile="$ROOT/docker.pid" old
+    if [ -f "$pidfile" ]; then
+        old="$(cat "$pidfile" 2>/dev/null || true)"
+        if [ -z "$old" ] || ! kill -0 "$old" 2>/dev/null; then
+            log "removing stale pid file of a dockerd that is gone (pid ${old:-?})"
+            $SUDO rm -f "$pidfile" "$SOCK"
+        fi
+    fi
+    # containerd started by that dockerd keeps its own state under exec-root.
+    $SUDO rm -f "$ROOT/exec/containerd/containerd.pid" 2>/dev/null || true
+}
+clear_stale
+
 start_engine() {  # $1: storage driver; returns 0 once the socket answers
     local driver="$1" pid
     local data="$ROOT/data-$driver" logf="$ROOT/dockerd-$driver.log"
