@@ -27,6 +27,9 @@ class ApplyHooks:
 
     def post_apply(self, change: ResourceChange, error: BaseException | None) -> None: ...
 
+    def recorded(self, change: ResourceChange, outputs: dict) -> None:
+        """A success was written to the lock with these outputs (for a one-line summary)."""
+
     def progress(self, address: str, event: ProgressEvent) -> None: ...
 
     def log(self, address: str, message: str) -> None: ...
@@ -159,6 +162,7 @@ def _run_graph(project, changes, hooks, report, parallelism, keep_going, cancel)
                         done.add(c.address)
                         report.applied.append(c.address)
                         hooks.post_apply(c, None)
+                        hooks.recorded(c, project.lock.get(c.address).outputs)
                     else:
                         report.failed[c.address] = _message(exc)
                         hooks.post_apply(c, exc)

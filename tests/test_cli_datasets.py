@@ -40,6 +40,7 @@ def test_plan_apply_replan_edit_cycle(proj):
     res = proj.run("apply", "--auto-approve")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Apply complete: 2 applied." in res.stdout
+    assert "datasets.notes: train 1 rows" in res.stdout  # one summary line per resource
     lock = proj.read("llmops.lock")
     assert lock.startswith("# llmops.lock: maintained by llmops")
     import yaml

@@ -81,6 +81,8 @@ def test_train_evaluate_promote_serve_gate_drift_rollback(project):
     try:
         res = project.run("apply", "--auto-approve")
         assert res.returncode == 0, res.stdout + res.stderr
+        assert f"deployments.prod: lora v1 -> alias production; serving http://127.0.0.1:{port}" in res.stdout
+        assert "evals.quality: rougeL" in res.stdout and "(>= 0 passed)" in res.stdout
         lock = _lock(project)
         dep = lock["deployments.prod"]["outputs"]
         assert dep["version"] == "1" and dep["alias"] == "production"

@@ -324,16 +324,19 @@ class DatasetsProvider(Provider):
             if not spec_path.exists() or spec_path.read_text(encoding="utf-8") != text:
                 atomic_write_text(spec_path, text)
             _write_dvc_yaml(root, self._datasets(name, spec))
-            self._reproduce(root, address, name, stage, log)
+            # A replace (a changed spec, drift, or --replace) re-runs the stage even when DVC
+            # considers it up to date: that is what "force a rebuild" means.
+            self._reproduce(root, address, name, stage, log, force=request.action == "replace")
             if remote:
                 self._push(root, address, stage, remote, log)
             lock = read_dvc_lock_stage(root, stage)
         return self._result(root, name, spec, lock, remote)
 
-    def _reproduce(self, root: Path, address: str, name: str, stage: str, log: Callable[[str], None]) -> None:
+    def _reproduce(self, root: Path, address: str, name: str, stage: str, log: Callable[[str], None],
+                   force: bool = False) -> None:
         error_file = root / data_dir(name) / "stage-error.txt"
         error_file.unlink(missing_ok=True)
-        proc = _dvc(root, ["repro", stage], log)
+        proc = _dvc(root, ["repro", *(["--force"] if force else []), stage], log)
         if proc.returncode != 0:
             if error_file.is_file():
                 raise ProviderError(error_file.read_text(encoding="utf-8").strip())
