@@ -43,6 +43,21 @@ class Project:
     def read(self, rel: str) -> str:
         return (self.root / rel).read_text()
 
+    def copy_example(self) -> "Project":
+        """The example project's data and prompts (the realistic inputs of end-to-end tests)."""
+        import shutil
+
+        for folder in ("data", "prompts"):
+            if not (self.root / folder).exists():
+                shutil.copytree(REPO / "example-project" / folder, self.root / folder)
+        return self
+
+    def locked(self) -> dict:
+        """llmops.lock's resources, parsed."""
+        import yaml
+
+        return yaml.safe_load(self.read("llmops.lock"))["resources"]
+
     def run(self, *args: str, input: str | None = None, env: dict | None = None, timeout: float = 600):
         """Run `llmops ARGS` as a subprocess (the real entry point) in the project folder."""
         full_env = dict(os.environ)

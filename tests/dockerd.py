@@ -180,3 +180,31 @@ def ensure_base_image(host: str) -> str:
         return tag
     finally:
         client.close()
+
+
+def tiny_project(host: str, project: str, finetune: str) -> dict:
+    """llmops.yaml (as a dict) of a tiny project whose containers run this interpreter.
+
+    One dataset (the example's tickets), one prompt, a 1-layer built model and one LoRA
+    fine-tune of 4 steps named `finetune`; callers add runners, evals and deployments.
+    """
+    return {
+        "version": 1,
+        "project": project,
+        "settings": {
+            "docker_host": host,
+            "docker": {"python": sys.executable, "mounts": [":".join(m) for m in python_mounts()]},
+        },
+        "datasets": {"tickets": {"source": "data/tickets.jsonl",
+                                 "prepare": [{"split": {"eval_fraction": 0.1, "seed": 13}}]}},
+        "prompts": {"support": {"template": "prompts/support.j2", "variables": ["question"],
+                                "response_field": "answer"}},
+        "base_models": {"tiny": {"build": {
+            "architecture": "llama", "hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64,
+            "vocab_size": 300, "max_position_embeddings": 128, "tokenizer_from": "tickets", "seed": 13}}},
+        "finetunes": {finetune: {
+            "base_model": "tiny", "dataset": "tickets", "prompt": "support",
+            "adapter": {"type": "lora", "r": 4, "alpha": 8},
+            "training": {"max_steps": 4, "batch_size": 4, "max_seq_length": 64, "learning_rate": 1.0e-2,
+                         "seed": 13}}},
+    }

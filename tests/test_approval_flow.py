@@ -6,15 +6,11 @@ DVC and training are real.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
-import yaml
 
 from fake_github import TOKEN, FakeGitHub
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "example-project"
 HEAD, MERGE, REPO = "a" * 40, "b" * 40, "acme/support"
 
 CONFIG = """\
@@ -38,21 +34,16 @@ deployments:
 """
 
 
-def _lock(project) -> dict:
-    return yaml.safe_load(project.read("llmops.lock"))["resources"]
-
-
 @pytest.mark.slow
 def test_promotion_waits_for_an_approved_pull_request(project, tmp_path):
-    shutil.copytree(EXAMPLE / "data", project.path("data"))
-    shutil.copytree(EXAMPLE / "prompts", project.path("prompts"))
+    project.copy_example()
     project.write({"llmops.yaml": CONFIG.replace("LOCAL", "false")})
 
     # No GitHub context and no approval: everything else applies, the promotion does not.
     res = project.run("apply", "--auto-approve", env={"GITHUB_SHA": "", "GITHUB_TOKEN": ""})
     assert res.returncode == 1
     assert "promotion needs approval" in res.stdout and "nothing was promoted" in res.stdout
-    lock = _lock(project)
+    lock = project.locked()
     assert "finetunes.lora" in lock and "evals.quality" in lock and "deployments.prod" not in lock
 
     # --approved-by is refused unless the config allows local approvals.
@@ -67,12 +58,12 @@ def test_promotion_waits_for_an_approved_pull_request(project, tmp_path):
         gh.add_review(7, "mallory", "APPROVED", commit_id=HEAD)
         res = project.run("apply", "--auto-approve", env=env)
         assert res.returncode == 1 and "not approved" in res.stdout
-        assert "deployments.prod" not in _lock(project)
+        assert "deployments.prod" not in project.locked()
         # Approved by an allowed reviewer on the last commit: promoted, and the lock says by whom.
         gh.add_review(7, "alice", "APPROVED", commit_id=HEAD)
         res = project.run("apply", "--auto-approve", env=env)
         assert res.returncode == 0, res.stdout + res.stderr
-        approval = _lock(project)["deployments.prod"]["outputs"]["approval"]
+        approval = project.locked()["deployments.prod"]["outputs"]["approval"]
         assert approval["approved"] is True and approval["approver"] == "alice"
         assert approval["pr_number"] == 7 and approval["commit"] == HEAD
         assert TOKEN not in project.read("llmops.lock")  # secrets never reach the lock
@@ -83,4 +74,4 @@ def test_promotion_waits_for_an_approved_pull_request(project, tmp_path):
     project.write({"llmops.yaml": CONFIG.replace("LOCAL", "true").replace("alias: production", "alias: staging")})
     res = project.run("apply", "--auto-approve", "--approved-by", "alice", env={"GITHUB_SHA": ""})
     assert res.returncode == 0, res.stdout + res.stderr
-    assert _lock(project)["deployments.prod"]["outputs"]["approval"]["source"] == "local"
+    assert project.locked()["deployments.prod"]["outputs"]["approval"]["source"] == "local"

@@ -4,14 +4,11 @@ a promotion; a hand-moved alias is drift; rollback and down work. Real MLflow, r
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "example-project"
 
 CONFIG = """\
 version: 1
@@ -64,17 +61,10 @@ def _client(project):
     return client(project.root, {})
 
 
-def _lock(project) -> dict:
-    import yaml
-
-    return yaml.safe_load(project.read("llmops.lock"))["resources"]
-
-
 @pytest.mark.slow
 def test_train_evaluate_promote_serve_gate_drift_rollback(project):
     port = _free_port()
-    shutil.copytree(EXAMPLE / "data", project.path("data"))
-    shutil.copytree(EXAMPLE / "prompts", project.path("prompts"))
+    project.copy_example()
     write = lambda lr="1.0e-2", threshold=">= 0.0", extra="": project.write(  # noqa: E731
         {"llmops.yaml": CONFIG.format(lr=lr, threshold=threshold, port=port, extra=extra)})
     write()
@@ -83,7 +73,7 @@ def test_train_evaluate_promote_serve_gate_drift_rollback(project):
         assert res.returncode == 0, res.stdout + res.stderr
         assert f"deployments.prod: lora v1 -> alias production; serving http://127.0.0.1:{port}" in res.stdout
         assert "evals.quality: rougeL" in res.stdout and "(>= 0 passed)" in res.stdout
-        lock = _lock(project)
+        lock = project.locked()
         dep = lock["deployments.prod"]["outputs"]
         assert dep["version"] == "1" and dep["alias"] == "production"
         assert dep["endpoint"] == f"http://127.0.0.1:{port}"
@@ -108,7 +98,7 @@ def test_train_evaluate_promote_serve_gate_drift_rollback(project):
         res = project.run("apply", "--auto-approve")
         assert res.returncode == 1
         assert f"gate failed, nothing was promoted: evals.quality: rougeL = {rouge:.4g}, needs >= 0.99: missed by" in res.stdout
-        lock = _lock(project)
+        lock = project.locked()
         assert lock["evals.quality"]["outputs"]["run_id"] == run_id  # not re-run
         assert lock["evals.quality"]["outputs"]["passed"] is False
         assert lock["deployments.prod"]["outputs"]["version"] == "1"
@@ -117,7 +107,7 @@ def test_train_evaluate_promote_serve_gate_drift_rollback(project):
         write(lr="2.0e-2")
         res = project.run("apply", "--auto-approve")
         assert res.returncode == 0, res.stdout + res.stderr
-        dep = _lock(project)["deployments.prod"]["outputs"]
+        dep = project.locked()["deployments.prod"]["outputs"]
         assert dep["version"] == "2" and dep["previous"]["version"] == "1"
 
         # Someone moves the alias by hand: plan shows drift, apply puts it back.
@@ -135,7 +125,7 @@ def test_train_evaluate_promote_serve_gate_drift_rollback(project):
         write(lr="2.0e-2", extra=regress)
         res = project.run("apply", "--auto-approve")
         assert res.returncode == 0, res.stdout + res.stderr
-        out = _lock(project)["evals.regress"]["outputs"]
+        out = project.locked()["evals.regress"]["outputs"]
         assert out["baseline"]["deployment"] == "prod"
         assert out["baseline"]["metrics"]["rougeL"] == pytest.approx(out["metrics"]["rougeL"])  # same model served
         gate = out["gates"]["rougeL vs baseline"]
@@ -146,7 +136,7 @@ def test_train_evaluate_promote_serve_gate_drift_rollback(project):
         assert res.returncode == 0, res.stderr
         assert "now points to v1 (was v2)" in res.stdout
         assert str(_client(project).get_model_version_by_alias("lora", "production").version) == "1"
-        assert _lock(project)["deployments.prod"]["outputs"]["version"] == "1"
+        assert project.locked()["deployments.prod"]["outputs"]["version"] == "1"
         assert "No changes." in project.run("plan").stdout
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
             assert json.load(r)["status"] == "ok"

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dockerd import ensure_base_image, ensure_docker, python_mounts, skip_reason
+from dockerd import ensure_base_image, ensure_docker, skip_reason, tiny_project
 from llmops.errors import ProviderError
 from llmops.runners.select import get_runner, parse_mount
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "example-project"
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "llmops.schema.json"
 NAME = "dock-lora"
 ADDR = f"finetunes.{NAME}"
@@ -42,36 +39,14 @@ def base_image(engine: str) -> str:
 
 def config(host: str, image: str) -> dict:
     """A tiny project whose one fine-tune trains with runner: docker in `image`."""
-    return {
-        "version": 1,
-        "project": "docker-flow",
-        "settings": {
-            "docker_host": host,
-            "docker": {"python": sys.executable, "mounts": [":".join(m) for m in python_mounts()]},
-        },
-        "datasets": {"tickets": {"source": "data/tickets.jsonl",
-                                 "prepare": [{"split": {"eval_fraction": 0.1, "seed": 13}}]}},
-        "prompts": {"support": {"template": "prompts/support.j2", "variables": ["question"],
-                                "response_field": "answer"}},
-        "base_models": {"tiny": {"build": {
-            "architecture": "llama", "hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64,
-            "vocab_size": 300, "max_position_embeddings": 128, "tokenizer_from": "tickets", "seed": 13}}},
-        "finetunes": {NAME: {
-            "base_model": "tiny", "dataset": "tickets", "prompt": "support",
-            "adapter": {"type": "lora", "r": 4, "alpha": 8},
-            "training": {"max_steps": 4, "batch_size": 4, "max_seq_length": 64, "learning_rate": 1.0e-2, "seed": 13},
-            "resources": {"runner": "docker", "image": image}}},
-    }
+    doc = tiny_project(host, "docker-flow", NAME)
+    doc["finetunes"][NAME]["resources"] = {"runner": "docker", "image": image}
+    return doc
 
 
 def write_project(project, host: str, image: str) -> None:
-    shutil.copytree(EXAMPLE / "data", project.path("data"))
-    shutil.copytree(EXAMPLE / "prompts", project.path("prompts"))
+    project.copy_example()
     project.write({"llmops.yaml": yaml.safe_dump(config(host, image), sort_keys=False)})
-
-
-def lock_of(project) -> dict:
-    return yaml.safe_load(project.read("llmops.lock"))["resources"]
 
 
 def job_containers(host: str) -> list:
@@ -94,7 +69,7 @@ def test_finetune_trains_in_a_container_through_the_cli(project, engine, base_im
     assert res.returncode == 0, res.stdout + res.stderr
     assert "training with DockerRunner" in res.stdout + res.stderr
 
-    entry = lock_of(project)[ADDR]
+    entry = project.locked()[ADDR]
     import docker
 
     client = docker.DockerClient(base_url=engine)
@@ -139,7 +114,7 @@ def test_missing_image_fails_clearly_and_writes_no_lock_entry(project, engine):
     assert res.returncode == 1, out
     assert f"image {image} is not on the Docker engine" in out
     assert f"docker build -f templates/Dockerfile.train -t {image} ." in out
-    lock = lock_of(project)
+    lock = project.locked()
     assert "base_models.tiny" in lock  # the upstreams before it were applied and recorded
     assert ADDR not in lock
     assert job_containers(engine) == []

@@ -9,7 +9,6 @@ Requests go over real HTTP from the host to the port the engine publishes.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -18,10 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dockerd import ensure_base_image, ensure_docker, python_mounts, skip_reason
+from dockerd import ensure_base_image, ensure_docker, python_mounts, skip_reason, tiny_project
 from llmops.serve.process import free_port
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "example-project"
 NAME = "dock-prod"
 ADDR = f"deployments.{NAME}"
 TOKEN_ENV = "LLMOPS_TEST_SERVE_TOKEN"
@@ -43,26 +41,8 @@ def base_image(engine: str) -> str:
 
 def config(host: str, serve: dict, gates: bool = True) -> dict:
     """A tiny project: a local fine-tune, a perplexity eval, and a deployment that serves it."""
-    doc = {
-        "version": 1,
-        "project": "docker-serve",
-        "settings": {
-            "docker_host": host,
-            "docker": {"python": sys.executable, "mounts": [":".join(m) for m in python_mounts()]},
-        },
-        "datasets": {"tickets": {"source": "data/tickets.jsonl",
-                                 "prepare": [{"split": {"eval_fraction": 0.1, "seed": 13}}]}},
-        "prompts": {"support": {"template": "prompts/support.j2", "variables": ["question"],
-                                "response_field": "answer"}},
-        "base_models": {"tiny": {"build": {
-            "architecture": "llama", "hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64,
-            "vocab_size": 300, "max_position_embeddings": 128, "tokenizer_from": "tickets", "seed": 13}}},
-        "finetunes": {"lora": {
-            "base_model": "tiny", "dataset": "tickets", "prompt": "support",
-            "adapter": {"type": "lora", "r": 4, "alpha": 8},
-            "training": {"max_steps": 4, "batch_size": 4, "max_seq_length": 64, "learning_rate": 1.0e-2, "seed": 13}}},
-        "deployments": {NAME: {"model": "lora", "alias": "production", "serve": serve}},
-    }
+    doc = tiny_project(host, "docker-serve", "lora")
+    doc["deployments"] = {NAME: {"model": "lora", "alias": "production", "serve": serve}}
     if gates:
         doc["evals"] = {"quality": {"model": "lora", "dataset": "tickets", "metrics": ["perplexity"], "limit": 4}}
         doc["deployments"][NAME]["gates"] = ["quality"]
@@ -70,14 +50,8 @@ def config(host: str, serve: dict, gates: bool = True) -> dict:
 
 
 def write_project(project, doc: dict) -> None:
-    if not project.path("data").exists():
-        shutil.copytree(EXAMPLE / "data", project.path("data"))
-        shutil.copytree(EXAMPLE / "prompts", project.path("prompts"))
+    project.copy_example()
     project.write({"llmops.yaml": yaml.safe_dump(doc, sort_keys=False)})
-
-
-def lock_of(project) -> dict:
-    return yaml.safe_load(project.read("llmops.lock"))["resources"]
 
 
 def serve_containers(host: str) -> list:
@@ -112,7 +86,7 @@ def test_apply_serves_in_a_container_and_down_removes_it(project, engine, base_i
     try:
         res = project.run("apply", "--auto-approve", env=env)
         assert res.returncode == 0, res.stdout + res.stderr
-        out = lock_of(project)[ADDR]["outputs"]
+        out = project.locked()[ADDR]["outputs"]
         url = f"http://127.0.0.1:{port}"
         assert out["endpoint"] == url and out["served_model"] == "lora"
         import docker
@@ -148,7 +122,7 @@ def test_apply_serves_in_a_container_and_down_removes_it(project, engine, base_i
         assert "docker build -f templates/Dockerfile.serve -t llmops-not-built-here:0 ." in bad.stdout + bad.stderr
         assert [c.id for c in serve_containers(engine)] == [container.id]
         assert post_json(f"{url}/v1/completions", prompt, TOKEN)[0] == 200
-        assert lock_of(project)[ADDR]["outputs"] == out
+        assert project.locked()[ADDR]["outputs"] == out
         write_project(project, config(engine, serve))
     finally:
         down = project.run("down", NAME, env=env)
@@ -158,7 +132,7 @@ def test_apply_serves_in_a_container_and_down_removes_it(project, engine, base_i
     assert not project.path(f".llmops/serve/{NAME}.json").exists()
     assert "serving lora on http://0.0.0.0:" in project.read(f".llmops/serve/{NAME}.log")  # its output is kept
     # `llmops down` drops the endpoint from the lock, so the next plan has nothing to refresh.
-    assert "endpoint" not in lock_of(project)[ADDR]["outputs"]
+    assert "endpoint" not in project.locked()[ADDR]["outputs"]
     after = project.run("plan", "--detailed-exitcode", env=env)
     assert after.returncode == 0, after.stdout + after.stderr
     assert "No changes." in after.stdout

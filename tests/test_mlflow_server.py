@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "example-project"
 
 CONFIG = """\
 version: 1
@@ -66,8 +63,7 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_apply_against_a_real_tracking_server(project, mlflow_server):
-    shutil.copytree(EXAMPLE / "data", project.path("data"))
-    shutil.copytree(EXAMPLE / "prompts", project.path("prompts"))
+    project.copy_example()
     project.write({"llmops.yaml": CONFIG.format(uri=mlflow_server)})
     res = project.run("apply", "--auto-approve")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -95,8 +91,7 @@ def test_unreachable_tracking_server_fails_before_any_work(project):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    shutil.copytree(EXAMPLE / "data", project.path("data"))
-    shutil.copytree(EXAMPLE / "prompts", project.path("prompts"))
+    project.copy_example()
     project.write({"llmops.yaml": CONFIG.format(uri=f"http://127.0.0.1:{port}")})
     res = project.run("apply", "--auto-approve")
     assert res.returncode == 1

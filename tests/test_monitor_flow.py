@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -20,7 +19,6 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +26,6 @@ from conftest import Project
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "example-project"
 PROMPT = "### Question:\n{q}\n### Answer:\n"  # example-project/prompts/support.j2, as rendered
 
 CONFIG = """\
@@ -152,9 +149,7 @@ class Flow:
             return db.execute(sql, params).fetchall()
 
     def lock(self) -> dict:
-        import yaml
-
-        return yaml.safe_load(self.project.read("llmops.lock"))["resources"]
+        return self.project.locked()
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +157,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("monflow") / "proj"
     root.mkdir()
     project = Project(root)
-    shutil.copytree(EXAMPLE / "data", project.path("data"))
-    shutil.copytree(EXAMPLE / "prompts", project.path("prompts"))
+    project.copy_example()
     hook = Receiver()
     f = Flow(project, _free_port(), hook)
     f.write()
