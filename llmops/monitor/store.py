@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import queue
+from abc import ABC, abstractmethod
 import sqlite3
 import threading
 import time
@@ -52,11 +53,11 @@ SQLITE_DDL = (
 )
 
 
-class RequestStore:
+class RequestStore(ABC):
     """Append-only log of requests and feedback with a background batch writer.
 
-    Subclasses provide `_connect()`, `_execute_many(conn, sql, rows)`, `_query(sql, params)`
-    and `_ensure_schema()`. Rows are never updated or deleted.
+    Backends (SQLite here, PostgreSQL in `llmops.monitor.postgres`) implement `describe`,
+    `_write`, `_query` and `_close_connections`. Rows are never updated or deleted.
     """
 
     placeholder = "?"
@@ -225,18 +226,22 @@ class RequestStore:
     def count(self) -> int:
         return int(self.query("SELECT COUNT(*) FROM requests")[0][0])
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """The store's URL without secrets, for messages."""
 
     # --- backend hooks -------------------------------------------------------------------
+    @abstractmethod
     def _write(self, sql: str, rows: Iterable[Sequence[Any]], writer: bool = False) -> None:
-        raise NotImplementedError
+        """Execute `sql` for every row in one transaction (on the writer's connection if `writer`)."""
 
+    @abstractmethod
     def _query(self, sql: str, params: tuple) -> list[tuple]:
-        raise NotImplementedError
+        """Run a read query written with `?` placeholders (a backend translates them)."""
 
+    @abstractmethod
     def _close_connections(self) -> None:
-        raise NotImplementedError
+        """Close every connection the store opened."""
 
 
 class SqliteStore(RequestStore):
