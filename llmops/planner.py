@@ -11,13 +11,12 @@ import hashlib
 from typing import Any, Iterable
 
 from llmops.addrs import address_sort_key
-from llmops.errors import LlmopsError, PlanError
+from llmops.errors import LlmopsError, PlanError, StalePlanError
 from llmops.fingerprint import (
     LOCK_ONLY_FIELDS,
     FileHasher,
     canonical_json,
     fingerprint,
-    fingerprint_spec,
     locked_spec,
 )
 from llmops.graph import Graph
@@ -48,11 +47,13 @@ def make_plan(
     planned: dict[str, ResourceChange] = {}
     live: list[str] = []
     changes: list[ResourceChange] = []
+    all_files: dict[str, str] = {}
 
     for addr in order:
         res = config.resources[addr]
         provider = project.provider(res.kind)
         files = {rel: hasher.md5(rel) for rel in (provider.file_inputs(res.name, res.spec) if provider else [])}
+        all_files.update(files)
         content = _content_fingerprint(provider, res.name, res.spec)
         ups = {u: desired_fp[u] for u in config.deps.get(addr, [])}
         fp = fingerprint(res.kind, res.spec, files, ups, content)
@@ -91,7 +92,7 @@ def make_plan(
     return Plan(
         changes=changes,
         lock_digest=project.lock.digest(),
-        config_digest=config_digest(project, hasher),
+        config_digest=_config_digest(project, all_files),
         live_digest=hashlib.sha256("\n".join(live).encode()).hexdigest() if refresh else "",
         target=config.target,
         refresh=refresh,
@@ -233,16 +234,13 @@ def _deletions(project: Project, graph: Graph) -> list[ResourceChange]:
     ]
 
 
-def config_digest(project: Project, hasher: FileHasher | None = None) -> str:
+def _config_digest(project: Project, files: dict[str, str]) -> str:
     """Digest of everything desired state is made of: config text, target, input files."""
     h = hashlib.sha256()
     h.update(project.config.doc.text.encode())
     h.update(f"\0target={project.config.target}\0".encode())
-    hasher = hasher or FileHasher(project.root, project.state_dir / "cache" / "file-md5.json")
-    for res in project.config.resources.values():
-        provider = project.provider(res.kind)
-        for rel in sorted(provider.file_inputs(res.name, res.spec) if provider else []):
-            h.update(f"{rel}={hasher.md5(rel)}\0".encode())
+    for rel in sorted(files):
+        h.update(f"{rel}={files[rel]}\0".encode())
     return h.hexdigest()
 
 
@@ -252,27 +250,18 @@ def _unknown_address(addr: str, known: list[str]) -> None:
     raise LlmopsError(f"unknown resource address '{addr}'.{hint}")
 
 
-def desired_fingerprints(plan: Plan) -> dict[str, str]:
-    return {c.address: c.after["fingerprint"] for c in plan.changes if c.after}
-
-
-__all__ = ["make_plan", "config_digest", "desired_fingerprints", "fingerprint_spec"]
-
-
 def check_saved_plan(project: Project, saved: Plan) -> None:
     """Refuse a saved plan when the lock, config or live state moved since it was made."""
-    from llmops.errors import StalePlanError
-
     if saved.target != project.config.target:
         raise StalePlanError(f"the saved plan was made for target {saved.target!r}, not {project.config.target!r}; "
                              "run `llmops plan` again with the same --target.")
-    if saved.lock_digest != project.lock.digest():
+    # The same plan made now carries the digests to compare (one pass over the inputs).
+    fresh = make_plan(project, refresh=saved.refresh, select=saved.selected)
+    if saved.lock_digest != fresh.lock_digest:
         raise StalePlanError("saved plan is stale: llmops.lock changed since it was made; run `llmops plan` again.")
-    if saved.config_digest != config_digest(project):
+    if saved.config_digest != fresh.config_digest:
         raise StalePlanError("saved plan is stale: llmops.yaml or a file it reads changed since it was made; "
                              "run `llmops plan` again.")
-    if saved.refresh:
-        fresh = make_plan(project, refresh=True, select=saved.selected)
-        if fresh.live_digest != saved.live_digest:
-            raise StalePlanError("saved plan is stale: live state (registry, outputs on disk, endpoints) changed "
-                                 "since it was made; run `llmops plan` again.")
+    if saved.refresh and fresh.live_digest != saved.live_digest:
+        raise StalePlanError("saved plan is stale: live state (registry, outputs on disk, endpoints) changed "
+                             "since it was made; run `llmops plan` again.")
