@@ -215,7 +215,7 @@ def _apply_change(project: Project, change: ResourceChange, hooks: ApplyHooks, c
         progress=lambda event: hooks.progress(change.address, event),
         cancelled=cancel.is_set,
     )
-    result = provider.apply(request)
+    result = provider.restore(request) if change.action == "restore" else provider.apply(request)
     if not isinstance(result, ApplyResult):
         raise ProviderError(f"{change.address}: provider returned {type(result).__name__}, not ApplyResult")
     return result

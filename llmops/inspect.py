@@ -14,6 +14,7 @@ _STATUS = {
     "no-op": "up to date",
     "create": "not applied",
     "update": "changed (update pending)",
+    "restore": "missing here, held by a shared store (restore pending)",
     "replace": "changed (replace pending)",
     "delete": "removed from llmops.yaml (delete pending)",
 }

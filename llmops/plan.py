@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIONS = ("create", "update", "replace", "delete", "no-op")
-CHANGE_ACTIONS = ("create", "update", "replace", "delete")
+ACTIONS = ("create", "update", "restore", "replace", "delete", "no-op")
+CHANGE_ACTIONS = ("create", "update", "restore", "replace", "delete")
 
 
 @dataclass
@@ -81,5 +81,7 @@ class Plan:
 
     def summary_line(self) -> str:
         s = self.summary()
-        return (f"Plan: {s['create']} to create, {s['replace']} to replace, "
+        # `restore` is named only when there is one, so plans without shared stores read as before.
+        restore = f"{s['restore']} to restore, " if s["restore"] else ""
+        return (f"Plan: {s['create']} to create, {restore}{s['replace']} to replace, "
                 f"{s['update']} to update, {s['delete']} to delete.")

@@ -8,7 +8,8 @@ from llmops.plan import Plan, ResourceChange
 
 MAX_CHARS = 60_000
 MARKER = "<!-- llmops-plan -->"
-_ICON = {"create": "🟢 create", "update": "🟡 update", "replace": "🟣 replace", "delete": "🔴 delete", "no-op": "no-op"}
+_ICON = {"create": "🟢 create", "update": "🟡 update", "restore": "🔵 restore", "replace": "🟣 replace",
+         "delete": "🔴 delete", "no-op": "no-op"}
 
 
 def _cell(text: str, limit: int = 200) -> str:

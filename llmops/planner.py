@@ -23,7 +23,7 @@ from llmops.graph import Graph
 from llmops.plan import Plan, ResourceChange
 from llmops.project import Project
 
-_ACTION_RANK = {"no-op": 0, "update": 1, "replace": 2}
+_ACTION_RANK = {"no-op": 0, "update": 1, "restore": 2, "replace": 3}
 
 
 def make_plan(
@@ -71,6 +71,13 @@ def make_plan(
             after["content"] = content
         change = _decide(project, provider, res.kind, res.name, res.spec, locked, after,
                          planned, refresh, live)
+        found = None
+        if refresh and provider and change.action in ("create", "replace") and addr not in replace:
+            found = provider.find_existing(res.name, res.spec, fp)
+            if found is not None:
+                change.action = "restore"
+                change.reasons.append(found.reason)
+                live.append(f"{addr}: {found.reason}")
         _propagate_rebuilds(change, provider, planned, config.deps.get(addr, []))
         if addr in replace and change.action != "create":
             change.action = "replace"
@@ -79,6 +86,8 @@ def make_plan(
         change.depends_on = list(config.deps.get(addr, []))
         if provider and change.action != "no-op":
             change.private = provider.plan_private(res.name, res.spec, locked)
+            if found is not None:
+                change.private["found"] = found.private
         if provider:
             change.details = provider.describe(res.name, res.spec, locked)
             if refresh and locked is not None:
@@ -103,7 +112,7 @@ def make_plan(
 def _propagate_rebuilds(change: ResourceChange, provider, planned: dict[str, ResourceChange], deps: list[str]) -> None:
     """An upstream rebuilt for a reason that leaves its fingerprint alone (drift, --replace)
     still produces new outputs: what reads them must follow."""
-    if change.action not in ("no-op", "update") or change.lock_only:
+    if change.action not in ("no-op", "update", "restore") or change.lock_only:
         return
     rebuilt = [u for u in deps if u in planned and planned[u].action == "replace"
                and f"upstream {u} changed" not in change.reasons]

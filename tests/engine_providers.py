@@ -2,7 +2,10 @@
 
 `RecordingProvider` writes `out/<kind>.<name>.txt` holding the fingerprint; it fails when
 a file `FAIL_<name>` exists in the project, sleeps while `SLOW_<name>` exists, and reports
-drift when its output file is gone.
+drift when its output file is gone. When the project has a folder `store/` (a stand-in for a
+shared store such as a DVC remote), apply also copies each output there by fingerprint, a
+missing output held by the store is a `restore`, and an output made for the same fingerprint
+elsewhere is found (`find_existing`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 from pathlib import Path
 
 from llmops.errors import ProviderError
-from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
+from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, Provider
 
 CALLS: list[tuple[str, str]] = []
 _active = 0
@@ -40,10 +43,37 @@ class RecordingProvider(Provider):
         src = spec.get("source")
         return [src] if isinstance(src, str) else []
 
+    def stored(self, name: str, fingerprint: str) -> Path | None:
+        store = self.ctx.root / "store"
+        if not store.is_dir():
+            return None
+        return store / f"{self.kind}.{name}.{fingerprint.split(':')[-1][:12]}.txt"
+
     def refresh(self, name, spec, locked):
         if not self.out(name).exists():
+            held = self.stored(name, locked.fingerprint)
+            if held is not None and held.is_file():
+                return [Drift(f"output missing: out/{self.kind}.{name}.txt; the store holds it", "restore")]
             return [Drift(f"output missing: out/{self.kind}.{name}.txt", "replace")]
         return []
+
+    def find_existing(self, name, spec, fingerprint):
+        held = self.stored(name, fingerprint)
+        if held is not None and held.is_file():
+            return Found(f"made elsewhere for this fingerprint: {held.name}", {"file": held.name})
+        return None
+
+    def restore(self, request: ApplyRequest) -> ApplyResult:
+        CALLS.append((request.address, "restore"))
+        held = self.stored(request.name, request.fingerprint)
+        if held is None or not held.is_file() or held.read_text() != request.fingerprint:
+            raise ProviderError(f"{request.address}: the store no longer holds it")
+        out = self.out(request.name)
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(held.read_text())
+        return ApplyResult(outputs={"path": str(out.relative_to(self.ctx.root)),
+                                    "upstream": sorted(request.upstream)},
+                           inputs={"action": "restore"})
 
     def alerts(self, name, spec, locked):
         path = self.ctx.root / f"ALERT_{name}"
@@ -68,6 +98,9 @@ class RecordingProvider(Provider):
             out = self.out(request.name)
             out.parent.mkdir(exist_ok=True)
             out.write_text(request.fingerprint)
+            held = self.stored(request.name, request.fingerprint)
+            if held is not None:
+                held.write_text(request.fingerprint)
             return ApplyResult(outputs={"path": str(out.relative_to(root)),
                                         "upstream": sorted(request.upstream)},
                                inputs={"action": request.action})

@@ -264,3 +264,62 @@ def test_a_rebuild_for_drift_or_replace_is_followed_downstream(proj):
     assert plan.get("prompts.p").action == plan.get("datasets.b").action == "no-op"
     plan = plan_of(proj, refresh=False, replace=["finetunes.f"])
     assert plan.get("evals.e").reasons == ["upstream finetunes.f will be replaced"]
+
+
+def test_a_missing_output_held_by_a_store_is_restored_and_nothing_downstream_rebuilds(proj):
+    proj.path("store").mkdir()
+    apply_all(proj)
+    proj.path("out/datasets.a.txt").unlink()
+    plan = plan_of(proj)
+    assert actions(plan)["datasets.a"] == "restore"
+    assert plan.get("datasets.a").reasons == ["drift: output missing: out/datasets.a.txt; the store holds it"]
+    assert {a for a, act in actions(plan).items() if act != "no-op"} == {"datasets.a"}
+    assert plan.summary_line() == "Plan: 0 to create, 1 to restore, 0 to replace, 0 to update, 0 to delete."
+    ep.reset()
+    report, _ = apply_all(proj)
+    assert report.ok and ep.CALLS == [("datasets.a", "restore")]
+    assert proj.path("out/datasets.a.txt").exists()
+    assert not plan_of(proj).has_changes
+    # Without the store's copy the same drift is a rebuild, followed downstream.
+    proj.path("out/datasets.a.txt").unlink()
+    for held in proj.path("store").glob("datasets.a.*"):
+        held.unlink()
+    plan = plan_of(proj)
+    assert actions(plan)["datasets.a"] == "replace" and actions(plan)["finetunes.f"] == "replace"
+
+
+def test_an_output_made_elsewhere_for_the_same_fingerprint_is_restored_not_rebuilt(proj):
+    proj.path("store").mkdir()
+    apply_all(proj)
+    old_lock = proj.read("llmops.lock")
+    # Another checkout (say, a pull request's CI job) applies a new learning rate ...
+    proj.write({"llmops.yaml": CONFIG.replace("0.0002", "0.0001")})
+    apply_all(proj)
+    # ... and this one merges the config without that lock, its outputs absent here.
+    proj.write({"llmops.lock": old_lock})
+    for rel in ("out/finetunes.f.txt", "out/evals.e.txt"):
+        proj.path(rel).unlink()
+    plan = plan_of(proj)
+    assert actions(plan)["finetunes.f"] == "restore"
+    assert any(r.startswith("made elsewhere for this fingerprint") for r in plan.get("finetunes.f").reasons)
+    assert actions(plan)["evals.e"] == "restore"
+    assert actions(plan)["deployments.d"] == "update"
+    assert plan_of(proj, refresh=False).get("finetunes.f").action == "replace"  # no store lookups
+    assert plan_of(proj, replace=["finetunes.f"]).get("finetunes.f").action == "replace"
+    ep.reset()
+    report, _ = apply_all(proj)
+    assert report.ok
+    assert sorted(ep.CALLS) == [("deployments.d", "update"), ("evals.e", "restore"), ("finetunes.f", "restore")]
+    assert not plan_of(proj).has_changes
+
+
+def test_a_restore_whose_store_lost_the_output_fails_and_says_so(proj):
+    proj.path("store").mkdir()
+    apply_all(proj)
+    proj.path("out/datasets.b.txt").unlink()
+    p = opened(proj)
+    plan = make_plan(p)
+    for held in proj.path("store").glob("datasets.b.*"):
+        held.unlink()
+    report = apply_plan(p, plan)
+    assert report.failed == {"datasets.b": "datasets.b: the store no longer holds it"}

@@ -12,8 +12,10 @@ from llmops.apply import ApplyHooks, ApplyReport
 from llmops.plan import Plan, ResourceChange
 from llmops.providers.base import ProgressEvent
 
-SYMBOL = {"create": "+", "update": "~", "replace": "-/+", "delete": "-", "no-op": " "}
-STYLE = {"create": "green", "update": "yellow", "replace": "magenta", "delete": "red", "no-op": "dim"}
+# `<=` is Terraform's symbol for reading (a data source): a restore reads a shared store.
+SYMBOL = {"create": "+", "update": "~", "restore": "<=", "replace": "-/+", "delete": "-", "no-op": " "}
+STYLE = {"create": "green", "update": "yellow", "restore": "cyan", "replace": "magenta", "delete": "red",
+         "no-op": "dim"}
 
 
 def render_plan(console: Console, plan: Plan, show_noop: bool = False) -> None:
@@ -83,7 +85,8 @@ class RichHooks(ApplyHooks):
             self.bar.stop()
 
     def pre_apply(self, change: ResourceChange) -> None:
-        verb = {"create": "creating", "update": "updating", "replace": "replacing", "delete": "deleting"}[change.action]
+        verb = {"create": "creating", "update": "updating", "restore": "restoring", "replace": "replacing",
+                "delete": "deleting"}[change.action]
         if self.bar:
             self.tasks[change.address] = self.bar.add_task(f"{change.address} ({verb})", total=None, note="")
         else:

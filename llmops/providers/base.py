@@ -44,10 +44,27 @@ class ProviderContext:
 
 @dataclass(frozen=True)
 class Drift:
-    """Live state differs from the lock: `reason` is for people, `action` is what fixes it."""
+    """Live state differs from the lock: `reason` is for people, `action` is what fixes it.
+
+    `restore` means the locked output is missing here but a shared store holds exactly that
+    content: apply fetches it and verifies its hash (`Provider.restore`); nothing downstream
+    is rebuilt for it. A provider says `replace` only when no store holds it, and says why.
+    """
 
     reason: str
-    action: str = "replace"  # "update" or "replace"
+    action: str = "replace"  # "update", "restore" or "replace"
+
+
+@dataclass(frozen=True)
+class Found:
+    """A shared store already holds the output made for exactly this fingerprint (say, the
+    version a pull request's CI job trained): the plan restores it instead of rebuilding.
+
+    `reason` is for people; `private` reaches `Provider.restore` as `request.private["found"]`.
+    """
+
+    reason: str
+    private: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +151,24 @@ class Provider(ABC):
     def alerts(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[str]:
         """Open alerts about the live resource (e.g. monitoring drift), shown by plan with refresh."""
         return []
+
+    def find_existing(self, name: str, spec: dict[str, Any], fingerprint: str) -> Found | None:
+        """With refresh, for a resource the lock does not hold at this fingerprint: does a shared
+        store already hold its output (made by another checkout)? Called only where the
+        fingerprint itself changed, never for a forced rebuild (--replace, a rebuilt upstream)."""
+        return None
+
+    def restore(self, request: ApplyRequest) -> ApplyResult:
+        """Fetch a `restore` change's output from the shared store and verify its hash.
+
+        `request.before` is the lock entry when the drift was a missing output;
+        `request.private["found"]` is `Found.private` when the output was found by fingerprint.
+        Raise ProviderError (naming the store and the fix) when the store no longer has it.
+        """
+        from llmops.errors import ProviderError
+
+        raise ProviderError(f"{request.address}: this kind cannot restore outputs from a shared store; "
+                            f"run `llmops apply --replace {request.address}` to rebuild it.")
 
     def plan_private(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
         """Data handed from plan to apply (Terraform's `Private`); JSON-serialisable."""
