@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,15 +80,33 @@ def test_drift_when_outputs_are_deleted(proj):
     assert proj.run("apply", "--auto-approve").returncode == 0
     proj.path(".llmops/data/tickets/train.jsonl").unlink()
     res = proj.run("plan")
-    assert "datasets.tickets  replace" in res.stdout and "drift: outputs missing" in res.stdout
+    # DVC's cache still holds the locked content: a checkout, not a rebuild.
+    assert "datasets.tickets  restore" in res.stdout and "drift: outputs missing" in res.stdout
+    assert "the DVC cache holds the locked content" in res.stdout
     assert "No changes." in proj.run("plan", "--refresh=false").stdout
+    res = proj.run("apply", "--auto-approve")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "restoring" in res.stdout and proj.path(".llmops/data/tickets/train.jsonl").is_file()
+    assert "No changes." in proj.run("plan").stdout
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=proj.root, capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert "up to date" in status.stdout, status.stdout + status.stderr
+
+    # With the cache gone too, nothing holds it: rebuilt, and said so.
+    import shutil
+
+    shutil.rmtree(proj.path(".dvc/cache"))
+    proj.path(".llmops/data/tickets/train.jsonl").unlink()
+    res = proj.run("plan")
+    assert "datasets.tickets  replace" in res.stdout
+    assert "neither the DVC cache nor a remote holds the locked content: will be rebuilt" in res.stdout
 
 
 def test_json_markdown_and_saved_plan(proj):
     res = proj.run("plan", "--json")
     data = json.loads(res.stdout)
     assert data["format_version"] == 1
-    assert data["summary"] == {"create": 2, "update": 0, "replace": 0, "delete": 0, "no-op": 0}
+    assert data["summary"] == {"create": 2, "update": 0, "restore": 0, "replace": 0, "delete": 0, "no-op": 0}
     assert [c["address"] for c in data["resource_changes"]] == ["datasets.notes", "datasets.tickets"]
     change = data["resource_changes"][1]
     assert {"address", "action", "reasons", "before", "after"} <= set(change)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -93,7 +94,9 @@ def test_apply_writes_outputs_lock_and_dvc_is_clean(env: Env) -> None:
     # dvc.yaml: llmops header, one stage running this interpreter
     text = (root / "dvc.yaml").read_text()
     assert text.startswith(DVC_YAML_HEADER) and text == render_dvc_yaml({"tickets": TICKETS})
-    assert yaml.safe_load(text)["stages"]["datasets-tickets"]["cmd"].startswith(sys.executable)
+    # no path of this machine: any clone with its own venv agrees with `dvc status`
+    assert yaml.safe_load(text)["stages"]["datasets-tickets"]["cmd"] == \
+        "python -m llmops.data.stage .llmops/data/tickets/spec.json"
     # profile and report
     profile = json.loads((root / out["profile"]).read_text())
     assert profile["duplicates_removed"]["exact"] == 1 and profile["steps"][1]["removed"] == 1
@@ -116,14 +119,25 @@ def test_refresh_reports_missing_and_changed_outputs(env: Env) -> None:
     with open(env.root / out["eval"]["path"], "a") as fh:
         fh.write('{"question": "sneaked in"}\n')
     drifts = env.provider.refresh("tickets", TICKETS, env.locked)
-    assert [d.reason for d in drifts] == [
-        "outputs missing: .llmops/data/tickets/train.jsonl",
-        "outputs changed on disk: .llmops/data/tickets/eval.jsonl",
-    ]
+    assert [(d.reason, d.action) for d in drifts] == [(
+        "outputs missing: .llmops/data/tickets/train.jsonl; outputs changed on disk: "
+        ".llmops/data/tickets/eval.jsonl; the DVC cache holds the locked content: will be checked out, "
+        "not rebuilt", "restore")]
     assert "Data and pipelines are up to date." not in env.dvc_status()
-    # apply puts them back as they were
-    assert env.apply()["outputs"] == out
+    # restore checks them out of the cache as they were, without running the stage
+    stage_runs = (env.root / ".llmops/data/tickets/profile.json").stat().st_mtime_ns
+    request = ApplyRequest(address="datasets.tickets", name="tickets", spec=TICKETS, action="restore",
+                           fingerprint="f", before=env.locked, upstream={})
+    assert env.provider.restore(request).outputs == out
     assert env.provider.refresh("tickets", TICKETS, env.locked) == []
+    assert (env.root / ".llmops/data/tickets/profile.json").stat().st_mtime_ns == stage_runs
+    assert "Data and pipelines are up to date." in env.dvc_status()
+    # without the cache nothing holds it: a rebuild, and the plan says why
+    shutil.rmtree(env.root / ".dvc" / "cache")
+    (env.root / out["train"]["path"]).unlink()
+    drifts = env.provider.refresh("tickets", TICKETS, env.locked)
+    assert [d.action for d in drifts] == ["replace"] and "will be rebuilt" in drifts[0].reason
+    assert env.apply()["outputs"] == out
 
 
 def test_source_change_updates_md5s_and_load_split(env: Env) -> None:

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -108,12 +107,16 @@ def _stage_entry(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     outs: list[Any] = [f"{d}/train.jsonl"]
     if _has_split(spec):
         outs.append(f"{d}/eval.jsonl")
-    outs.append({report_dir(name): {"cache": False}})
+    # The report and profile are cached too: a clone that checks the data out from the DVC
+    # cache or remote gets them back as well, so `dvc status` there is clean.
+    outs.append(report_dir(name))
     return {
-        "cmd": f"{shlex.quote(sys.executable)} -m llmops.data.stage {d}/spec.json",
+        # No path of this machine: DVC runs with our interpreter first on PATH (see `_dvc`), so
+        # `dvc status` in another clone with its own venv agrees.
+        "cmd": f"python -m llmops.data.stage {d}/spec.json",
         "deps": [_source(spec), f"{d}/spec.json"],
         "outs": outs,
-        "metrics": [{f"{d}/profile.json": {"cache": False}}],
+        "metrics": [f"{d}/profile.json"],
     }
 
 
@@ -147,6 +150,8 @@ def _write_dvc_yaml(root: Path, datasets: dict[str, dict[str, Any]]) -> None:
 def _dvc(root: Path, args: list[str], log: Callable[[str], None]) -> subprocess.CompletedProcess[str]:
     """Run `python -m dvc ARGS` in the project; its output lines go to `log`, never to stdout."""
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    # Stage commands say `python -m ...`: this interpreter's folder comes first on PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         cwd=root,
@@ -223,6 +228,46 @@ def read_dvc_lock_stage(root: Path, stage: str) -> dict[str, Any]:
         return {str(i["path"]): str(i.get("md5", "")) for i in entry.get(key) or [] if isinstance(i, dict)}
 
     return {"deps": table("deps"), "outs": table("outs")}
+
+
+def _default_remote_url(root: Path) -> str | None:
+    """The default remote's URL from .dvc/config (committed), without a password; None if unset."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(root / ".dvc" / "config", encoding="utf-8")
+        name = parser.get("core", "remote", fallback=None)
+        if not name:
+            return None
+        return _public_url(parser.get(f"'remote \"{name}\"'", "url", fallback="") or name)
+    except configparser.Error:
+        return None
+
+
+def dvc_store_holding(root: Path, stage: str, md5s: list[str]) -> str | None:
+    """Which DVC store holds every one of these output md5s: "the DVC cache", "the DVC remote
+    URL", or None. The local cache is looked up on disk; a remote through `dvc status --cloud`
+    (only asked when the cache lacks something, so a plan of a healthy project never calls DVC)."""
+    if not md5s or not all(md5s):
+        return None
+    cache = root / ".dvc" / "cache" / "files" / "md5"
+    if all((cache / m[:2] / m[2:]).is_file() for m in md5s):
+        return "the DVC cache"
+    url = _default_remote_url(root)
+    if url is None or not (root / "dvc.lock").is_file():
+        return None
+    with _DVC_LOCK:
+        proc = _dvc(root, ["status", "--cloud", "--json", stage], lambda line: None)
+    if proc.returncode != 0:
+        return None
+    try:
+        status = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+    except (ValueError, IndexError):
+        return None
+    if any(v == "missing" for v in status.values()):
+        return None
+    return f"the DVC remote {url}"
 
 
 # --- md5 of outputs, cached by size and mtime ---------------------------------------------
@@ -303,14 +348,24 @@ class DatasetsProvider(Provider):
         if not path.is_file():
             raise ProviderError(f"{address}: source file {source} not found; create it or fix `source` in llmops.yaml.")
 
+    def _stage_files(self, request: ApplyRequest, log: Callable[[str], None]) -> None:
+        """spec.json and dvc.yaml as this spec makes them (the same bytes on every machine)."""
+        root = self.ctx.root
+        try:
+            canonical = stage_spec(request.name, request.spec)
+        except LlmopsError as exc:
+            raise ProviderError(f"{request.address}: {exc.message}") from None
+        ensure_dvc_repo(root, log)
+        spec_path = root / data_dir(request.name) / "spec.json"
+        text = json.dumps(canonical, indent=2, sort_keys=True) + "\n"
+        if not spec_path.exists() or spec_path.read_text(encoding="utf-8") != text:
+            atomic_write_text(spec_path, text)
+        _write_dvc_yaml(root, self._datasets(request.name, request.spec))
+
     def apply(self, request: ApplyRequest) -> ApplyResult:
         name, spec, address = request.name, request.spec, request.address
         root = self.ctx.root
         self._check_source(address, spec)
-        try:
-            canonical = stage_spec(name, spec)
-        except LlmopsError as exc:
-            raise ProviderError(f"{address}: {exc.message}") from None
         stage = stage_name(name)
         remote = self.ctx.settings.get("dvc_remote")
 
@@ -318,12 +373,7 @@ class DatasetsProvider(Provider):
             self.ctx.log(address, message)
 
         with _DVC_LOCK:
-            ensure_dvc_repo(root, log)
-            spec_path = root / data_dir(name) / "spec.json"
-            text = json.dumps(canonical, indent=2, sort_keys=True) + "\n"
-            if not spec_path.exists() or spec_path.read_text(encoding="utf-8") != text:
-                atomic_write_text(spec_path, text)
-            _write_dvc_yaml(root, self._datasets(name, spec))
+            self._stage_files(request, log)
             # A replace (a changed spec, drift, or --replace) re-runs the stage even when DVC
             # considers it up to date: that is what "force a rebuild" means.
             self._reproduce(root, address, name, stage, log, force=request.action == "replace")
@@ -331,6 +381,38 @@ class DatasetsProvider(Provider):
                 self._push(root, address, stage, remote, log)
             lock = read_dvc_lock_stage(root, stage)
         return self._result(root, name, spec, lock, remote)
+
+    def restore(self, request: ApplyRequest) -> ApplyResult:
+        """Check the locked outputs out of the DVC cache, pulling from the remote when the
+        cache lacks them, and verify their md5 against llmops.lock. Nothing is re-run."""
+        address, root = request.address, self.ctx.root
+        before = request.before
+        if before is None:
+            raise ProviderError(f"{address}: nothing is recorded in llmops.lock to restore; run `llmops apply`.")
+        stage = stage_name(request.name)
+
+        def log(message: str) -> None:
+            self.ctx.log(address, message)
+
+        with _DVC_LOCK:
+            self._stage_files(request, log)
+            remote = self.ctx.settings.get("dvc_remote")
+            if remote:
+                self._add_remote(root, address, remote, log)
+            proc = _dvc(root, ["checkout", "--force", stage], log)
+            if proc.returncode != 0 or self._missing_or_changed(before):
+                proc = _dvc(root, ["pull", "--force", stage], log)
+                if proc.returncode != 0:
+                    raise ProviderError(
+                        f"{address}: cannot restore the prepared data from the DVC cache or remote "
+                        f"({_dvc_error(proc)}); run `llmops apply --replace {address}` to prepare it again."
+                    )
+        bad = self._missing_or_changed(before)
+        if bad:
+            raise ProviderError(f"{address}: restored outputs do not match llmops.lock ({', '.join(bad)}); "
+                                f"run `llmops apply --replace {address}` to prepare them again.")
+        self.ctx.log(address, "restored from the DVC store (md5 verified)")
+        return ApplyResult(outputs=dict(before.outputs), inputs=dict(before.inputs))
 
     def _reproduce(self, root: Path, address: str, name: str, stage: str, log: Callable[[str], None],
                    force: bool = False) -> None:
@@ -342,16 +424,25 @@ class DatasetsProvider(Provider):
                 raise ProviderError(error_file.read_text(encoding="utf-8").strip())
             raise ProviderError(f"{address}: DVC stage {stage} failed: {_dvc_error(proc)}; fix the cause and apply again.")
 
-    def _push(self, root: Path, address: str, stage: str, remote: str, log: Callable[[str], None]) -> None:
+    def _add_remote(self, root: Path, address: str, remote: str, log: Callable[[str], None]) -> None:
         # `dvc remote add` resolves a relative folder against the project root (its cwd) and
         # stores it relative to .dvc/, so the committed config stays portable.
-        for args in (["remote", "add", "--default", "--force", REMOTE_NAME, remote], ["push", stage]):
-            proc = _dvc(root, args, log)
-            if proc.returncode != 0:
-                raise ProviderError(
-                    f"{address}: cannot push to the DVC remote {_public_url(remote)!r}: {_dvc_error(proc)}; "
-                    "check settings.dvc_remote."
-                )
+        from llmops.extras import require_store_support
+
+        require_store_support(remote, "settings.dvc_remote")
+        proc = _dvc(root, ["remote", "add", "--default", "--force", REMOTE_NAME, remote], log)
+        if proc.returncode != 0:
+            raise ProviderError(f"{address}: cannot configure the DVC remote {_public_url(remote)!r}: "
+                                f"{_dvc_error(proc)}; check settings.dvc_remote.")
+
+    def _push(self, root: Path, address: str, stage: str, remote: str, log: Callable[[str], None]) -> None:
+        self._add_remote(root, address, remote, log)
+        proc = _dvc(root, ["push", stage], log)
+        if proc.returncode != 0:
+            raise ProviderError(
+                f"{address}: cannot push to the DVC remote {_public_url(remote)!r}: {_dvc_error(proc)}; "
+                "check settings.dvc_remote."
+            )
 
     def _result(self, root: Path, name: str, spec: dict[str, Any], lock: dict[str, Any], remote: str | None) -> ApplyResult:
         d = data_dir(name)
@@ -371,24 +462,41 @@ class DatasetsProvider(Provider):
             outputs["remote"] = _public_url(remote)
         return ApplyResult(outputs=outputs, inputs={"source_md5": lock["deps"].get(_source(spec), "")})
 
-    def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
-        missing: list[str] = []
-        changed: list[str] = []
+    def _missing_or_changed(self, locked: LockedResource) -> list[str]:
+        """Locked split outputs that are missing here or whose md5 differs from the lock."""
+        bad = []
         for split in ("train", "eval"):
             entry = locked.outputs.get(split)
             if not isinstance(entry, dict) or "path" not in entry:
                 continue
             path = self.ctx.root / entry["path"]
+            if not path.is_file() or file_md5(path) != entry.get("md5"):
+                bad.append(entry["path"])
+        return bad
+
+    def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
+        missing: list[str] = []
+        changed: list[str] = []
+        md5s: list[str] = []
+        for split in ("train", "eval"):
+            entry = locked.outputs.get(split)
+            if not isinstance(entry, dict) or "path" not in entry:
+                continue
+            md5s.append(str(entry.get("md5") or ""))
+            path = self.ctx.root / entry["path"]
             if not path.is_file():
                 missing.append(entry["path"])
             elif file_md5(path) != entry.get("md5"):
                 changed.append(entry["path"])
-        drifts = []
-        if missing:
-            drifts.append(Drift(f"outputs missing: {', '.join(missing)}"))
-        if changed:
-            drifts.append(Drift(f"outputs changed on disk: {', '.join(changed)}"))
-        return drifts
+        if not missing and not changed:
+            return []
+        what = "; ".join(
+            part for part in (f"outputs missing: {', '.join(missing)}" if missing else "",
+                              f"outputs changed on disk: {', '.join(changed)}" if changed else "") if part)
+        store = dvc_store_holding(self.ctx.root, stage_name(name), md5s)
+        if store:
+            return [Drift(f"{what}; {store} holds the locked content: will be checked out, not rebuilt", "restore")]
+        return [Drift(f"{what}; neither the DVC cache nor a remote holds the locked content: will be rebuilt")]
 
     def delete(self, name: str, locked: LockedResource) -> None:
         import yaml
