@@ -163,7 +163,19 @@ def apply_target(doc: Document, target: str | None) -> Document:
     return Document(file=doc.file, data=merged, positions=positions, text=doc.text)
 
 
+# Environment variables MLflow users already set, used where llmops.yaml (after the target
+# overlay) says nothing: the file wins, then the environment, then the embedded default.
+_SETTINGS_FROM_ENV = {"tracking_uri": "MLFLOW_TRACKING_URI", "registry_uri": "MLFLOW_REGISTRY_URI"}
+
+
 def resolved_settings(data: dict[str, Any]) -> dict[str, Any]:
+    import os
+
     settings = dict(DEFAULT_SETTINGS)
-    settings.update((data.get("settings") or {}) if isinstance(data, dict) else {})
+    given = (data.get("settings") or {}) if isinstance(data, dict) else {}
+    given = given if isinstance(given, dict) else {}
+    for key, var in _SETTINGS_FROM_ENV.items():
+        if given.get(key) is None and os.environ.get(var, "").strip():
+            settings[key] = os.environ[var].strip()
+    settings.update(given)
     return settings

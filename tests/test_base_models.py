@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -173,12 +175,21 @@ def test_provider_build_apply_refresh_delete(tmp_path: Path) -> None:
     assert provider.refresh("tiny", spec, entry) == []
     (folder / "config.json").write_text("{}")
     [drift] = provider.refresh("tiny", spec, entry)
-    assert "changed: config.json" in drift.reason and drift.action == "replace"
+    # a deterministic build is restored by building again, and verified file by file
+    assert "changed: config.json" in drift.reason and drift.action == "restore"
 
     provider.delete("tiny", entry)
     assert not folder.exists()
     [drift] = provider.refresh("tiny", spec, entry)
-    assert "missing" in drift.reason
+    assert "missing" in drift.reason and drift.action == "restore"
+    restore = dataclasses.replace(request("tiny", spec, upstream), action="restore", before=entry)
+    assert provider.restore(restore).outputs["files"] == entry.outputs["files"]
+    assert provider.refresh("tiny", spec, entry) == []
+    # a lock whose hashes the build cannot reproduce is refused, never silently accepted
+    forged = dataclasses.replace(entry, outputs={**entry.outputs, "files": {**entry.outputs["files"],
+                                                                            "config.json": "0" * 64}})
+    with pytest.raises(ProviderError, match="does not match llmops.lock.*changed: config.json.*--replace"):
+        provider.restore(dataclasses.replace(restore, before=forged))
 
 
 def test_provider_build_needs_the_dataset_lock_entry(tmp_path: Path) -> None:

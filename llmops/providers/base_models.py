@@ -361,9 +361,38 @@ class BaseModelsProvider(Provider):
         if folder is None:
             if out.get("source") == "hf":
                 repo = locked.inputs.get("hf") or spec.get("hf")
-                return [Drift(f"the Hugging Face cache no longer has {repo} at commit {out.get('commit')}")]
+                return [Drift(f"the Hugging Face cache no longer has {repo} at commit {out.get('commit')}; the "
+                              "pinned commit will be fetched into it and its files verified", "restore")]
+            if out.get("source") == "build":
+                return [Drift(f"model folder {out.get('path')} is missing; the build is deterministic: it will be "
+                              "built again and verified against the locked sha256 of every file", "restore")]
             return [Drift(f"model folder {out.get('path')} is missing")]
-        return _files_drift(out.get("files", {}), self.hashes.hash_folder(folder))
+        drifts = _files_drift(out.get("files", {}), self.hashes.hash_folder(folder))
+        if drifts and out.get("source") == "build":
+            return [Drift(drifts[0].reason + "; it will be built again and verified", "restore")]
+        return drifts
+
+    def restore(self, request: ApplyRequest) -> ApplyResult:
+        """Bring back the locked model: rebuild a (bit-for-bit reproducible) `build:`, fetch the
+        pinned commit of an `hf:` model; either way every file must hash as the lock says."""
+        before = request.before
+        if before is None:
+            raise ProviderError(f"{request.address}: nothing is recorded in llmops.lock to restore; run `llmops apply`.")
+        source = before.outputs.get("source")
+        if source == "build":
+            result = self._apply_build(request)
+        elif source == "hf":
+            snap = resolve_hf_snapshot(str(before.inputs.get("hf")), str(before.outputs.get("commit")))
+            result = ApplyResult(outputs={**before.outputs, "path": str(snap.path),
+                                          "files": self.hashes.hash_folder(snap.path)}, inputs=dict(before.inputs))
+        else:
+            raise ProviderError(f"{request.address}: model folder {before.outputs.get('path')} is missing; "
+                                "put it back (it is yours, llmops does not copy `path:` models).")
+        drift = _files_drift(before.outputs.get("files", {}), result.outputs.get("files", {}))
+        if drift:
+            raise ProviderError(f"{request.address}: the restored model does not match llmops.lock: {drift[0].reason}; "
+                                f"run `llmops apply --replace {request.address}` to rebuild it and what uses it.")
+        return result
 
     def delete(self, name: str, locked: LockedResource) -> None:
         if locked.outputs.get("source") != "build":
