@@ -42,6 +42,13 @@ def resolve_uri(uri: str, root: Path) -> str:
     return uri
 
 
+def display_uri(uri: str) -> str:
+    """A tracking or registry URI as messages may show it (no password)."""
+    from llmops.redact import redact_url
+
+    return redact_url(uri)
+
+
 def is_local(uri: str) -> bool:
     """Whether runs of this tracking URI keep their artifacts on this machine by default."""
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri

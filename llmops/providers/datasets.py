@@ -30,14 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit, urlunsplit
 
 from llmops.errors import LlmopsError, ProviderError
 from llmops.lockfile import LockedResource, atomic_write_text
@@ -198,17 +196,9 @@ def ensure_dvc_repo(root: Path, log: Callable[[str], None]) -> None:
 
 def _public_url(remote: str) -> str:
     """The remote without any password it may carry (never written to the lock)."""
-    if not re.match(r"\w+://", remote):
-        return remote
-    parts = urlsplit(remote)
-    if parts.password is None:
-        return remote
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    if parts.username:
-        host = f"{parts.username}@{host}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    from llmops.redact import redact_url
+
+    return redact_url(remote)
 
 
 def read_dvc_lock_stage(root: Path, stage: str) -> dict[str, Any]:

@@ -13,9 +13,10 @@ from typing import Any
 
 from llmops.errors import ProviderError
 from llmops.lockfile import LockedResource
-from llmops.providers.base import ApplyRequest, ApplyResult, ProgressEvent, Provider
+from llmops.providers.base import ApplyRequest, ApplyResult, Found, ProgressEvent, Provider
 
 _MODEL_KINDS = ("finetunes", "base_models", "deployments")
+RESULTS_ARTIFACT = "eval.json"  # the eval's recorded outputs, logged to its MLflow run
 
 
 def model_address(spec: dict[str, Any], upstream: dict[str, LockedResource]) -> str:
@@ -87,8 +88,6 @@ class EvalsProvider(Provider):
         gates = self._gates(spec, metrics)
         baseline = self._baseline(request, metrics)
         gates.update(baseline.pop("gates", {}))
-        if run_id is None:
-            run_id = self._log_run(request, model_addr, model_out, metrics, gates, decoding)
         passed = all(g["passed"] for g in gates.values())
         outputs = {
             "model": model_addr,
@@ -100,14 +99,78 @@ class EvalsProvider(Provider):
             "passed": passed,
             "decoding": decoding,
             "rows": rows,
-            "run_id": run_id,
             "probe_sets": probe_sets or None,  # versions of the shipped safety probe sets used
         }
         if skipped:
             outputs["skipped"] = skipped
         if baseline:
             outputs["baseline"] = baseline
-        return ApplyResult(outputs={k: v for k, v in outputs.items() if v is not None})
+        outputs = {k: v for k, v in outputs.items() if v is not None}
+        if run_id is None:
+            run_id = self._log_run(request, model_addr, model_out, outputs)
+        return ApplyResult(outputs={**outputs, "run_id": run_id})
+
+    # -- shared results -------------------------------------------------------------------
+    def find_existing(self, name: str, spec: dict[str, Any], fingerprint: str) -> Found | None:
+        """An eval run made elsewhere for exactly this fingerprint (say by a pull request's CI
+        job) whose results were recorded in it: fetched, not run again. An eval with a
+        `baseline` reads live state, so it always runs again."""
+        if spec.get("baseline"):
+            return None
+        run = self._run_for(fingerprint)
+        if run is None:
+            return None
+        scored = run.data.tags.get("llmops.model_version")
+        what = f" (scored v{scored})" if scored else ""
+        return Found(f"evaluated elsewhere for this fingerprint: MLflow run {run.info.run_id}{what}; its results "
+                     "will be fetched, not run again", {"run_id": run.info.run_id})
+
+    def _run_for(self, fingerprint: str):
+        from llmops.tracking import client
+
+        c = client(self.ctx.root, self.ctx.settings)
+        try:
+            exp = c.get_experiment_by_name(f"{self.ctx.config.get('project') or 'llmops'}-evals")
+            if exp is None:
+                return None
+            fp = fingerprint.replace("'", "")
+            runs = c.search_runs([exp.experiment_id], max_results=5, order_by=["attributes.start_time DESC"],
+                                 filter_string=f"tags.`llmops.fingerprint` = '{fp}' and "
+                                               f"tags.`llmops.results` = '{RESULTS_ARTIFACT}'")
+        except Exception:  # noqa: BLE001 - an unreachable store is reported by apply's store check
+            return None
+        return next((r for r in runs if r.info.status == "FINISHED"), None)
+
+    def restore(self, request: ApplyRequest) -> ApplyResult:
+        """The results recorded in the eval run found for this fingerprint, checked to score
+        exactly the model version upstream now holds; gates are re-checked as configured."""
+        import json
+
+        from llmops.tracking import client
+
+        found = request.private.get("found") or {}
+        run_id = str(found.get("run_id") or (request.before.outputs.get("run_id") if request.before else ""))
+        c = client(self.ctx.root, self.ctx.settings)
+        try:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = c.download_artifacts(run_id, RESULTS_ARTIFACT, tmp)
+                recorded = json.loads(Path(path).read_text(encoding="utf-8"))
+        except Exception as exc:  # noqa: BLE001 - the run or its artifact is gone
+            raise ProviderError(f"{request.address}: cannot read the results of eval run {run_id} ({exc}); run "
+                                f"`llmops apply --replace {request.address}` to evaluate again.") from None
+        model_addr = model_address(request.spec, request.upstream)
+        model_out = request.upstream[model_addr].outputs
+        version = str(model_out.get("model_version") or model_out.get("version"))
+        if recorded.get("model") != model_addr or str(recorded.get("model_version")) != version:
+            raise ProviderError(f"{request.address}: eval run {run_id} scored {recorded.get('model')} "
+                                f"v{recorded.get('model_version')}, not {model_addr} v{version}; run "
+                                f"`llmops apply --replace {request.address}` to evaluate this version.")
+        gates = self._gates(request.spec, recorded.get("metrics") or {})
+        outputs = {**recorded, "gates": gates, "passed": all(g["passed"] for g in gates.values()), "run_id": run_id}
+        self.ctx.log(request.address, f"results fetched from eval run {run_id}, not run again")
+        return ApplyResult(outputs=outputs)
 
     # -- running -----------------------------------------------------------------------
     def _prompt_spec(self, request: ApplyRequest, model_addr: str) -> dict[str, Any]:
@@ -197,7 +260,7 @@ class EvalsProvider(Provider):
                     higher_is_better=m.higher_is_better if m else None).to_dict()
         return {"deployment": name, "metrics": {k: _round(v) for k, v in base.metrics.items()}, "gates": gates}
 
-    def _log_run(self, request, model_addr, model_out, metrics, gates, decoding) -> str | None:
+    def _log_run(self, request, model_addr, model_out, outputs: dict[str, Any]) -> str | None:
         from llmops.tracking import artifact_location, client, ensure_experiment, is_local, tracking_uri
 
         c = client(self.ctx.root, self.ctx.settings)
@@ -211,12 +274,15 @@ class EvalsProvider(Provider):
             tags["llmops.model_version"] = str(model_out.get("model_version"))
         run = c.create_run(exp, tags=tags, run_name=request.name)
         rid = run.info.run_id
-        for k, v in decoding.items():
+        for k, v in outputs.get("decoding", {}).items():
             c.log_param(rid, f"decoding.{k}", v)
-        for k, v in metrics.items():
+        for k, v in outputs["metrics"].items():
             c.log_metric(rid, k, float(v))
-        for k, g in gates.items():
+        for k, g in outputs["gates"].items():
             c.set_tag(rid, f"gate.{k}", "pass" if g["passed"] else "fail")
+        # The whole result, so another checkout (main after the pull request) restores it.
+        c.log_dict(rid, outputs, RESULTS_ARTIFACT)
+        c.set_tag(rid, "llmops.results", RESULTS_ARTIFACT)
         c.set_terminated(rid)
         if model_out.get("model_name") and model_out.get("model_version"):
             # Link the eval to exactly the model version it scored.

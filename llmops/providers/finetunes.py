@@ -20,10 +20,12 @@ import llmops
 from llmops import tracking
 from llmops.errors import ProviderError
 from llmops.lockfile import LockedResource
-from llmops.providers.base import ApplyRequest, ApplyResult, Drift, ProgressEvent, Provider
+from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider
 from llmops.train import spec as specs
 
 JOB_MODULE = "llmops.train"
+# The training metrics a fine-tune records in the lock (read back from its run on restore).
+_RESULT_METRICS = ("train_loss", "eval_loss", "steps", "tokens_per_s", "peak_memory_mb", "train_runtime_s")
 
 
 class FinetunesProvider(Provider):
@@ -43,9 +45,53 @@ class FinetunesProvider(Provider):
         if not adapter.get("path"):
             return []
         weights = self.ctx.root / adapter["path"] / "adapter_model.safetensors"
-        if not weights.is_file():
-            return [Drift(f"adapter {adapter['path']} is missing; it will be trained again")]
-        return []
+        if weights.is_file():
+            return []
+        run_id = locked.outputs.get("run_id")
+        held = self._run_holds_model(str(run_id)) if run_id else None
+        if held:
+            return [Drift(f"adapter {adapter['path']} is missing here; {held} holds it: it will be fetched and "
+                          "its sha256 verified, not trained", "restore")]
+        return [Drift(f"adapter {adapter['path']} is missing and no tracking store holds MLflow run {run_id}; "
+                      "it will be trained again")]
+
+    def _run_holds_model(self, run_id: str) -> str | None:
+        """"MLflow run R at URI" when the tracking store has run R with its `model` artifact."""
+        from llmops.tracking import client, display_uri, tracking_uri
+
+        try:
+            c = client(self.ctx.root, self.ctx.settings)
+            names = {a.path.rsplit("/", 1)[-1] for a in c.list_artifacts(run_id)}
+        except Exception:  # noqa: BLE001 - no such run (another machine's local store), or unreachable
+            return None
+        if "model" not in names:
+            return None
+        return f"MLflow run {run_id} at {display_uri(tracking_uri(self.ctx.root, self.ctx.settings))}"
+
+    def find_existing(self, name: str, spec: dict[str, Any], fingerprint: str) -> Found | None:
+        """A version of this fine-tune's registered model trained for exactly this fingerprint
+        (by a pull request's CI job, or another checkout): reused, never trained twice."""
+        version = self._registered_version(name, fingerprint)
+        if version is None:
+            return None
+        return Found(f"version {version['model_version']} of {name} was trained for this fingerprint (MLflow run "
+                     f"{version['run_id']}): it will be fetched and verified, not trained", version)
+
+    def _registered_version(self, name: str, fingerprint: str) -> dict[str, Any] | None:
+        """The newest registered version of model NAME tagged with this fingerprint, or None."""
+        from llmops.tracking import client
+
+        try:
+            found = client(self.ctx.root, self.ctx.settings).search_model_versions(
+                f"name = '{_quote(name)}' and tags.`llmops.fingerprint` = '{_quote(fingerprint)}'")
+        except Exception:  # noqa: BLE001 - no such model yet, or the store is unreachable (apply checks it)
+            return None
+        ready = [v for v in found if str(getattr(v, "status", "READY")) == "READY" and v.run_id]
+        if not ready:
+            return None
+        v = max(ready, key=lambda v: int(v.version))
+        return {"model_name": name, "model_version": str(v.version), "run_id": v.run_id,
+                "adapter_sha256": (v.tags or {}).get("llmops.adapter_sha256")}
 
     def run_dir(self, name: str, fingerprint: str) -> Path:
         digest = fingerprint.split(":", 1)[-1]  # "sha256:abc..." -> "abc..."
@@ -57,6 +103,13 @@ class FinetunesProvider(Provider):
         self._precheck(spec)
         run_dir = self.run_dir(name, request.fingerprint)
         forced = request.before is not None and request.before.fingerprint == request.fingerprint
+        if not forced:
+            # One fingerprint, one version: a plan made without refresh may not have seen it.
+            existing = self._registered_version(name, request.fingerprint)
+            if existing is not None:
+                self.ctx.log(addr, f"version {existing['model_version']} was trained for this fingerprint; "
+                                   "reusing it, not training")
+                return self._restore_found(request, existing)
         if forced and run_dir.exists():  # --replace of an unchanged resource: train afresh
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +146,66 @@ class FinetunesProvider(Provider):
         if result.image_digest:
             inputs["image_digest"] = result.image_digest
         return ApplyResult(outputs=self._outputs(watcher.done, base), inputs=inputs)
+
+    def restore(self, request: ApplyRequest) -> ApplyResult:
+        """Fetch the adapter and tokenizer from the MLflow run that trained them (the lock's,
+        or the version found for this fingerprint) and verify the adapter's sha256."""
+        found = request.private.get("found")
+        if found:
+            return self._restore_found(request, found)
+        before = request.before
+        if before is None or not before.outputs.get("run_id"):
+            raise ProviderError(f"{request.address}: llmops.lock records no MLflow run to restore from; "
+                                f"run `llmops apply --replace {request.address}` to train it.")
+        out = before.outputs
+        self._fetch(request, str(out["run_id"]), self.ctx.root / Path(out["adapter"]["path"]).parent,
+                    str(out["adapter"]["sha256"]))
+        return ApplyResult(outputs=dict(out), inputs=dict(before.inputs))
+
+    def _restore_found(self, request: ApplyRequest, found: dict[str, Any]) -> ApplyResult:
+        """Outputs of the registered version `found` (see `_registered_version`), fetched here."""
+        from llmops.tracking import client
+
+        dataset, base, _prompt = self._upstreams(request)
+        run_id = str(found["run_id"])
+        model_dir = self.run_dir(request.name, request.fingerprint) / "model"
+        expected = found.get("adapter_sha256")
+        if not expected:
+            raise ProviderError(f"{request.address}: version {found.get('model_version')} has no "
+                                "llmops.adapter_sha256 tag to verify against; run `llmops apply --replace "
+                                f"{request.address}` to train it again.")
+        paths = self._fetch(request, run_id, model_dir, str(expected))
+        from llmops.train.model import folder_sha256
+
+        run = client(self.ctx.root, self.ctx.settings).get_run(run_id)
+        metrics = {k: _round(v) for k, v in run.data.metrics.items() if k in _RESULT_METRICS}
+        tokenizer_sha = folder_sha256(paths["tokenizer"])
+        outputs = {
+            "run_id": run_id,
+            "model_name": found.get("model_name") or request.name,
+            "model_version": str(found["model_version"]),
+            "adapter": {"path": self._rel(paths["adapter"]), "sha256": str(expected)},
+            "tokenizer": {"path": self._rel(paths["tokenizer"]), "sha256": tokenizer_sha},
+            "tokenizer_sha256": tokenizer_sha,
+            "base_model": {"path": base["path"]},
+            "metrics": metrics,
+        }
+        return ApplyResult(outputs=outputs, inputs=self._inputs(dataset, base))
+
+    def _fetch(self, request: ApplyRequest, run_id: str, model_dir: Path, adapter_sha256: str) -> dict[str, Path]:
+        from llmops.tracking import client
+        from llmops.train.mlflow_model import fetch_model
+        from llmops.train.model import sha256_file
+
+        request.progress(ProgressEvent(message=f"fetching the adapter of MLflow run {run_id}"))
+        paths = fetch_model(client(self.ctx.root, self.ctx.settings), run_id, model_dir)
+        got = sha256_file(Path(paths["adapter"]) / "adapter_model.safetensors")
+        if got != adapter_sha256:
+            raise ProviderError(f"{request.address}: the adapter fetched from MLflow run {run_id} has sha256 "
+                                f"{got[:12]}…, llmops.lock and the registry say {adapter_sha256[:12]}…; run "
+                                f"`llmops apply --replace {request.address}` to train it again.")
+        self.ctx.log(request.address, f"restored the adapter from MLflow run {run_id} (sha256 verified)")
+        return {k: Path(v) for k, v in paths.items()}
 
     def delete(self, name: str, locked: LockedResource) -> None:
         """Remove the fine-tune's local files; MLflow runs and model versions stay as history."""
@@ -177,7 +290,13 @@ class FinetunesProvider(Provider):
         if commit:
             tags["llmops.git_commit"] = commit
         eval_split = dataset.get("eval") or {}
+        job: dict[str, Any] = {}
+        base_entry = request.upstream.get(f"base_models.{spec['base_model']}")
+        if base.get("source") == "hf" and base.get("commit") and base_entry is not None:
+            # The registered MLflow model names its base portably (repo + commit), not by folder.
+            job["base_model_ref"] = {"hf": str(base_entry.inputs.get("hf")), "commit": str(base["commit"])}
         return {
+            **job,
             "name": request.name,
             "base_model": str((root / base["path"]).resolve()),
             "train_path": str((root / dataset["train"]["path"]).resolve()),
@@ -277,6 +396,11 @@ class _ProgressWatcher:
 
 def _digest(files: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _quote(value: str) -> str:
+    """A value inside an MLflow search filter's single quotes."""
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _round(value: Any) -> Any:
