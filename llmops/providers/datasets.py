@@ -417,9 +417,9 @@ class DatasetsProvider(Provider):
     def _add_remote(self, root: Path, address: str, remote: str, log: Callable[[str], None]) -> None:
         # `dvc remote add` resolves a relative folder against the project root (its cwd) and
         # stores it relative to .dvc/, so the committed config stays portable.
-        from llmops.extras import require_store_support
+        from llmops.extras import DVC_REMOTE, require_store_support
 
-        require_store_support(remote, "settings.dvc_remote")
+        require_store_support(remote, DVC_REMOTE)
         proc = _dvc(root, ["remote", "add", "--default", "--force", REMOTE_NAME, remote], log)
         if proc.returncode != 0:
             raise ProviderError(f"{address}: cannot configure the DVC remote {_public_url(remote)!r}: "
