@@ -25,12 +25,12 @@ def _deployment(project: Project, address: str) -> tuple[str, LockedResource]:
     return name, entry
 
 
-def rollback_deployment(project: Project, address: str) -> LockedResource:
+def rollback_deployment(project: Project, address: str, lock_timeout: float = 0.0) -> LockedResource:
     """Point the deployment's alias at its previous version, serve that, record it."""
     from llmops.providers.deployments import rollback
 
     name, entry = _deployment(project, address)
-    with ApplyLock(project.state_dir, command="rollback"):
+    with ApplyLock.for_project(project, command="rollback", timeout=lock_timeout):
         outputs = rollback(project.context(), name, entry)
         new = replace(entry, outputs=outputs)
         project.lock.set(new)
@@ -38,12 +38,12 @@ def rollback_deployment(project: Project, address: str) -> LockedResource:
     return new
 
 
-def stop_deployment(project: Project, address: str) -> bool:
+def stop_deployment(project: Project, address: str, lock_timeout: float = 0.0) -> bool:
     """Stop the deployment's server (the alias stays); True when one was running."""
     from llmops.providers.deployments import down
 
     name, entry = _deployment(project, address)
-    with ApplyLock(project.state_dir, command="down"):
+    with ApplyLock.for_project(project, command="down", timeout=lock_timeout):
         stopped = down(project.context(), name)
         if "endpoint" in entry.outputs:
             outputs = {k: v for k, v in entry.outputs.items()

@@ -91,3 +91,42 @@ def project(tmp_path: Path) -> Project:
     root = tmp_path / "proj"
     root.mkdir()
     return Project(root)
+
+
+# --- Shared stores: real services on loopback (tests/services.py) ------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """Tracking URL of a real `mlflow server` backed by a throwaway PostgreSQL cluster (password
+    auth over TCP, psycopg 3 driver), artifacts proxied by the server into a temp folder.
+    Skips with the reason when PostgreSQL cannot run here."""
+    import importlib.util
+    import tempfile
+
+    from services import ServiceUnavailable, mlflow_server, postgres_cluster
+
+    if importlib.util.find_spec("psycopg") is None:
+        pytest.skip("psycopg is not installed (pip install -e '.[dev]')")
+    folder = tmp_path_factory.mktemp("pg-mlflow")
+    # Not under pytest's basetemp: that is 0700 and root's, and the cluster's owner is `postgres`.
+    cluster_dir = Path(tempfile.mkdtemp(prefix="llmops-pg-"))
+    try:
+        with postgres_cluster(cluster_dir) as cluster:
+            with mlflow_server(cluster.uri, folder / "artifacts", log_file=folder / "server.log") as url:
+                yield url
+    except ServiceUnavailable as exc:
+        pytest.skip(exc.reason)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Endpoint URL of moto's S3 server on 127.0.0.1 (credentials: any, e.g. `testing`).
+    Skips with the reason when moto is not installed."""
+    from services import ServiceUnavailable, moto_s3_server
+
+    try:
+        with moto_s3_server() as url:
+            yield url
+    except ServiceUnavailable as exc:
+        pytest.skip(exc.reason)

@@ -1,13 +1,9 @@
-"""The same apply against a real `mlflow server` on 127.0.0.1 instead of the embedded SQLite."""
+"""The same apply against a real `mlflow server` on 127.0.0.1 (PostgreSQL-backed, artifacts
+proxied by the server: the `pg_mlflow_server` fixture) instead of the embedded SQLite."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -31,53 +27,24 @@ deployments:
 """
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"), env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("mlflow server exited:\n" + (folder / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not answer /health within 90 s")
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
-def test_apply_against_a_real_tracking_server(project, mlflow_server):
+def test_apply_against_a_real_tracking_server(project, pg_mlflow_server):
     project.copy_example()
-    project.write({"llmops.yaml": CONFIG.format(uri=mlflow_server)})
+    project.write({"llmops.yaml": CONFIG.format(uri=pg_mlflow_server)})
     res = project.run("apply", "--auto-approve")
     assert res.returncode == 0, res.stdout + res.stderr
     assert not project.path(".llmops/mlflow.db").exists()  # nothing went to the embedded store
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=pg_mlflow_server, registry_uri=pg_mlflow_server)
     version = client.get_model_version_by_alias("lora", "production")
     assert str(version.version) == "1"
     assert version.tags.get("llmops.adapter_sha256")
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and "train_loss" in run.data.metrics
-    assert [a.path for a in client.list_artifacts(version.run_id)]  # artifacts went through the server
+    assert [a.path for a in client.list_artifacts(version.run_id)]
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri  # proxied by the server
     assert client.get_prompt_version_by_alias("support", "default").version in (1, "1")
     assert "No changes." in project.run("plan").stdout
 

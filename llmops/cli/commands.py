@@ -99,6 +99,11 @@ def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, 
     return EXIT_CHANGES if detailed_exitcode and plan.has_changes else 0
 
 
+def _lock_timeout_opt(f):
+    return click.option("--lock-timeout", "lock_timeout", default="0", show_default=True, metavar="DURATION",
+                        help="Wait this long (30s, 2m) for another apply's lock before giving up.")(f)
+
+
 @click.command("apply")
 @click.argument("planfile", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @project_dir
@@ -109,11 +114,12 @@ def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, 
 @click.option("--keep-going", is_flag=True, help="After a failure, go on with everything that does not depend on it.")
 @click.option("--approved-by", metavar="NAME",
               help="Approve `approval: required` promotions outside GitHub (needs settings.allow_local_approvals).")
+@_lock_timeout_opt
 def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, parallelism, keep_going,
-              approved_by) -> int:
+              approved_by, lock_timeout) -> int:
     """Apply the changes (or exactly those of a saved PLANFILE) and record them in llmops.lock."""
     from llmops.apply import apply_plan
-    from llmops.applylock import ApplyLock
+    from llmops.applylock import ApplyLock, parse_duration
     from llmops.cli.render import RichHooks, render_plan, render_report
     from llmops.planner import check_saved_plan, make_plan
 
@@ -121,7 +127,7 @@ def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, pa
     project = _open(root, target)
     if approved_by:
         project.options["approved_by"] = approved_by
-    with ApplyLock(project.state_dir, command="apply") as lock:
+    with ApplyLock.for_project(project, command="apply", timeout=parse_duration(lock_timeout)) as lock:
         if lock.took_over:
             console.print(f"[yellow]Note: took over a stale apply lock ({lock.took_over.describe()}); "
                           "that apply died, resuming from llmops.lock.[/]")
@@ -150,6 +156,8 @@ def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, pa
         with RichHooks(console) as hooks:
             report = apply_plan(project, plan, hooks=hooks, parallelism=parallelism, keep_going=keep_going)
         render_report(console, report)
+        if lock.lost:
+            console.print(f"[yellow]Warning: {lock.lost}; another apply may have run meanwhile: run `llmops plan`.[/]")
     if report.interrupted:
         return EXIT_INTERRUPTED
     return 0 if report.ok else EXIT_ERROR
@@ -193,12 +201,12 @@ def graph_cmd(root, target, fmt) -> int:
 @click.command("force-unlock")
 @click.argument("lock_id")
 @project_dir
-def force_unlock_cmd(lock_id, root) -> int:
-    """Remove the apply lock LOCK_ID left by an apply that is no longer running."""
-    from llmops.applylock import force_unlock
-    from llmops.project import STATE_DIR
+@target_opt
+def force_unlock_cmd(lock_id, root, target) -> int:
+    """Remove the apply lock LOCK_ID (local, and shared in the model registry) of an apply that is gone."""
+    from llmops.applylock import force_unlock_project
 
-    holder = force_unlock(root.resolve() / STATE_DIR, lock_id)
+    holder = force_unlock_project(root, lock_id, target=target)
     click.echo(f"Removed the apply lock held by {holder.describe()}.")
     return 0
 
@@ -226,11 +234,13 @@ def lock_cmd(root, target, check) -> int:
 @click.argument("address")
 @project_dir
 @target_opt
-def rollback_cmd(address, root, target) -> int:
+@_lock_timeout_opt
+def rollback_cmd(address, root, target, lock_timeout) -> int:
     """Point deployment ADDRESS's alias back at its previous version (recorded in the lock)."""
+    from llmops.applylock import parse_duration
     from llmops.operations import rollback_deployment
 
-    entry = rollback_deployment(_open(root, target), address)
+    entry = rollback_deployment(_open(root, target), address, lock_timeout=parse_duration(lock_timeout))
     out = entry.outputs
     click.echo(f"{entry.address}: alias {out['alias']} of {out['model_name']} now points to v{out['version']} "
                f"(was v{out.get('rolled_back_from')}); recorded in llmops.lock.")
@@ -241,10 +251,12 @@ def rollback_cmd(address, root, target) -> int:
 @click.argument("address")
 @project_dir
 @target_opt
-def down_cmd(address, root, target) -> int:
+@_lock_timeout_opt
+def down_cmd(address, root, target, lock_timeout) -> int:
     """Stop deployment ADDRESS's server (its registry alias stays)."""
+    from llmops.applylock import parse_duration
     from llmops.operations import stop_deployment
 
-    stopped = stop_deployment(_open(root, target), address)
+    stopped = stop_deployment(_open(root, target), address, lock_timeout=parse_duration(lock_timeout))
     click.echo("Server stopped." if stopped else "No server was running.")
     return 0
