@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from llmops.errors import LlmopsError
-from llmops.monitor.run import public_url  # TODO: move to a shared llmops/redact.py (stdlib-only there)
+from llmops.redact import redact_url
 
 DVC_REMOTE = "dvc_remote"
 MLFLOW_ARTIFACTS = "mlflow_artifacts"
@@ -84,7 +84,7 @@ def require_store_support(url: str, purpose: str, where: str | None = None) -> N
         return
     label = where or _WHERE[purpose]
     raise LlmopsError(
-        f"{label} {public_url(url)} needs the `{requirement.extra}` extra ({requirement.distribution}) "
+        f"{label} {redact_url(url)} needs the `{requirement.extra}` extra ({requirement.distribution}) "
         f"which is not installed; run `pip install 'llmops[{requirement.extra}]'` "
         f"(or `pip install '{requirement.distribution}'`)."
     )

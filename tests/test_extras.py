@@ -43,7 +43,7 @@ CASES = [
     ("wasbs://c@acct.blob.core.windows.net/x", MLFLOW_ARTIFACTS, "azure.storage.blob",
      ["`azure` extra (azure-storage-blob)", "pip install 'llmops[azure]'"]),
     ("postgresql://mon:SECRET@db:5432/requests", MONITOR_STORE, "psycopg",
-     ["the monitor store postgresql://mon@db:5432/requests needs the `postgres` extra (psycopg[binary])"]),
+     ["the monitor store postgresql://mon:***@db:5432/requests needs the `postgres` extra (psycopg[binary])"]),
     ("postgresql+psycopg://db/requests", MONITOR_STORE, "psycopg", ["`postgres` extra"]),
     ("/mnt/remote", DVC_REMOTE, "dvc_s3", None),  # local paths need nothing optional
     ("http://127.0.0.1:5000", MLFLOW_ARTIFACTS, "boto3", None),

@@ -29,11 +29,11 @@ prompts:
 base_models:
   tiny: {{build: {{architecture: llama, hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, tokenizer_from: tickets}}}}
 finetunes:
-  lora: {{base_model: tiny, dataset: tickets, prompt: support, training: {{max_steps: 3, batch_size: 4, max_seq_length: 64, learning_rate: {lr}}}}}
+  shared-lora: {{base_model: tiny, dataset: tickets, prompt: support, training: {{max_steps: 3, batch_size: 4, max_seq_length: 64, learning_rate: {lr}}}}}
 evals:
-  quality: {{model: lora, dataset: tickets, metrics: [perplexity], thresholds: {{perplexity: "<= 1000000"}}, decoding: {{max_new_tokens: 2}}, limit: 4}}
+  quality: {{model: shared-lora, dataset: tickets, metrics: [perplexity], thresholds: {{perplexity: "<= 1000000"}}, decoding: {{max_new_tokens: 2}}, limit: 4}}
 deployments:
-  prod: {{model: lora, alias: production, gates: [quality], serve: {{port: {port}, startup_timeout: 240}}}}
+  prod: {{model: shared-lora, alias: production, gates: [quality], serve: {{port: {port}, startup_timeout: 240}}}}
 """
 
 # What a fresh clone must never rebuild when the stores hold the outputs.
@@ -72,7 +72,8 @@ def dvc_status(checkout: Project) -> str:
 
 
 class Registry:
-    """What the tracking server holds: training runs and registered versions."""
+    """What the tracking server holds: training runs and registered versions. The server lives
+    for the whole test session, so this project's names are its own (`shared`, `shared-lora`)."""
 
     def __init__(self, uri: str) -> None:
         from mlflow.tracking import MlflowClient
@@ -84,10 +85,10 @@ class Registry:
         return len(self.client.search_runs([exp.experiment_id])) if exp else 0
 
     def versions(self) -> list[str]:
-        return sorted(v.version for v in self.client.search_model_versions("name = 'lora'"))
+        return sorted(v.version for v in self.client.search_model_versions("name = 'shared-lora'"))
 
     def production(self) -> str:
-        return str(self.client.get_model_version_by_alias("lora", "production").version)
+        return str(self.client.get_model_version_by_alias("shared-lora", "production").version)
 
 
 def health(checkout: Project) -> dict:
@@ -130,7 +131,7 @@ def test_a_clone_restores_and_main_promotes_the_version_its_pull_request_trained
         rebuilt = {addr: act for addr, act in planned.items()
                    if addr.split(".")[0] in BUILT_KINDS and act in ("create", "replace")}
         assert rebuilt == {}, planned
-        assert planned["datasets.tickets"] == planned["base_models.tiny"] == planned["finetunes.lora"] == "restore"
+        assert planned["datasets.tickets"] == planned["base_models.tiny"] == planned["finetunes.shared-lora"] == "restore"
         assert planned["deployments.prod"] == "update"  # nothing serves it here yet
         runs = registry.training_runs()
         out = ok(b.run("apply", "--auto-approve"))
@@ -140,8 +141,8 @@ def test_a_clone_restores_and_main_promotes_the_version_its_pull_request_trained
         assert health(b)["status"] == "ok"  # and serves
         assert b.run("plan", "--detailed-exitcode").returncode == 0
         assert "up to date" in dvc_status(b), dvc_status(b)
-        adapter = b.locked()["finetunes.lora"]["outputs"]["adapter"]
-        assert adapter == a.locked()["finetunes.lora"]["outputs"]["adapter"]
+        adapter = b.locked()["finetunes.shared-lora"]["outputs"]["adapter"]
+        assert adapter == a.locked()["finetunes.shared-lora"]["outputs"]["adapter"]
         ok(b.run("down", "prod"))
         git(b.root, "checkout", "-q", "llmops.lock")
 
@@ -154,7 +155,7 @@ def test_a_clone_restores_and_main_promotes_the_version_its_pull_request_trained
         git(b.root, "push", "-q", "origin", "main")
         git(a.root, "pull", "-q", "origin", "main")
         planned = {k: v for k, v in actions(a).items() if v != "no-op"}
-        assert planned == {"finetunes.lora": "restore", "deployments.prod": "update"}
+        assert planned == {"finetunes.shared-lora": "restore", "deployments.prod": "update"}
         runs = registry.training_runs()
         ok(a.run("apply", "--auto-approve"))
         assert registry.training_runs() == runs and registry.versions() == ["1", "2"]
@@ -174,15 +175,15 @@ def test_a_clone_restores_and_main_promotes_the_version_its_pull_request_trained
         plan = json.loads(ok(a.run("plan", "--json")))
         planned = {c["address"]: c for c in plan["resource_changes"] if c["action"] != "no-op"}
         assert {k: c["action"] for k, c in planned.items()} == {
-            "finetunes.lora": "restore", "evals.quality": "restore", "deployments.prod": "update"}
-        assert any("version 3 of lora was trained for this fingerprint" in r
-                   for r in planned["finetunes.lora"]["reasons"])
+            "finetunes.shared-lora": "restore", "evals.quality": "restore", "deployments.prod": "update"}
+        assert any("version 3 of shared-lora was trained for this fingerprint" in r
+                   for r in planned["finetunes.shared-lora"]["reasons"])
         runs = registry.training_runs()
         ok(a.run("apply", "--auto-approve"))
         assert registry.training_runs() == runs and registry.versions() == ["1", "2", "3"]
         assert registry.production() == "3"
         locked = a.locked()
-        assert locked["finetunes.lora"]["outputs"]["model_version"] == "3"
+        assert locked["finetunes.shared-lora"]["outputs"]["model_version"] == "3"
         assert locked["evals.quality"]["outputs"]["run_id"] == candidate["run_id"]
         assert locked["evals.quality"]["outputs"]["metrics"] == candidate["metrics"]
         assert a.run("plan", "--detailed-exitcode").returncode == 0
