@@ -369,7 +369,7 @@ def shared_lease_for(root: Path, settings: dict[str, Any], project: str, ttl: fl
     def check() -> None:
         tracking.check_store(root, settings)
         if registry.startswith(("http://", "https://")) and registry != tracking.tracking_uri(root, settings):
-            tracking._check_reachable(registry)
+            tracking.check_reachable(registry)
 
     return SharedLease(lambda: tracking.client(root, settings), _display(registry), project, ttl=ttl,
                        renew_every=renew_every, check=check)

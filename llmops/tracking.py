@@ -95,7 +95,7 @@ def check_store(root: Path, settings: dict[str, Any]) -> None:
     if uri in _CHECKED:
         return
     if uri.startswith(("http://", "https://")):
-        _check_reachable(uri)  # MLflow's own client retries for minutes before giving up
+        check_reachable(uri)  # MLflow's own client retries for minutes before giving up
     try:
         client(root, settings).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for an unreachable store
@@ -109,7 +109,9 @@ def check_store(root: Path, settings: dict[str, Any]) -> None:
 _CHECKED: set[str] = set()
 
 
-def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the server, when an http(s) tracking server does not answer:
+    MLflow's own client retries with backoff for minutes first."""
     import socket
     from urllib.parse import urlsplit
 
@@ -120,7 +122,7 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         raise ProviderError(
             f"cannot reach the MLflow tracking server {parts.scheme}://{parts.hostname}:{port} "
-            f"({exc.strerror or exc}); start it or fix settings.tracking_uri (or drop --target)."
+            f"({exc.strerror or exc}); start it or fix settings.tracking_uri or MLFLOW_TRACKING_URI (or drop --target)."
         ) from None
 
 

@@ -214,7 +214,12 @@ def test_an_unreachable_tracking_server_from_the_environment_fails_plan_fast(pro
     config = CONFIG.format(uri="", lr="0.0002", port=free_port()).replace('tracking_uri: "", ', "")
     project.write({"llmops.yaml": config})
     port = free_port()  # nothing listens here once the socket closes
-    res = project.run("apply", "--auto-approve", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    nowhere = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    res = project.run("apply", "--auto-approve", env=nowhere)
     assert res.returncode == 1
     assert f"cannot reach the MLflow tracking server http://127.0.0.1:{port}" in res.stdout + res.stderr
     assert not project.path(".llmops/mlflow.db").exists()  # the embedded store was not used instead
+    # Plan's refresh reads the registry too: it fails at once, naming the server, not after retries.
+    ok(project.run("apply", "--auto-approve", "--select", "datasets.tickets"))  # the embedded store
+    res = project.run("plan", env=nowhere, timeout=60)
+    assert res.returncode == 1 and f"http://127.0.0.1:{port}" in res.stderr, res.stdout + res.stderr
