@@ -6,6 +6,7 @@ tie-breaker that keeps plans deterministic.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from llmops.errors import LlmopsError
@@ -20,6 +21,13 @@ KINDS: tuple[str, ...] = (
     "monitors",
 )
 KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
+
+# The name pattern of every resource (schemas/llmops.schema.json `propertyNames`). Names
+# become folder names under .llmops/, so anything that reads an address from a file the
+# user does not control (the lock) checks it against this before using it.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+NAME_MAX_LENGTH = 100
+_NAME_RE = re.compile(NAME_PATTERN)
 
 
 @dataclass(frozen=True, order=True)
@@ -55,3 +63,20 @@ def sort_addresses(addrs) -> list[str]:
 def address_sort_key(addr: str) -> tuple[int, str]:
     kind, _, name = addr.partition(".")
     return (KIND_ORDER.get(kind, len(KINDS)), name)
+
+
+def address_problem(text: object) -> str | None:
+    """Why `text` is not a valid `KIND.NAME` address (None when it is one).
+
+    Stricter than `parse_address`: the name must match NAME_PATTERN, so an address can
+    never name a path outside its kind's folder (`..`, `/`, `\\`, NUL are refused).
+    """
+    if not isinstance(text, str):
+        return f"an address must be a string, found {type(text).__name__}"
+    kind, sep, name = text.partition(".")
+    if not sep or kind not in KIND_ORDER:
+        return f"the kind must be one of {', '.join(KINDS)}"
+    if len(name) > NAME_MAX_LENGTH or not _NAME_RE.fullmatch(name):
+        return (f"the name must match {NAME_PATTERN} (lowercase letters, digits, '-' and '_', "
+                f"at most {NAME_MAX_LENGTH} characters)")
+    return None

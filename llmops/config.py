@@ -58,18 +58,51 @@ class Document:
         )
 
 
+# Limits on untrusted input (a pull request's llmops.yaml): aliases are shared nodes in
+# YAML, and building the document expands them, so a few hundred bytes of nested aliases
+# ("billion laughs") would expand into gigabytes. Legit files use a handful of aliases.
+MAX_CONFIG_BYTES = 10_000_000
+MAX_ALIAS_USES = 1_000
+MAX_NODES = 200_000
+MAX_DEPTH = 100
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
 def load_document(path: Path, display: str | None = None) -> Document:
     """Parse YAML with positions; syntax errors and duplicate keys raise ValidationError."""
     display = display or path.name
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise LlmopsError(f"{display}: the file is larger than {MAX_CONFIG_BYTES:,} bytes, the limit for a "
+                              "config. Split data out of it (datasets are files under data/).")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LlmopsError(
             f"{display}: file not found. Run `llmops init` to start a project, or pass --config PATH."
         ) from None
     except UnicodeDecodeError as exc:
-        raise LlmopsError(f"{display}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+        raise LlmopsError(f"{display}: not UTF-8 text ({exc.reason} at byte {exc.start}). "
+                          "Save it as UTF-8.") from None
+    except OSError as exc:
+        raise LlmopsError(f"{display}: cannot read it ({exc.strerror}). Check that it is a readable file.") from None
     return parse_document(text, display)
+
+
+class _TooBig(Exception):
+    """Building the document went past a limit; carries the diagnostic."""
+
+    def __init__(self, diag: Diagnostic) -> None:
+        super().__init__(diag.summary)
+        self.diag = diag
+
+
+class _BuildState:
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.alias_uses = 0
+        self.seen: set[int] = set()
 
 
 def parse_document(text: str, display: str) -> Document:
@@ -88,24 +121,62 @@ def parse_document(text: str, display: str) -> Document:
                         hint="check indentation and quoting around this place")]
         ) from None
     except yaml.YAMLError as exc:
-        raise ValidationError([Diagnostic(f"YAML error: {exc}", file=display, line=1, column=1)]) from None
+        raise ValidationError([Diagnostic(f"YAML error: {exc}", file=display, line=1, column=1,
+                                          hint="check the file's YAML syntax")]) from None
     doc = Document(file=display, data=None, text=text)
     diags: list[Diagnostic] = []
-    doc.data = _build(node, (), doc, diags) if node is not None else {}
-    _constructor.constructed_objects.clear()
+    try:
+        doc.data = _build(node, (), doc, diags, _BuildState()) if node is not None else {}
+    except _TooBig as exc:
+        raise ValidationError([exc.diag]) from None
+    finally:
+        _constructor.constructed_objects.clear()
     if diags:
         raise ValidationError(diags)
     return doc
 
 
-def _build(node: yaml.Node, path: tuple, doc: Document, diags: list[Diagnostic]) -> Any:
+def _at(doc: Document, node: yaml.Node, path: tuple, summary: str, hint: str) -> Diagnostic:
+    return Diagnostic(summary, path=".".join(str(p) for p in path), file=doc.file,
+                      line=node.start_mark.line + 1, column=node.start_mark.column + 1, hint=hint)
+
+
+def _count(node: yaml.Node, path: tuple, doc: Document, state: _BuildState) -> None:
+    state.nodes += 1
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if id(node) in state.seen:  # a second visit of a collection node: an alias use
+            state.alias_uses += 1
+        state.seen.add(id(node))
+    if state.alias_uses > MAX_ALIAS_USES or state.nodes > MAX_NODES:
+        raise _TooBig(_at(doc, node, path,
+                          f"YAML aliases expand too much (more than {MAX_ALIAS_USES:,} alias uses or "
+                          f"{MAX_NODES:,} nodes)", "write the values out instead of nesting `*alias` references"))
+    if len(path) > MAX_DEPTH:
+        raise _TooBig(_at(doc, node, path[:3], f"the document nests deeper than {MAX_DEPTH} levels",
+                          "flatten it; no llmops setting nests this deep"))
+
+
+def _build(node: yaml.Node, path: tuple, doc: Document, diags: list[Diagnostic], state: _BuildState) -> Any:
+    _count(node, path, doc, state)
     doc.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+        diags.append(_at(doc, node, path, f"unsupported YAML tag '{node.tag}'",
+                         "remove the tag; llmops.yaml holds plain mappings, lists and scalars"))
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = _build(key_node, path + ("<key>",), doc, diags)
+            if key_node.tag == _MERGE_TAG:
+                diags.append(_at(doc, key_node, path, "YAML merge keys (`<<:`) are not supported",
+                                 "write the keys out, or use `targets:` overlays for variants"))
+                continue
+            key = _build(key_node, path + ("<key>",), doc, diags, state)
             if isinstance(key, (dict, list)):
-                diags.append(doc.diagnostic(path, "mapping keys must be scalars"))
+                diags.append(doc.diagnostic(path, "mapping keys must be scalars", "use a plain name as the key"))
+                continue
+            if not isinstance(key, str):
+                diags.append(_at(doc, key_node, path,
+                                 f"mapping keys must be strings; found {key!r} ({type(key).__name__})",
+                                 f"quote it ('{key}':) or use a name"))
                 continue
             if key in out:
                 line = key_node.start_mark.line + 1
@@ -116,15 +187,21 @@ def _build(node: yaml.Node, path: tuple, doc: Document, diags: list[Diagnostic])
                     column=key_node.start_mark.column + 1, hint="remove or rename one of them"))
                 continue
             doc.positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            value = _build(value_node, path + (key,), doc, diags)
+            value = _build(value_node, path + (key,), doc, diags, state)
             # Keep the key's position (more useful than the value's for "unknown key" errors).
             doc.positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             out[key] = value
         doc.positions.pop(path + ("<key>",), None)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(item, path + (i,), doc, diags) for i, item in enumerate(node.value)]
-    return _constructor.construct_object(node)
+        return [_build(item, path + (i,), doc, diags, state) for i, item in enumerate(node.value)]
+    try:
+        return _constructor.construct_object(node)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        diags.append(_at(doc, node, path, f"cannot read this value: {problem}",
+                         "remove the tag or quote the value"))
+        return None
 
 
 _constructor = yaml.SafeLoader("")  # only its scalar constructors are used

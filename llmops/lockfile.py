@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from llmops.addrs import address_sort_key
+from llmops.addrs import address_problem, address_sort_key
 from llmops.errors import LockfileError
 from llmops.fsutil import atomic_write_text
 
@@ -35,7 +35,36 @@ HEADER = (
 )
 
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+# The lock comes from git, so from anyone who can open a pull request: it is parsed as
+# untrusted input. llmops never writes anchors, aliases or merge keys, nor two equal keys,
+# so those are refused (an alias bomb would otherwise expand in the JSON parse cache).
+
+
+class _LockDuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """Safe loader that refuses duplicate keys and aliases (llmops never writes either)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise yaml.constructor.ConstructorError(
+                    None, None, "merge keys (`<<:`) are not allowed in the lockfile", key_node.start_mark)
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "mapping keys must be scalars", key_node.start_mark) from None
+            if key in seen:
+                raise _LockDuplicateKey(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
 
 _ENTRY_KEYS = ("fingerprint", "spec", "files", "upstreams", "inputs", "outputs")
 
@@ -139,6 +168,9 @@ def load_lock(path: Path) -> Lock:
         f"Restore it from git (`git checkout -- {path.name}`), or delete it and run "
         "`llmops apply` to rebuild it from scratch."
     )
+    if _has_alias(text):
+        raise LockfileError(f"{path}: the lockfile uses YAML anchors or aliases (`&`/`*`), which llmops never "
+                            f"writes. {recover}")
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
@@ -150,6 +182,19 @@ def load_lock(path: Path) -> Lock:
     return lock
 
 
+def _has_alias(text: str) -> bool:
+    """Whether the YAML text has an anchor or alias token (checked before constructing)."""
+    if "&" not in text and "*" not in text:
+        return False
+    try:
+        for token in yaml.scan(text, Loader=_BaseLoader):
+            if isinstance(token, (yaml.AliasToken, yaml.AnchorToken)):
+                return True
+    except yaml.YAMLError:
+        return False  # reported by the parse that follows
+    return False
+
+
 def _from_data(path: Path, data: Any, digest: str) -> Lock:
     recover = (
         f"Restore it from git (`git checkout -- {path.name}`), or delete it and run "
@@ -158,7 +203,7 @@ def _from_data(path: Path, data: Any, digest: str) -> Lock:
     if not isinstance(data, dict) or "lock_version" not in data:
         raise LockfileError(f"{path}: not an llmops lockfile (no lock_version). {recover}")
     version = data["lock_version"]
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise LockfileError(f"{path}: lock_version must be an integer, found {version!r}. {recover}")
     if version > LOCK_VERSION:
         raise LockfileError(
@@ -170,16 +215,31 @@ def _from_data(path: Path, data: Any, digest: str) -> Lock:
         raise LockfileError(f"{path}: `resources` must be a mapping of address to entry. {recover}")
     lock = Lock()
     for addr, raw in resources.items():
+        problem = address_problem(addr)
+        if problem:
+            raise LockfileError(
+                f"{path}: entry {str(addr)[:120]!r} is not a resource address ({problem}); a crafted or "
+                f"corrupt lock could make llmops act on files outside the project. {recover}")
         if not isinstance(raw, dict) or not isinstance(raw.get("fingerprint"), str):
-            raise LockfileError(f"{path}: entry {addr!r} has no fingerprint. {recover}")
-        unknown = set(raw) - set(_ENTRY_KEYS)
+            raise LockfileError(f"{path}: entry {addr!r} has no fingerprint (a string). {recover}")
+        unknown = set(map(str, raw)) - set(_ENTRY_KEYS)
         if unknown:
             raise LockfileError(f"{path}: entry {addr!r} has unknown keys {sorted(unknown)}. {recover}")
         for key in ("spec", "files", "upstreams", "inputs", "outputs"):
-            if not isinstance(raw.get(key, {}), dict):
+            if not isinstance(raw.get(key) or {}, dict):
                 raise LockfileError(f"{path}: entry {addr!r}: `{key}` must be a mapping. {recover}")
-        lock.resources[str(addr)] = LockedResource(
-            address=str(addr),
+        for key in ("files", "upstreams"):
+            for k, v in (raw.get(key) or {}).items():
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise LockfileError(f"{path}: entry {addr!r}: `{key}` must map strings to strings "
+                                        f"(found {str(k)[:60]!r}: {str(v)[:60]!r}). {recover}")
+        for up in raw.get("upstreams") or {}:
+            problem = address_problem(up)
+            if problem:
+                raise LockfileError(f"{path}: entry {addr!r}: upstream {up[:120]!r} is not a resource address "
+                                    f"({problem}). {recover}")
+        lock.resources[addr] = LockedResource(
+            address=addr,
             fingerprint=raw["fingerprint"],
             spec=raw.get("spec") or {},
             files=raw.get("files") or {},

@@ -129,3 +129,24 @@ def test_two_branches_changing_different_resources_merge_cleanly(tmp_path):
     assert merged.resources["prompts.a"].fingerprint == "sha256:1"
     assert merged.resources["prompts.c"].fingerprint == "sha256:2"
     assert "datasets.new" in merged.resources
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("lock_version: 1\nresources:\n  finetunes.../../../../victim: {fingerprint: 'sha256:0000'}\n",
+     "is not a resource address"),
+    ("lock_version: 1\nresources:\n  finetunes.a: {fingerprint: x}\n  finetunes.a: {fingerprint: y}\n",
+     "duplicate key 'finetunes.a'"),
+    ("- 1\n- 2\n", "not an llmops lockfile"),
+    ("a: &a [x, x]\nb: [*a, *a]\nlock_version: 1\n", "anchors or aliases"),
+    ("lock_version: 1\nresources:\n  1: {fingerprint: x}\n", "must be a string"),
+    ("lock_version: 1\nresources:\n  finetunes.a: {fingerprint: x, files: [1]}\n", "`files` must be a mapping"),
+    ("lock_version: 1\nresources:\n  finetunes.a: {fingerprint: x, upstreams: {../x: y}}\n", "upstream '../x'"),
+    ("lock_version: 1\nresources: !foo {}\n", "tag '!foo'"),
+])
+def test_hostile_lock_is_refused_with_how_to_recover(tmp_path, text, needle) -> None:
+    path = tmp_path / "llmops.lock"
+    path.write_text(text)
+    with pytest.raises(LockfileError) as info:
+        load_lock(path)
+    assert needle in info.value.message
+    assert str(path) in info.value.message and "git checkout" in info.value.message

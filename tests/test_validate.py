@@ -142,3 +142,20 @@ monitors:
     assert lines[0].startswith("llmops.yaml:8:17: error: deployments.d.serve: serving with runner docker needs serve.image")
     assert lines[1].startswith("llmops.yaml:10:15: error: monitors.d.drift.embedding_model: embedding drift needs the "
                                "prompt texts, which are only stored with log_text: true")
+
+
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, needle", [
+    (BOMB, "YAML aliases expand too much"),
+    ("version: 1\nbase: &b {x: 1}\nother:\n  <<: *b\n", "merge keys (`<<:`) are not supported"),
+    ("version: 1\nproject: !foo t\n", "tag '!foo'"),
+    ("version: 1\ndatasets:\n  1: {source: x}\n  b: {source: y}\n", "mapping keys must be strings; found 1 (int)"),
+    ("version: 1\n1.5: x\n", "found 1.5 (float)"),
+    ("a: " + "[" * 150 + "]" * 150 + "\n", "nests deeper than 100 levels"),
+])
+def test_hostile_yaml_gives_one_clear_diagnostic(project, text, needle):
+    lines = diags(project, text)
+    assert any(needle in line and line.startswith("llmops.yaml:") for line in lines), lines
