@@ -9,14 +9,31 @@ template file and line. Chat prompts go through the tokenizer's chat template wh
 one (else the parts are joined with a blank line), so training, evaluation and serving all
 see the same text.
 
+Templates come from pull requests, so they are untrusted input:
+- every file a prompt names (`template:`, `{% include %}`, `{% import %}`) resolves inside the
+  project with symlinks resolved first; hidden files and folders (`.git/`, `.env`) are refused;
+- a template may include only files under the folder of a declared template (its own
+  `template:` folder, the folder of any prompt's `template:` that the caller passes as
+  `template_dirs`, and `prompts/`), never from the project root itself;
+- templates are UTF-8 and at most MAX_TEMPLATE_BYTES;
+- rendering has a size budget always (huge repetitions and filter widths are refused) and a
+  wall-clock budget when `llmops validate` renders the `examples:`;
+- text shown in messages is cut to MAX_SHOWN_CHARS and never holds an environment value.
+
 Nothing here imports torch or transformers: a tokenizer, when needed, is passed in.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import re
+import signal
+import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +48,12 @@ from llmops.errors import Diagnostic, LlmopsError
 
 FORMS = ("template", "text", "chat")
 CHAT_ROLES = ("system", "user")
+
+MAX_TEMPLATE_BYTES = 1_000_000
+MAX_RENDER_CHARS = 1_000_000  # any rendered text or intermediate value
+MAX_SHOWN_CHARS = 200  # rendered text quoted in a message
+EXAMPLE_RENDER_SECONDS = 2.0  # wall clock for one `examples:` render at validate time
+_DEFAULT_TEMPLATE_DIR = "prompts"
 
 
 class PromptError(LlmopsError):
@@ -68,21 +91,202 @@ class TemplateSource:
 
 
 class _ProjectLoader(jinja2.BaseLoader):
-    """Loads inline sources by label and `{% include %}`d files from the project folder."""
+    """Loads inline sources by label and template files from allowed project folders.
 
-    def __init__(self, root: Path, inline: dict[str, str]) -> None:
+    `files` are the prompt's own template files (always allowed); `dirs` the
+    project-relative folders whose files may be included (see the module docstring).
+    """
+
+    def __init__(self, root: Path, inline: dict[str, str], files: Iterable[str] = (),
+                 dirs: Iterable[str] = ()) -> None:
         self.root = root
         self.inline = inline
+        self.files = {_normal(f) for f in files}
+        self.dirs = {_normal(d) for d in dirs if _normal(d)}
 
     def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Any]:
         if template in self.inline:
             return self.inline[template], template, lambda: True
         parts = split_template_path(template)  # refuses `..` and absolute escapes
-        path = self.root.joinpath(*parts)
-        if not path.is_file():
-            raise jinja2.TemplateNotFound(template)
+        rel = "/".join(parts)
+        if rel not in self.files and not any(rel.startswith(d + "/") for d in self.dirs):
+            allowed = ", ".join(sorted(d + "/" for d in self.dirs)) or "none"
+            raise PromptError(
+                f"template '{_shown(template, 80)}' is not under the folder of a declared template",
+                file=rel, hint=f"templates may include only files under {allowed}; move it there")
         # The filename is the project-relative name so tracebacks and errors name it.
-        return path.read_text(encoding="utf-8"), "/".join(parts), lambda: True
+        return read_template_file(self.root, rel), rel, lambda: True
+
+
+def _normal(rel: str) -> str:
+    return "/".join(p for p in str(rel).replace("\\", "/").split("/") if p not in ("", "."))
+
+
+def template_path(root: Path, rel: Any) -> Path:
+    """The file a project-relative template path names, symlinks resolved; PromptError
+    unless it is a regular file inside the project and no part of it is hidden."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise PromptError("a template path must be a non-empty string", hint="name a file under prompts/")
+    shown = _shown(rel, 80)
+    if os.path.isabs(rel) or rel.startswith(("\\", "~")):
+        raise PromptError(f"template path '{shown}' is absolute", file=shown,
+                          hint="paths are relative to the project folder, e.g. prompts/main.j2")
+    parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." or p.startswith(".") for p in parts) or "\0" in rel:
+        raise PromptError(f"template path '{shown}' leaves the project or names a hidden file", file=shown,
+                          hint="name a file inside the project, not under a hidden folder like .git/")
+    base = root.resolve()
+    try:
+        real = (base / "/".join(parts)).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise PromptError(f"template file '{shown}' not found", file=shown,
+                          hint="the path is relative to the project folder") from None
+    if not real.is_relative_to(base) or any(p.startswith(".") for p in real.relative_to(base).parts):
+        raise PromptError(f"template file '{shown}' resolves outside the project (a symlink?)", file=shown,
+                          hint="templates must be files of the project; replace the symlink by the file")
+    if not real.is_file():
+        raise PromptError(f"template file '{shown}' not found (not a regular file)", file=shown,
+                          hint="the path is relative to the project folder")
+    return real
+
+
+def read_template_file(root: Path, rel: str) -> str:
+    """A template file's text (see `template_path`); UTF-8, at most MAX_TEMPLATE_BYTES."""
+    path = template_path(root, rel)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_TEMPLATE_BYTES + 1)
+    except OSError as exc:
+        raise PromptError(f"cannot read template file ({exc.strerror})", file=rel,
+                          hint="check that the file is readable") from None
+    if len(data) > MAX_TEMPLATE_BYTES:
+        raise PromptError(f"template file is larger than {MAX_TEMPLATE_BYTES:,} bytes", file=rel,
+                          hint="a prompt template is text; keep data in datasets")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"template file is not UTF-8 text ({exc.reason} at byte {exc.start})", file=rel,
+                          hint="save it as UTF-8") from None
+
+
+class RenderBudgetError(Exception):
+    """Rendering went past its size or time budget (turned into a PromptError)."""
+
+
+class _BudgetedSandbox(SandboxedEnvironment):
+    """The sandbox plus budgets: refuses huge repetitions, widths and values, and checks a
+    deadline (set only while `examples:` render at validate time) on every call."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+    deadline: float | None = None
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise RenderBudgetError(f"rendering took longer than {EXAMPLE_RENDER_SECONDS:g} s")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        self.check_deadline()
+        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            raise RenderBudgetError(f"exponent {right} is too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
+                    raise RenderBudgetError(f"repeating a value {n} times is over the {MAX_RENDER_CHARS:,} budget")
+        return _sized(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        __self.check_deadline()
+        _check_args(args, kwargs)
+        return _sized(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        self.check_deadline()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        self.check_deadline()
+        return super().getitem(obj, argument)
+
+
+def _check_args(args: tuple, kwargs: dict) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_RENDER_CHARS:
+            raise RenderBudgetError(f"argument {value} is over the {MAX_RENDER_CHARS:,} budget")
+
+
+def _sized(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple)) and len(value) > MAX_RENDER_CHARS:
+        raise RenderBudgetError(f"a value of {len(value):,} items is over the {MAX_RENDER_CHARS:,} budget")
+    return value
+
+
+def _budgeted_filter(env: _BudgetedSandbox, func: Any) -> Any:
+    @functools.wraps(func)  # keeps jinja's pass_context/pass_environment marks
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        env.check_deadline()
+        _check_args(args[1:], kwargs)
+        return _sized(func(*args, **kwargs))
+
+    return wrapper
+
+
+def _make_env(loader: jinja2.BaseLoader) -> _BudgetedSandbox:
+    env = _BudgetedSandbox(
+        loader=loader,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,  # a template file's last newline is part of the prompt
+        autoescape=False,
+    )
+    env.filters = {k: _budgeted_filter(env, f) for k, f in env.filters.items()}
+    return env
+
+
+def _render_budgeted(env: _BudgetedSandbox, template: jinja2.Template, variables: dict[str, Any],
+                     seconds: float | None) -> str:
+    """Render chunk by chunk, refusing past MAX_RENDER_CHARS; with `seconds`, also past
+    that wall clock (checked on every call and chunk, and by SIGALRM in the main thread, so
+    a loop that neither calls nor writes is stopped too)."""
+    env.deadline = time.monotonic() + seconds if seconds else None
+    use_alarm = bool(seconds) and threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    previous: Any = None
+    if use_alarm:
+        def on_alarm(signum: int, frame: Any) -> None:
+            raise RenderBudgetError(f"rendering took longer than {seconds:g} s")
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, float(seconds) + 0.5)
+    try:
+        out: list[str] = []
+        size = 0
+        for chunk in template.generate(**variables):
+            size += len(chunk)
+            if size > MAX_RENDER_CHARS:
+                raise RenderBudgetError(f"the rendered text is longer than {MAX_RENDER_CHARS:,} characters")
+            env.check_deadline()
+            out.append(chunk)
+        return "".join(out)
+    except MemoryError:
+        raise RenderBudgetError("rendering ran out of memory") from None
+    except RecursionError:
+        raise RenderBudgetError("rendering recursed too deeply (a macro or include calling itself?)") from None
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        env.deadline = None
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every environment variable longer than 6 characters masked."""
+    for value in sorted({v for v in os.environ.values() if len(v) > 6}, key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+def _shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    text = redact(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -98,7 +302,7 @@ class PromptTemplate:
     variables: tuple[str, ...]
     sources: list[TemplateSource]
     response_field: str
-    env: SandboxedEnvironment = field(repr=False)
+    env: _BudgetedSandbox = field(repr=False)
 
     @property
     def is_chat(self) -> bool:
@@ -107,25 +311,32 @@ class PromptTemplate:
     def _template(self, src: TemplateSource) -> jinja2.Template:
         return self.env.get_template(src.label)
 
-    def render_parts(self, variables: dict[str, Any]) -> dict[str, str]:
-        """Render each source with exactly the declared variables: {role: text}."""
+    def render_parts(self, variables: dict[str, Any], seconds: float | None = None) -> dict[str, str]:
+        """Render each source with exactly the declared variables: {role: text}.
+
+        `seconds`: a wall-clock budget for each source (validate-time checks pass one).
+        """
         self._check_given(variables)
         out: dict[str, str] = {}
         for src in self.sources:
             try:
-                out[src.role] = self._template(src).render(**variables)
+                out[src.role] = _render_budgeted(self.env, self._template(src), variables, seconds)
             except jinja2.TemplateError as exc:
                 raise _render_error(self.name, src, exc) from None
+            except RenderBudgetError as exc:
+                raise PromptError(f"{_who(self.name)}: over the render budget: {exc}", file=src.label,
+                                  path="" if src.is_file else _inline_path(self.name, src),
+                                  hint="prompts render small texts; drop the big loop or repetition") from None
         return out
 
-    def render(self, variables: dict[str, Any], tokenizer: Any = None) -> str:
+    def render(self, variables: dict[str, Any], tokenizer: Any = None, seconds: float | None = None) -> str:
         """The text the model sees, to which its answer is appended.
 
         A single template's text gets a newline appended unless it already ends in
         whitespace, so the answer starts on its own line (training does the same). Chat
         prompts use the tokenizer's chat template if it has one (see `messages_to_text`).
         """
-        parts = self.render_parts(variables)
+        parts = self.render_parts(variables, seconds)
         if not self.is_chat:
             text = parts["text"]
             return text if text.endswith((" ", "\n", "\t")) else text + "\n"
@@ -230,8 +441,13 @@ def messages_to_text(messages: list[dict[str, str]], tokenizer: Any = None) -> s
     return "".join(f"{m['content']}\n\n" for m in messages)
 
 
-def load_prompt(spec: dict[str, Any], root: Path | str, name: str = "") -> PromptTemplate:
-    """Compile a prompt spec; raises PromptError (file and line) on any problem."""
+def load_prompt(spec: dict[str, Any], root: Path | str, name: str = "",
+                template_dirs: Iterable[str] = ()) -> PromptTemplate:
+    """Compile a prompt spec; raises PromptError (file and line) on any problem.
+
+    `template_dirs`: project-relative folders of the project's declared templates, whose
+    files this prompt may include (its own template's folder and prompts/ always may).
+    """
     root = Path(root)
     forms = [f for f in FORMS if f in spec]
     if len(forms) != 1:
@@ -246,12 +462,9 @@ def load_prompt(spec: dict[str, Any], root: Path | str, name: str = "") -> Promp
             f"{_who(name)}: `variables` must be a list of names", path=f"prompts.{name}.variables"
         )
     sources = _sources(form, spec, root, name)
-    env = SandboxedEnvironment(
-        loader=_ProjectLoader(root, {s.label: s.source for s in sources if not s.is_file}),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,  # a template file's last newline is part of the prompt
-        autoescape=False,
-    )
+    own = [_normal(s.label) for s in sources if s.is_file]
+    dirs = [_DEFAULT_TEMPLATE_DIR, *template_dirs, *(f.rpartition("/")[0] for f in own)]
+    env = _make_env(_ProjectLoader(root, {s.label: s.source for s in sources if not s.is_file}, own, dirs))
     for src in sources:
         try:
             env.get_template(src.label)
@@ -276,15 +489,11 @@ def _sources(form: str, spec: dict[str, Any], root: Path, name: str) -> list[Tem
     inline_label = f"llmops.yaml prompts.{name}" if name else "llmops.yaml prompt"
     if form == "template":
         rel = spec["template"]
-        path = root / str(rel)
-        if not isinstance(rel, str) or not path.is_file():
-            raise PromptError(
-                f"template file '{rel}' not found",
-                file=str(rel),
-                path=f"prompts.{name}.template",
-                hint="the path is relative to the project folder",
-            )
-        return [TemplateSource("text", rel, path.read_text(encoding="utf-8"), True)]
+        try:
+            text = read_template_file(root, rel)
+        except PromptError as exc:
+            raise PromptError(exc.summary, file=exc.file, path=f"prompts.{name}.template", hint=exc.hint) from None
+        return [TemplateSource("text", rel, text, True)]
     if form == "text":
         if not isinstance(spec["text"], str):
             raise PromptError(f"{_who(name)}: `text` must be a string", path=f"prompts.{name}.text")
@@ -366,15 +575,26 @@ def count_tokens(text: str, tokenizer: Any = None) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def check_prompt(name: str, spec: dict[str, Any], root: Path | str, tokenizer: Any = None) -> list[Diagnostic]:
+def check_prompt(name: str, spec: dict[str, Any], root: Path | str, tokenizer: Any = None,
+                 template_dirs: Iterable[str] = ()) -> list[Diagnostic]:
     """Everything wrong with one prompt, for `llmops validate` (empty list: fine).
 
     Diagnostics about the template carry its file and line; those about the config
     (`variables`, `examples`) carry only `path` (e.g. `prompts.NAME.examples[0].expect`)
     so the caller can add the llmops.yaml position.
     """
+    return [_redacted(d) for d in _prompt_problems(name, spec, root, tokenizer, template_dirs)]
+
+
+def _redacted(d: Diagnostic) -> Diagnostic:
+    return Diagnostic(summary=_shown(d.summary, 2 * MAX_SHOWN_CHARS), path=d.path, file=_shown(d.file),
+                      line=d.line, column=d.column, hint=_shown(d.hint, 2 * MAX_SHOWN_CHARS), severity=d.severity)
+
+
+def _prompt_problems(name: str, spec: dict[str, Any], root: Path | str, tokenizer: Any,
+                     template_dirs: Iterable[str]) -> list[Diagnostic]:
     try:
-        prompt = load_prompt(spec, root, name)
+        prompt = load_prompt(spec, root, name, template_dirs)
         used = prompt.used_variables()
     except PromptError as exc:
         return [exc.to_diagnostic()]
@@ -409,13 +629,12 @@ def _check_example(prompt: PromptTemplate, name: str, i: int, example: Any, toke
     if not isinstance(inputs, dict):
         return [Diagnostic(summary=f"example {i + 1}: `inputs` must be a mapping of variable to value", path=path)]
     try:
-        text = prompt.render(inputs, tokenizer)
+        text = prompt.render(inputs, tokenizer, seconds=EXAMPLE_RENDER_SECONDS)
     except PromptError as exc:
         return [Diagnostic(summary=f"example {i + 1}: {exc.summary}", path=f"{path}.inputs",
                            file=exc.file, line=exc.line, hint=exc.hint)]
     expect = example.get("expect") or {}
-    shown = text if len(text) <= 80 else text[:77] + "..."
-    hint = f"rendered: {shown!r}"
+    hint = f"rendered: {_shown(text, 80)!r}"
     diags: list[Diagnostic] = []
 
     def fail(key: str, summary: str) -> None:

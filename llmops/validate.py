@@ -7,7 +7,9 @@ as one ValidationError. `load_config` is the single entry point the rest of llmo
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -61,7 +63,7 @@ def load_config(root: Path, target: str | None = None, config_name: str = CONFIG
     key = cache.key("schema", doc.text, str(target), _schema_stamp())
     diags = cache.get(key)
     if diags is None:
-        diags = cache.put(key, check_schema(doc))
+        diags = cache.put(key, check_schema(doc) + _check_numbers(doc) + _check_other_targets(doc, target))
     config = Config(root=root, doc=doc, target=target,
                     settings=resolved_settings(doc.data if isinstance(doc.data, dict) else {}))
     if isinstance(doc.data, dict):
@@ -199,7 +201,61 @@ def _check_cycles(config: Config) -> list[Diagnostic]:
 _FILE_FIELDS = {"datasets": ("source", "file"), "prompts": ("template", "file"), "base_models": ("path", "dir")}
 
 
+def _check_numbers(doc: Document) -> list[Diagnostic]:
+    """`.inf` and `.nan` pass every JSON-schema bound (nan compares false), so refuse them here."""
+    out: list[Diagnostic] = []
+
+    def walk(value: Any, path: tuple) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            out.append(doc.diagnostic(path, f"{value} is not a finite number", "write a finite number"))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, path + (k,))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, path + (i,))
+
+    walk(doc.data, ())
+    return out
+
+
+def _check_other_targets(doc: Document, selected: str | None) -> list[Diagnostic]:
+    """Schema problems that only an overlay other than the selected one brings in."""
+    data = doc.data if isinstance(doc.data, dict) else {}
+    targets = data.get("targets")
+    if not isinstance(targets, dict):
+        return []
+    base = {(d.path, d.summary) for d in check_schema(doc) + _check_numbers(doc)}
+    out: list[Diagnostic] = []
+    for name in targets:
+        if name == selected or not isinstance(targets[name], dict):
+            continue  # the selected overlay is the document itself; a non-mapping is a schema error
+        merged = apply_target(doc, str(name))
+        for d in check_schema(merged) + _check_numbers(merged):
+            if (d.path, d.summary) not in base:
+                out.append(Diagnostic(f"with --target {name}: {d.summary}", d.path, d.file, d.line, d.column,
+                                      d.hint or f"fix targets.{name} or the field it overlays"))
+    return out
+
+
+def _inside_project(root: Path, rel: str) -> str | None:
+    """Why `rel` may not be used as a project file (None: it may): absolute, or resolving
+    (symlinks included) outside the project folder."""
+    if Path(rel).is_absolute() or rel.startswith("~"):
+        return "is absolute; paths are relative to the project folder"
+    try:
+        real = (root / rel).resolve()
+        base = root.resolve()
+    except (OSError, RuntimeError):
+        return "cannot be resolved (a symlink loop?)"
+    if not real.is_relative_to(base):
+        return "resolves outside the project folder (a symlink or `..`)"
+    return None
+
+
 def _check_files(config: Config) -> list[Diagnostic]:
+    from llmops.prompts import PromptError, template_path
+
     diags = []
     for r in config.resources.values():
         field_kind = _FILE_FIELDS.get(r.kind)
@@ -209,12 +265,26 @@ def _check_files(config: Config) -> list[Diagnostic]:
         rel = r.spec.get(key)
         if not isinstance(rel, str):
             continue
+        where = (r.kind, r.name, key)
+        shown = rel if len(rel) <= 120 else rel[:117] + "..."
+        problem = _inside_project(config.root, rel)
+        if problem:
+            diags.append(config.doc.diagnostic(where, f"{what} {shown} {problem}",
+                                               "name a file inside the project, not a link to one outside"))
+            continue
+        if r.kind == "prompts":
+            try:
+                template_path(config.root, rel)
+            except PromptError as exc:
+                if "not found" not in exc.summary:
+                    diags.append(config.doc.diagnostic(where, exc.summary, exc.hint))
+                    continue
         p = config.root / rel
         ok = p.is_file() if what == "file" else p.is_dir()
         if not ok:
             exists_as = " (it is a folder)" if what == "file" and p.is_dir() else ""
             diags.append(config.doc.diagnostic(
-                (r.kind, r.name, key), f"{what} not found: {rel}{exists_as}",
+                where, f"{what} not found: {shown}{exists_as}",
                 f"paths are relative to the project folder {config.root}"))
     return diags
 
@@ -231,6 +301,8 @@ def _check_combinations(config: Config) -> list[Diagnostic]:
                     (r.kind, r.name, "drift", "embedding_model"),
                     "embedding drift needs the prompt texts, which are only stored with log_text: true",
                     "add `log_text: true` to this monitor, or drop embedding_model"))
+        if r.kind == "evals":
+            diags += _check_custom_metrics(config, r)
         if r.kind == "deployments" and isinstance(spec.get("serve"), dict):
             serve = spec["serve"]
             runner = serve.get("runner") or config.settings.get("runner")
@@ -238,6 +310,61 @@ def _check_combinations(config: Config) -> list[Diagnostic]:
                 diags.append(config.doc.diagnostic(
                     (r.kind, r.name, "serve"), "serving with runner docker needs serve.image",
                     "build one with `docker build -f templates/Dockerfile.serve -t IMAGE .` and name it here"))
+    return diags + _check_deployment_clashes(config)
+
+
+def _check_deployment_clashes(config: Config) -> list[Diagnostic]:
+    """Two deployments cannot serve on one host:port, nor move one model's alias."""
+    diags: list[Diagnostic] = []
+    ports: dict[tuple[str, int], str] = {}
+    aliases: dict[tuple[str, str], str] = {}
+    for r in config.resources.values():
+        if r.kind != "deployments":
+            continue
+        serve = r.spec.get("serve")
+        if isinstance(serve, dict) and isinstance(serve.get("port"), int) and serve["port"]:
+            key = (str(serve.get("host", "127.0.0.1")), serve["port"])
+            if key in ports:
+                diags.append(config.doc.diagnostic(
+                    (r.kind, r.name, "serve", "port"), f"port {key[1]} on {key[0]} is also served by "
+                    f"deployments.{ports[key]}", "give each deployment its own serve.port"))
+            ports.setdefault(key, r.name)
+        model = r.spec.get("model")
+        if isinstance(model, str):
+            mkey = (model.rpartition(".")[2], str(r.spec.get("alias", "production")))
+            if mkey in aliases:
+                diags.append(config.doc.diagnostic(
+                    (r.kind, r.name, "alias"), f"model '{mkey[0]}' alias '{mkey[1]}' is also moved by "
+                    f"deployments.{aliases[mkey]}", "give one of them another alias, or merge the two"))
+            aliases.setdefault(mkey, r.name)
+    return diags
+
+
+def _check_custom_metrics(config: Config, r: Resource) -> list[Diagnostic]:
+    """A custom metric's module must be findable (found, not imported: validate runs no PR code)."""
+    import sys
+
+    diags: list[Diagnostic] = []
+    metrics = r.spec.get("metrics")
+    for i, metric in enumerate(metrics if isinstance(metrics, list) else []):
+        target = metric.get("python") if isinstance(metric, dict) else None
+        if not isinstance(target, str) or ":" not in target:
+            continue
+        module = target.partition(":")[0]
+        added = str(config.root) not in sys.path
+        if added:
+            sys.path.insert(0, str(config.root))
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError, AttributeError):
+            found = False  # a parent package is missing, or not a package
+        finally:
+            if added:
+                sys.path.remove(str(config.root))
+        if not found:
+            diags.append(config.doc.diagnostic(
+                (r.kind, r.name, "metrics", i, "python"), f"module '{module}' of custom metric not found",
+                f"put {module.replace('.', '/')}.py in the project folder, or install the package that has it"))
     return diags
 
 
@@ -290,23 +417,27 @@ class _CheckCache:
 
 
 def _check_prompts(config: Config, cache: _CheckCache) -> list[Diagnostic]:
-    from llmops.prompts import check_prompt
+    from llmops.prompts import PromptError, check_prompt, template_path
 
     diags: list[Diagnostic] = []
+    # Templates may include files under the folder of any declared template (not the root).
+    dirs = sorted({t.replace("\\", "/").rpartition("/")[0] for r in config.resources.values()
+                   if r.kind == "prompts" and isinstance(t := r.spec.get("template"), str)} - {""})
     for r in config.resources.values():
         if r.kind != "prompts":
             continue
         rel = r.spec.get("template")
-        if isinstance(rel, str) and not (config.root / rel).is_file():
-            continue  # already reported as a missing file
         stamp = ""
         if isinstance(rel, str):
-            st = (config.root / rel).stat()
+            try:
+                st = template_path(config.root, rel).stat()
+            except (PromptError, OSError):
+                continue  # already reported by _check_files
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        key = cache.key("prompt", r.name, json.dumps(r.spec, sort_keys=True, default=str), stamp)
+        key = cache.key("prompt", r.name, json.dumps(r.spec, sort_keys=True, default=str), stamp, *dirs)
         found = cache.get(key)
         if found is None:
-            found = cache.put(key, check_prompt(r.name, r.spec, config.root))
+            found = cache.put(key, check_prompt(r.name, r.spec, config.root, template_dirs=dirs))
         for d in found:
             if not d.file or not d.line:
                 pos = config.doc.diagnostic(("prompts", r.name), d.summary, d.hint)
