@@ -159,7 +159,12 @@ def load_lock(path: Path) -> Lock:
     except FileNotFoundError:
         return Lock()
     except OSError as exc:
-        raise LockfileError(f"{path}: cannot read the lockfile ({exc.strerror}).") from exc
+        raise LockfileError(f"{path}: cannot read the lockfile ({exc.strerror}). Check that it is a readable "
+                            "file.") from exc
+    except UnicodeDecodeError as exc:
+        raise LockfileError(f"{path}: the lockfile is not UTF-8 text ({exc.reason} at byte {exc.start}). "
+                            f"Restore it from git (`git checkout -- {path.name}`), or delete it and run "
+                            "`llmops apply` to rebuild it from scratch.") from None
     digest = hashlib.sha256(text.encode()).hexdigest()
     cached = _read_parse_cache(path, digest)
     if cached is not None:

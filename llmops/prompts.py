@@ -157,15 +157,15 @@ def read_template_file(root: Path, rel: str) -> str:
         with path.open("rb") as fh:
             data = fh.read(MAX_TEMPLATE_BYTES + 1)
     except OSError as exc:
-        raise PromptError(f"cannot read template file ({exc.strerror})", file=rel,
+        raise PromptError(f"cannot read template file '{_shown(rel, 80)}' ({exc.strerror})", file=rel,
                           hint="check that the file is readable") from None
     if len(data) > MAX_TEMPLATE_BYTES:
-        raise PromptError(f"template file is larger than {MAX_TEMPLATE_BYTES:,} bytes", file=rel,
+        raise PromptError(f"template file '{_shown(rel, 80)}' is larger than {MAX_TEMPLATE_BYTES:,} bytes", file=rel,
                           hint="a prompt template is text; keep data in datasets")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PromptError(f"template file is not UTF-8 text ({exc.reason} at byte {exc.start})", file=rel,
+        raise PromptError(f"template file '{_shown(rel, 80)}' is not UTF-8 text ({exc.reason} at byte {exc.start})", file=rel,
                           hint="save it as UTF-8") from None
 
 
@@ -324,7 +324,8 @@ class PromptTemplate:
             except jinja2.TemplateError as exc:
                 raise _render_error(self.name, src, exc) from None
             except RenderBudgetError as exc:
-                raise PromptError(f"{_who(self.name)}: over the render budget: {exc}", file=src.label,
+                raise PromptError(f"{_who(self.name)}: over the render budget ({_shown(src.label, 80)}): {exc}",
+                                  file=src.label,
                                   path="" if src.is_file else _inline_path(self.name, src),
                                   hint="prompts render small texts; drop the big loop or repetition") from None
         return out

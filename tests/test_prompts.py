@@ -191,3 +191,34 @@ def test_max_tokens_counts_tokenizer_tokens_when_given(root: Path) -> None:
 def test_loaded_prompt_knows_its_form_and_response_field(root: Path) -> None:
     p = load_prompt(spec(response_field="reply"), root, "support")
     assert (p.form, p.is_chat, p.response_field, p.variables) == ("template", False, "reply", ("product", "question"))
+
+
+def test_templates_never_read_outside_the_project_or_leak_the_environment(root: Path, monkeypatch) -> None:
+    from llmops.prompts import check_prompt
+
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_unit_test_secret_value")
+    (root / "prompts").mkdir(exist_ok=True)
+    (root / "prompts" / "env.j2").symlink_to("/proc/self/environ")
+    spec = {"text": "{% include 'prompts/env.j2' %}{{ q }}", "variables": ["q"],
+            "examples": [{"inputs": {"q": "x"}, "expect": {"contains": "NEVER"}}]}
+    found = [d.format() for d in check_prompt("p", spec, root)]
+    assert len(found) == 1 and "outside the project" in found[0], found
+    with pytest.raises(PromptError, match="absolute"):
+        load_prompt({"template": "/etc/passwd", "variables": []}, root, "p")
+    spec = {"text": "{{ q }} ghp_unit_test_secret_value", "variables": ["q"],
+            "examples": [{"inputs": {"q": "x"}, "expect": {"contains": "NEVER"}}]}
+    found = [d.format() for d in check_prompt("p", spec, root)]
+    assert found and all("ghp_unit_test_secret_value" not in f for f in found), found
+
+
+@pytest.mark.parametrize("body", [
+    "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}{{ q }}",
+    "{{ 'a' * 300000000 }}{{ q }}",
+    "{{ q|center(300000000) }}",
+])
+def test_example_rendering_has_a_size_and_time_budget(root: Path, body: str) -> None:
+    from llmops.prompts import check_prompt
+
+    spec = {"text": body, "variables": ["q"], "examples": [{"inputs": {"q": "x"}, "expect": {"contains": "x"}}]}
+    found = [d.format() for d in check_prompt("p", spec, root)]
+    assert len(found) == 1 and "over the render budget" in found[0], found

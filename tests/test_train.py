@@ -228,8 +228,10 @@ def test_train_end_to_end_logs_and_registers(tmp_path, base, capsys):
     assert len(client.get_metric_history(result["run_id"], "loss")) == 24
     assert run.data.tags["llmops.dataset.train_md5"] == "abc123"
     assert run.data.tags["llmops.git_commit"] == "0" * 40
-    artifacts = {a.path for a in client.list_artifacts(result["run_id"], "model")}
-    assert {"model/adapter", "model/tokenizer", "model/merged"} <= artifacts
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"], "model/artifacts")}
+    assert {"model/artifacts/adapter", "model/artifacts/tokenizer"} <= artifacts  # a pyfunc model (MLmodel)
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(result["run_id"], "model")}
+    assert "merged/model.safetensors" in {a.path for a in client.list_artifacts(result["run_id"], "merged")}
 
     version = client.get_model_version("colours", result["model_version"])
     assert version.run_id == result["run_id"]

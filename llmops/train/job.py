@@ -2,10 +2,11 @@
 
 It trains every trial of the fine-tune (one, or a sweep's grid, each a child MLflow
 run), keeps the best by `select`, exports the adapter + tokenizer (and the merged model
-when asked), logs them to the MLflow run and registers a new model version with lineage
-tags. Progress goes to stdout as one JSON object per line; logs go to stderr. State in
-`output_dir/state.json` lets a re-run skip finished trials and resume the unfinished
-one from its newest checkpoint, inside the same MLflow run.
+when asked), logs them to the MLflow run as a pyfunc model (llmops.train.mlflow_model) and
+registers that as a new model version with lineage tags. Progress goes to stdout as one
+JSON object per line; logs go to stderr. State in `output_dir/state.json` lets a re-run
+skip finished trials and resume the unfinished one from its newest checkpoint, inside the
+same MLflow run.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 
 from llmops.errors import LlmopsError, ProviderError
 from llmops.train import spec as specs
+from llmops.train.mlflow_model import MODEL_ARTIFACT
 
-MODEL_ARTIFACT = "model"
+MERGED_ARTIFACT = "merged"
 
 
 def _is_main() -> bool:
@@ -246,7 +248,13 @@ class TrainingJob:
         return train_ex, eval_ex
 
     def export(self, best: dict[str, Any]) -> dict[str, Any]:
-        """Copy the best trial into output_dir/model, merge if asked, log and register it."""
+        """Copy the best trial into output_dir/model, merge if asked, log and register it.
+
+        output_dir/model keeps `adapter/` and `tokenizer/` (the lock records those paths);
+        the run's `model` artifact is an MLflow pyfunc model built from them, and that is
+        what the registered version points at.
+        """
+        from llmops.train import mlflow_model
         from llmops.train.model import folder_sha256, save_merged, sha256_file
 
         model_dir = self.out_dir / "model"
@@ -254,6 +262,8 @@ class TrainingJob:
         model_dir.mkdir(parents=True)
         for part in ("adapter", "tokenizer"):
             shutil.copytree(Path(best["dir"]) / part, model_dir / part)
+        base_ref = mlflow_model.base_reference(self.job)
+        mlflow_model.make_adapter_portable(model_dir / "adapter", base_ref)
         adapter_sha = sha256_file(model_dir / "adapter" / "adapter_model.safetensors")
         outcome: dict[str, Any] = {
             "run_id": self.run_id,
@@ -268,7 +278,14 @@ class TrainingJob:
         if best["run_id"] != self.run_id:  # a sweep: the parent run gets the best trial's metrics
             tracker.metrics(self.run_id, {k: v for k, v in outcome["metrics"].items() if k != "resumed_from_step"})
         tracker.tags(self.run_id, {"llmops.adapter_sha256": adapter_sha})
-        tracker.artifacts(self.run_id, model_dir, MODEL_ARTIFACT)
+        tracker.log_model(
+            self.run_id,
+            MODEL_ARTIFACT,
+            lambda path: mlflow_model.save_model(path, model_dir / "adapter", model_dir / "tokenizer", base_ref),
+            scratch=self.out_dir,
+        )
+        if "merged" in outcome:
+            tracker.artifacts(self.run_id, model_dir / "merged", MERGED_ARTIFACT)
         name = self.job.get("registered_model")
         if name and tracker.client is not None:
             registered = self.state.data.get("registered") or {}

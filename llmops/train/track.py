@@ -1,4 +1,4 @@
-"""MLflow logging from inside a training job: runs, buffered step metrics, artifacts.
+"""MLflow logging from inside a training job: runs, buffered step metrics, artifacts, the model.
 
 `Tracker` is a thin layer over `MlflowClient` (never the fluent `mlflow.start_run`
 globals); step metrics are buffered and sent with `log_batch` so a long run does not
@@ -7,9 +7,10 @@ pay one database round trip per step. With no tracking URI every method is a no-
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llmops import tracking
 
@@ -90,6 +91,24 @@ class Tracker:
     def artifacts(self, run_id: str, folder: Path, artifact_path: str) -> None:
         if self.client is not None:
             self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def log_model(self, run_id: str, artifact_path: str, save: Callable[[Path], Any], scratch: Path) -> bool:
+        """Write an MLflow model with `save(folder)` and log it as the run's `artifact_path`.
+
+        The folder goes to the run's own artifact store (not an MLflow 3 LoggedModel), so
+        `download_artifacts(run_id, artifact_path)` finds it through any tracking server and
+        registering `runs:/RUN/artifact_path` points at it. `scratch` holds the temp folder
+        (beside the job's outputs, not /tmp: a bundled base model can be large). False
+        without tracking: nothing is written.
+        """
+        if self.client is None:
+            return False
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".mlflow-model-", dir=scratch) as tmp:
+            folder = Path(tmp) / artifact_path
+            save(folder)
+            self.client.log_artifacts(run_id, str(folder), artifact_path)
+        return True
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         if self.client is None or not run_id:
