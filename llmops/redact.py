@@ -1,8 +1,9 @@
 """Secrets out of what people see: store URLs are shown without their password.
 
-A store URL (`postgresql://user:PASSWORD@host/db`, `https://user:token@host/path`) keeps its
-scheme, user, host, port and path, so a message still says which store it means; only the
-password becomes `***`. A string that is not a URL is returned unchanged.
+A store URL (`postgresql://user:PASSWORD@host/db`) keeps its scheme, user, host, port and path,
+so a message still says which store it means; only the password becomes `***`. On http(s) the
+whole user part is hidden (`https://TOKEN@host` carries a token as its user name). A string
+that is not a URL is returned unchanged.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ def redact_url(url: str) -> str:
         return url
     try:
         parts = urlsplit(url)
-        password = parts.password
+        password, port = parts.password, parts.port
     except ValueError:  # an unparsable netloc (e.g. a bad port): hide everything before the host
         return re.sub(r"//[^@/]*@", "//***@", url)
-    if password is None:
+    web = parts.scheme.lower() in ("http", "https")
+    if password is None and not (web and parts.username):
         return url
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    if parts.port:
-        host += f":{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else "***@"
+    if port:
+        host += f":{port}"
+    user = f"{parts.username}:***@" if parts.username and not web else "***@"
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))

@@ -316,8 +316,9 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> Non
 @pytest.mark.parametrize(
     "uri, shown",
     [
-        ("http://alice:s3cret@mlflow.example:5000/", "http://mlflow.example:5000/"),
-        ("https://token@mlflow.example/x", "https://mlflow.example/x"),
+        ("http://alice:s3cret@mlflow.example:5000/", "http://***@mlflow.example:5000/"),
+        ("https://token@mlflow.example/x", "https://***@mlflow.example/x"),
+        ("postgresql+psycopg://bob:pw@db:5432/mlflow", "postgresql+psycopg://bob:***@db:5432/mlflow"),
         ("sqlite:////srv/mlflow.db", "sqlite:////srv/mlflow.db"),
     ],
 )

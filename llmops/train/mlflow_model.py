@@ -328,14 +328,8 @@ def _missing(client: Any, run: Any, why: str) -> ProviderError:
 
 
 def _safe_uri(client: Any) -> str:
-    """The client's tracking URI without user name or password."""
-    uri = str(getattr(client, "tracking_uri", "") or "")
-    # TODO: use llmops.redact once it lands (one redaction policy for every module).
-    from urllib.parse import urlsplit, urlunsplit
+    """The client's tracking URI without its password."""
+    from llmops.redact import redact_url
 
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return redact_url(str(getattr(client, "tracking_uri", "") or ""))
+
