@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,8 @@ def test_training_embeddings_are_cached_and_rebuilt_when_the_training_rows_chang
                                                                                    tmp_path: Path) -> None:
     root = tmp_path / "proj"
     (root / "models").mkdir(parents=True)
-    (root / MODEL_REL).symlink_to(model_root / MODEL_REL, target_is_directory=True)
+    # A copy, not a symlink: a base model folder must resolve inside the project (hostile-input rule).
+    shutil.copytree(model_root / MODEL_REL, root / MODEL_REL)
     url = fill(root, "log.db", IN_DISTRIBUTION[:40])
     embedder = TransformersEmbedder(root / MODEL_REL)
 
@@ -198,7 +200,8 @@ def test_llmops_monitor_uses_the_fine_tunes_base_model(model_root: Path, tmp_pat
 
     root = tmp_path / "proj"
     (root / "models").mkdir(parents=True)
-    (root / MODEL_REL).symlink_to(model_root / MODEL_REL, target_is_directory=True)
+    # A copy, not a symlink: a base model folder must resolve inside the project (hostile-input rule).
+    shutil.copytree(model_root / MODEL_REL, root / MODEL_REL)
     (root / "prompts").mkdir()
     (root / "prompts" / "support.j2").write_text("### Question:\n{{ question }}\n### Answer:\n")
     (root / "data").mkdir()
@@ -207,12 +210,15 @@ def test_llmops_monitor_uses_the_fine_tunes_base_model(model_root: Path, tmp_pat
     (root / train).parent.mkdir(parents=True)
     (root / train).write_text("".join(json.dumps({"question": q, "answer": "ok"}) + "\n" for q in QUESTIONS[:160]))
     (root / "llmops.yaml").write_text(LLMOPS_YAML)
-    (root / "llmops.lock").write_text(yaml.safe_dump(_lock(train)))
+    # A JSON round trip: shared dicts would be dumped as YAML aliases, which llmops never writes.
+    (root / "llmops.lock").write_text(yaml.safe_dump(json.loads(json.dumps(_lock(train)))))
     fill(root, ".llmops/monitor/prod.db", _shifted(40))
 
     with pytest.raises(SystemExit) as exit_info:
         main(["-C", str(root), "monitor", "--json"])
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert captured.out, captured.err
+    out = json.loads(captured.out)
     emb = out[0]["metrics"]["drift"]["embedding"]
     assert emb["status"] == "ok" and emb["reference_texts"] == 160 and emb["cache"] == "miss"
     assert [a["metric"] for a in out[0]["alerts"]] == ["drift.embedding.cosine_distance"]
