@@ -83,7 +83,6 @@ def main() -> None:
         run(a, "git", "init", "-q", "-b", "main")
         rebuild = llmops(a, "apply", "--auto-approve")
         llmops(a, "down", "support-prod")
-        run(a, "git", "checkout", "-q", "--", "llmops.lock")
         run(a, "git", "add", "-A")
         run(a, "git", "commit", "-q", "-m", "apply")
         run(a, "git", "push", "-q", str(tmp / "origin.git"), "main")
