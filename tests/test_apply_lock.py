@@ -291,32 +291,11 @@ def test_ctrl_c_stops_launching_work_and_keeps_the_lock_consistent(project):
 @pytest.fixture(scope="module")
 def lock_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend (its own; not conftest's)."""
+    from services import mlflow_server
+
     folder = tmp_path_factory.mktemp("lock-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text()[-2000:])
-            time.sleep(0.3)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    log.close()
+    with mlflow_server(f"sqlite:///{folder}/mlflow.db", folder / "artifacts", log_file=folder / "server.log") as url:
+        yield url
 
 
 def _checkouts(tmp_path: Path, url: str, project: str) -> tuple[Path, Path]:

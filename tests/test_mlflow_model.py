@@ -267,22 +267,11 @@ def test_fetch_model_through_a_tracking_server_with_proxied_artifacts(trained, t
     """A second machine sees only the server: the run's artifacts come through its proxy."""
     from llmops.train.job import run_job
     from llmops.train.mlflow_model import fetch_model
+    from services import mlflow_server
 
     folder = tmp_path / "server"
     folder.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/health", proc, folder / "server.log", 90)
+    with mlflow_server(f"sqlite:///{folder}/mlflow.db", folder / "artifacts", log_file=folder / "server.log") as url:
         spec = {**trained.spec, "tracking_uri": url, "artifact_location": None, "base_model": str(trained.base),
                 "output_dir": str(tmp_path / "run"), "checkpoint_dir": str(tmp_path / "run" / "checkpoints"),
                 "training": {**trained.spec["training"], "max_steps": 1}}
@@ -294,9 +283,6 @@ def test_fetch_model_through_a_tracking_server_with_proxied_artifacts(trained, t
         assert sha256_file(dest / "adapter" / "adapter_model.safetensors") == result["adapter"]["sha256"]
         assert folder_sha256(dest / "tokenizer") == result["tokenizer"]["sha256"]
         assert list((folder / "artifacts").rglob("MLmodel"))  # stored by the server, not beside the job
-    finally:
-        stop(proc)
-        log.close()
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
