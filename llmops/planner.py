@@ -43,7 +43,10 @@ def make_plan(
     scope = graph.ancestors(select) if select else set(order)
 
     if refresh and project.lock.resources:
-        _check_tracking_server(project)
+        for kind in sorted({r.kind for r in config.resources.values()}):
+            provider = project.provider(kind)
+            if provider is not None:
+                provider.check_live()
     hasher = FileHasher(project.root, project.state_dir / "cache" / "file-md5.json")
     desired_fp: dict[str, str] = {}
     planned: dict[str, ResourceChange] = {}
@@ -109,16 +112,6 @@ def make_plan(
         refresh=refresh,
         selected=sorted(select, key=address_sort_key),
     )
-
-
-def _check_tracking_server(project: Project) -> None:
-    """Refresh reads the registry: an unreachable tracking server fails the plan in seconds,
-    naming it, instead of hanging in MLflow's retries or showing every alias as drift."""
-    uri = str(project.config.settings.get("tracking_uri") or "")
-    if uri.startswith(("http://", "https://")):
-        from llmops.tracking import check_reachable
-
-        check_reachable(uri)
 
 
 def _propagate_rebuilds(change: ResourceChange, provider, planned: dict[str, ResourceChange], deps: list[str]) -> None:

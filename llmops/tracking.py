@@ -49,6 +49,11 @@ def display_uri(uri: str) -> str:
     return redact_url(uri)
 
 
+def filter_value(value: str) -> str:
+    """`value` quoted for an MLflow search filter (`tags.`k` = '...'`)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def is_local(uri: str) -> bool:
     """Whether runs of this tracking URI keep their artifacts on this machine by default."""
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
@@ -115,6 +120,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     import socket
     from urllib.parse import urlsplit
 
+    if uri in _REACHABLE:  # every MLflow-backed kind asks; one connection per process is enough
+        return
     parts = urlsplit(uri)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
@@ -124,6 +131,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"cannot reach the MLflow tracking server {parts.scheme}://{parts.hostname}:{port} "
             f"({exc.strerror or exc}); start it or fix settings.tracking_uri or MLFLOW_TRACKING_URI (or drop --target)."
         ) from None
+    _REACHABLE.add(uri)
+
+
+_REACHABLE: set[str] = set()
 
 
 def ensure_experiment(mlflow_client: Any, name: str, artifacts: str | None = None) -> str:

@@ -8,7 +8,6 @@ MLflow on SQLite, `mlflow models serve` on loopback, a Hugging Face cache laid o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -317,20 +316,6 @@ def test_error_messages_show_the_tracking_uri_without_credentials(uri, shown):
 # -- an hf: base is referenced, not bundled ------------------------------------------------------
 
 
-def fake_hf_cache(cache: Path, repo_id: str, commit: str, model_dir: Path) -> None:
-    """huggingface_hub's cache layout: blobs/, refs/main, snapshots/COMMIT/* symlinked to blobs."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for src in sorted(model_dir.iterdir()):
-        digest = hashlib.sha256(src.read_bytes()).hexdigest()
-        shutil.copyfile(src, repo / "blobs" / digest)
-        (snap / src.name).symlink_to(Path("../../blobs") / digest)
-
-
 @pytest.mark.slow
 def test_hf_base_is_a_reference_loaded_from_the_cache(trained):
     from llmops.train.mlflow_model import base_reference, make_adapter_portable, save_model
@@ -349,7 +334,9 @@ def test_hf_base_is_a_reference_loaded_from_the_cache(trained):
     model = save_model(trained.tmp / "hf" / "pyfunc", adapter, trained.model_dir / "tokenizer", base)
     assert sorted(p.name for p in (model / "artifacts").iterdir()) == ["adapter", "tokenizer"]
     cache = trained.tmp / "hf" / "hub"
-    fake_hf_cache(cache, HF_REPO, HF_COMMIT, trained.base)
+    from test_base_models import fake_hf_cache
+
+    fake_hf_cache(cache, HF_REPO, trained.base, commit=HF_COMMIT)
     out = fresh_python(LOAD_AND_PREDICT.format(uri=str(model), prompt=PROMPT), trained.elsewhere,
                        {"HF_HUB_CACHE": str(cache), "HF_HOME": str(trained.tmp / "hf" / "home")})
     assert len(out["a"]) == 2 and all(isinstance(t, str) for t in out["a"])

@@ -137,6 +137,17 @@ class Provider(ABC):
 
             check_store(self.ctx.root, self.ctx.settings)
 
+    def check_live(self) -> None:
+        """Once per plan with refresh, before any `refresh`: fail in seconds, naming the store,
+        when live state cannot be read at all (an unreachable tracking server), rather than
+        hang in client retries or report every resource as drifted."""
+        if self.uses_tracking:
+            from llmops.tracking import check_reachable, tracking_uri
+
+            uri = tracking_uri(self.ctx.root, self.ctx.settings)
+            if uri.startswith(("http://", "https://")):
+                check_reachable(uri)
+
     def __init__(self, ctx: ProviderContext) -> None:
         self.ctx = ctx
 

@@ -40,6 +40,7 @@ from typing import Any, Callable
 from llmops.errors import LlmopsError, ProviderError
 from llmops.lockfile import LockedResource, atomic_write_text
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
+from llmops.redact import redact_url
 
 _DVC_LOCK = threading.Lock()
 
@@ -194,13 +195,6 @@ def ensure_dvc_repo(root: Path, log: Callable[[str], None]) -> None:
         raise ProviderError(f"{root}: `dvc init` failed: {_dvc_error(proc)}; fix it and apply again.")
 
 
-def _public_url(remote: str) -> str:
-    """The remote without any password it may carry (never written to the lock)."""
-    from llmops.redact import redact_url
-
-    return redact_url(remote)
-
-
 def read_dvc_lock_stage(root: Path, stage: str) -> dict[str, Any]:
     """The stage's entry in dvc.lock: {"deps": {path: md5}, "outs": {path: md5}}."""
     import yaml
@@ -230,7 +224,7 @@ def _default_remote_url(root: Path) -> str | None:
         name = parser.get("core", "remote", fallback=None)
         if not name:
             return None
-        return _public_url(parser.get(f"'remote \"{name}\"'", "url", fallback="") or name)
+        return redact_url(parser.get(f"'remote \"{name}\"'", "url", fallback="") or name)
     except configparser.Error:
         return None
 
@@ -422,7 +416,7 @@ class DatasetsProvider(Provider):
         require_store_support(remote, DVC_REMOTE)
         proc = _dvc(root, ["remote", "add", "--default", "--force", REMOTE_NAME, remote], log)
         if proc.returncode != 0:
-            raise ProviderError(f"{address}: cannot configure the DVC remote {_public_url(remote)!r}: "
+            raise ProviderError(f"{address}: cannot configure the DVC remote {redact_url(remote)!r}: "
                                 f"{_dvc_error(proc)}; check settings.dvc_remote.")
 
     def _push(self, root: Path, address: str, stage: str, remote: str, log: Callable[[str], None]) -> None:
@@ -430,7 +424,7 @@ class DatasetsProvider(Provider):
         proc = _dvc(root, ["push", stage], log)
         if proc.returncode != 0:
             raise ProviderError(
-                f"{address}: cannot push to the DVC remote {_public_url(remote)!r}: {_dvc_error(proc)}; "
+                f"{address}: cannot push to the DVC remote {redact_url(remote)!r}: {_dvc_error(proc)}; "
                 "check settings.dvc_remote."
             )
 
@@ -449,7 +443,7 @@ class DatasetsProvider(Provider):
         outputs["profile"] = f"{d}/profile.json"
         outputs["report"] = f"{report_dir(name)}/index.html"
         if remote:
-            outputs["remote"] = _public_url(remote)
+            outputs["remote"] = redact_url(remote)
         return ApplyResult(outputs=outputs, inputs={"source_md5": lock["deps"].get(_source(spec), "")})
 
     def _missing_or_changed(self, locked: LockedResource) -> list[str]:

@@ -126,17 +126,16 @@ class EvalsProvider(Provider):
                      "will be fetched, not run again", {"run_id": run.info.run_id})
 
     def _run_for(self, fingerprint: str):
-        from llmops.tracking import client
+        from llmops.tracking import client, filter_value
 
         c = client(self.ctx.root, self.ctx.settings)
         try:
             exp = c.get_experiment_by_name(f"{self.ctx.config.get('project') or 'llmops'}-evals")
             if exp is None:
                 return None
-            fp = fingerprint.replace("'", "")
             runs = c.search_runs([exp.experiment_id], max_results=5, order_by=["attributes.start_time DESC"],
-                                 filter_string=f"tags.`llmops.fingerprint` = '{fp}' and "
-                                               f"tags.`llmops.results` = '{RESULTS_ARTIFACT}'")
+                                 filter_string=f"tags.`llmops.fingerprint` = {filter_value(fingerprint)} and "
+                                               f"tags.`llmops.results` = {filter_value(RESULTS_ARTIFACT)}")
         except Exception:  # noqa: BLE001 - an unreachable store is reported by apply's store check
             return None
         return next((r for r in runs if r.info.status == "FINISHED"), None)

@@ -79,11 +79,11 @@ class FinetunesProvider(Provider):
 
     def _registered_version(self, name: str, fingerprint: str) -> dict[str, Any] | None:
         """The newest registered version of model NAME tagged with this fingerprint, or None."""
-        from llmops.tracking import client
+        from llmops.tracking import client, filter_value
 
         try:
             found = client(self.ctx.root, self.ctx.settings).search_model_versions(
-                f"name = '{_quote(name)}' and tags.`llmops.fingerprint` = '{_quote(fingerprint)}'")
+                f"name = {filter_value(name)} and tags.`llmops.fingerprint` = {filter_value(fingerprint)}")
         except Exception:  # noqa: BLE001 - no such model yet, or the store is unreachable (apply checks it)
             return None
         ready = [v for v in found if str(getattr(v, "status", "READY")) == "READY" and v.run_id]
@@ -193,17 +193,12 @@ class FinetunesProvider(Provider):
         return ApplyResult(outputs=outputs, inputs=self._inputs(dataset, base))
 
     def _fetch(self, request: ApplyRequest, run_id: str, model_dir: Path, adapter_sha256: str) -> dict[str, Path]:
+        """The run's adapter and tokenizer in `model_dir`, the adapter verified against `adapter_sha256`."""
         from llmops.tracking import client
         from llmops.train.mlflow_model import fetch_model
-        from llmops.train.model import sha256_file
 
         request.progress(ProgressEvent(message=f"fetching the adapter of MLflow run {run_id}"))
-        paths = fetch_model(client(self.ctx.root, self.ctx.settings), run_id, model_dir)
-        got = sha256_file(Path(paths["adapter"]) / "adapter_model.safetensors")
-        if got != adapter_sha256:
-            raise ProviderError(f"{request.address}: the adapter fetched from MLflow run {run_id} has sha256 "
-                                f"{got[:12]}…, llmops.lock and the registry say {adapter_sha256[:12]}…; run "
-                                f"`llmops apply --replace {request.address}` to train it again.")
+        paths = fetch_model(client(self.ctx.root, self.ctx.settings), run_id, model_dir, adapter_sha256)
         self.ctx.log(request.address, f"restored the adapter from MLflow run {run_id} (sha256 verified)")
         return {k: Path(v) for k, v in paths.items()}
 
@@ -396,11 +391,6 @@ class _ProgressWatcher:
 
 def _digest(files: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def _quote(value: str) -> str:
-    """A value inside an MLflow search filter's single quotes."""
-    return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _round(value: Any) -> Any:

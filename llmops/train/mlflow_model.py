@@ -233,12 +233,13 @@ def save_model(path: Path, adapter_dir: Path, tokenizer_dir: Path, base: dict[st
     return path
 
 
-def fetch_model(client: Any, run_id: str, dest: Path) -> dict[str, Path]:
+def fetch_model(client: Any, run_id: str, dest: Path, adapter_sha256: str | None = None) -> dict[str, Path]:
     """Download run `run_id`'s adapter and tokenizer into `dest/adapter` and `dest/tokenizer`.
 
     Only those two artifacts of the pyfunc `model` are downloaded (not a bundled base). They
     land in a temp folder beside `dest` that replaces it whole, so `dest` is never half
-    written. The adapter's sha256 is checked against the run's `llmops.adapter_sha256` tag.
+    written. The adapter's sha256 is checked, before `dest` is touched, against `adapter_sha256`
+    (what the caller's lock pins) or else the run's `llmops.adapter_sha256` tag.
     Raises ProviderError when the run, its `model` artifact or a part is missing.
     """
     from llmops.train.model import sha256_file
@@ -258,12 +259,12 @@ def fetch_model(client: Any, run_id: str, dest: Path) -> dict[str, Path]:
             except Exception as exc:  # noqa: BLE001 - stores raise many types for a failed download
                 raise _missing(client, run, f"cannot download {artifact_path} ({type(exc).__name__}: {exc})")
             shutil.move(local, staged / name)
-        expected = run.data.tags.get("llmops.adapter_sha256")
+        expected = adapter_sha256 or run.data.tags.get("llmops.adapter_sha256")
         weights = staged / "adapter" / "adapter_model.safetensors"
         if not weights.is_file():
             raise _missing(client, run, f"{parts['adapter']} has no adapter_model.safetensors")
         if expected and sha256_file(weights) != expected:
-            raise _missing(client, run, f"the downloaded adapter's sha256 is not the run's {expected[:12]}")
+            raise _missing(client, run, f"the downloaded adapter's sha256 is not the expected {expected[:12]}…")
         shutil.rmtree(tmp / "download", ignore_errors=True)
         _swap_in(staged, dest, tmp)
     finally:
