@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -143,7 +144,8 @@ def complete(server: dict, **body: Any) -> dict:
 
 
 def test_health_is_open_and_models_lists_the_served_model(server: dict) -> None:
-    assert call(server, "GET", "/health", token=None) == (200, {"status": "ok", "model": MODEL})
+    assert call(server, "GET", "/health", token=None) == (
+        200, {"status": "ok", "model": MODEL, "instance": None, "pid": os.getpid()})
     status, body = call(server, "GET", "/v1/models")
     assert status == 200 and body["object"] == "list"
     assert [(m["id"], m["object"]) for m in body["data"]] == [(MODEL, "model")]
@@ -544,7 +546,8 @@ def test_background_server_process_lifecycle(model_dir: Path, tmp_path: Path) ->
     handle = start_server(state, "support-prod", model_dir, model_name=MODEL, request_log=state / "requests.jsonl",
                           monitor_store=store_url)
     try:
-        assert wait_healthy(handle.url, timeout=120, handle=handle) == {"status": "ok", "model": MODEL}
+        health = wait_healthy(handle.url, timeout=120, handle=handle)
+        assert (health["status"], health["model"], health["pid"]) == ("ok", MODEL, handle.pid)
         status = server_status(handle.state_file, probe=True)
         assert (status.running, status.healthy, status.pid, status.port) == (True, True, handle.pid, handle.port)
         assert server_monitor(handle.state_file) == {"store": store_url, "log_text": False}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import threading
 import time
 import uuid
@@ -33,6 +34,9 @@ from llmops.serve import openai_api as api
 from llmops.serve.openai_api import GenerationRequest, RequestError
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# Set by whoever starts the server (llmops.serve.process/container): a random token that
+# /health repeats, so the starter can tell its own server from anything else on the port.
+INSTANCE_ENV = "LLMOPS_SERVE_INSTANCE"
 FEEDBACK_WAIT_S = 10.0  # how long feedback waits for its response's record to be logged
 OnRequest = Callable[[dict[str, Any]], None]
 OnFeedback = Callable[[Any], str]
@@ -175,6 +179,7 @@ class App:
     on_request: OnRequest | None = None
     feedback: OnFeedback | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    instance: str | None = field(default_factory=lambda: os.environ.get(INSTANCE_ENV) or None)
     log: Callable[[str], None] = lambda line: None
     # Response ids sent but whose record `on_request` has not had yet: feedback on one of
     # them waits for it (a client may rate an answer before its record reaches the hook).
@@ -313,7 +318,8 @@ class Handler(BaseHTTPRequestHandler):
                                "JSON (Content-Type: application/json).", None) from None
 
     def _health(self, body: bytes, rec: dict[str, Any]) -> None:
-        self._send_json(200, {"status": "ok", "model": self.app.model_name}, rec)
+        self._send_json(200, {"status": "ok", "model": self.app.model_name, "instance": self.app.instance,
+                              "pid": os.getpid()}, rec)
 
     def _models(self, body: bytes, rec: dict[str, Any]) -> None:
         self._send_json(200, api.models_response(self.app.model_name, self.app.created), rec)
