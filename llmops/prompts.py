@@ -98,17 +98,20 @@ class _ProjectLoader(jinja2.BaseLoader):
     """
 
     def __init__(self, root: Path, inline: dict[str, str], files: Iterable[str] = (),
-                 dirs: Iterable[str] = ()) -> None:
+                 dirs: Iterable[str] = (), reads: set[str] | None = None) -> None:
         self.root = root
         self.inline = inline
         self.files = {_normal(f) for f in files}
         self.dirs = {_normal(d) for d in dirs if _normal(d)}
+        self.reads = reads  # when given, collects every project file asked for (even refused ones)
 
     def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Any]:
         if template in self.inline:
             return self.inline[template], template, lambda: True
         parts = split_template_path(template)  # refuses `..` and absolute escapes
         rel = "/".join(parts)
+        if self.reads is not None:
+            self.reads.add(rel)
         if rel not in self.files and not any(rel.startswith(d + "/") for d in self.dirs):
             allowed = ", ".join(sorted(d + "/" for d in self.dirs)) or "none"
             raise PromptError(
@@ -148,6 +151,17 @@ def template_path(root: Path, rel: Any) -> Path:
         raise PromptError(f"template file '{shown}' not found (not a regular file)", file=shown,
                           hint="the path is relative to the project folder")
     return real
+
+
+def template_stamp(root: Path, rel: str) -> str:
+    """What a cached check of `rel` depends on: the sha256 of its bytes, or why it cannot be read."""
+    try:
+        with template_path(root, rel).open("rb") as fh:
+            return hashlib.sha256(fh.read(MAX_TEMPLATE_BYTES + 1)).hexdigest()
+    except PromptError as exc:
+        return "refused: " + exc.summary
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
 
 
 def read_template_file(root: Path, rel: str) -> str:
@@ -443,11 +457,13 @@ def messages_to_text(messages: list[dict[str, str]], tokenizer: Any = None) -> s
 
 
 def load_prompt(spec: dict[str, Any], root: Path | str, name: str = "",
-                template_dirs: Iterable[str] = ()) -> PromptTemplate:
+                template_dirs: Iterable[str] = (), reads: set[str] | None = None) -> PromptTemplate:
     """Compile a prompt spec; raises PromptError (file and line) on any problem.
 
     `template_dirs`: project-relative folders of the project's declared templates, whose
     files this prompt may include (its own template's folder and prompts/ always may).
+    `reads`, when given, collects the project-relative path of every template file the
+    prompt asks for, while compiling and while rendering later (includes included).
     """
     root = Path(root)
     forms = [f for f in FORMS if f in spec]
@@ -462,10 +478,12 @@ def load_prompt(spec: dict[str, Any], root: Path | str, name: str = "",
         raise PromptError(
             f"{_who(name)}: `variables` must be a list of names", path=f"prompts.{name}.variables"
         )
+    if reads is not None and isinstance(spec.get("template"), str):
+        reads.add(_normal(spec["template"]))
     sources = _sources(form, spec, root, name)
     own = [_normal(s.label) for s in sources if s.is_file]
     dirs = [_DEFAULT_TEMPLATE_DIR, *template_dirs, *(f.rpartition("/")[0] for f in own)]
-    env = _make_env(_ProjectLoader(root, {s.label: s.source for s in sources if not s.is_file}, own, dirs))
+    env = _make_env(_ProjectLoader(root, {s.label: s.source for s in sources if not s.is_file}, own, dirs, reads))
     for src in sources:
         try:
             env.get_template(src.label)
@@ -577,14 +595,15 @@ def count_tokens(text: str, tokenizer: Any = None) -> int:
 
 
 def check_prompt(name: str, spec: dict[str, Any], root: Path | str, tokenizer: Any = None,
-                 template_dirs: Iterable[str] = ()) -> list[Diagnostic]:
+                 template_dirs: Iterable[str] = (), reads: set[str] | None = None) -> list[Diagnostic]:
     """Everything wrong with one prompt, for `llmops validate` (empty list: fine).
 
     Diagnostics about the template carry its file and line; those about the config
     (`variables`, `examples`) carry only `path` (e.g. `prompts.NAME.examples[0].expect`)
-    so the caller can add the llmops.yaml position.
+    so the caller can add the llmops.yaml position. `reads` collects the template files
+    the check read (see `load_prompt`), so a cached result can be keyed on them.
     """
-    return [_redacted(d) for d in _prompt_problems(name, spec, root, tokenizer, template_dirs)]
+    return [_redacted(d) for d in _prompt_problems(name, spec, root, tokenizer, template_dirs, reads)]
 
 
 def _redacted(d: Diagnostic) -> Diagnostic:
@@ -593,9 +612,9 @@ def _redacted(d: Diagnostic) -> Diagnostic:
 
 
 def _prompt_problems(name: str, spec: dict[str, Any], root: Path | str, tokenizer: Any,
-                     template_dirs: Iterable[str]) -> list[Diagnostic]:
+                     template_dirs: Iterable[str], reads: set[str] | None) -> list[Diagnostic]:
     try:
-        prompt = load_prompt(spec, root, name, template_dirs)
+        prompt = load_prompt(spec, root, name, template_dirs, reads)
         used = prompt.used_variables()
     except PromptError as exc:
         return [exc.to_diagnostic()]

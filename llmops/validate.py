@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -378,35 +379,58 @@ class _CheckCache:
 
     Stored in `.llmops/cache/checks.json`; only this run's keys are kept. Validating a big
     unchanged project then costs parsing plus the cheap cross-reference checks.
+
+    The file sits in the checkout, where a pull request can commit one: keys are an HMAC
+    under a secret kept outside the project (`$XDG_CACHE_HOME/llmops/checks.key`, made on
+    first use), so a planted entry never matches and a planted file only costs a recheck.
+    A prompt's entry also records the sha256 of every template file its check read
+    (includes too, even dynamic ones), and counts only while those files are unchanged.
+    Without a writable cache folder there is no caching.
     """
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.path = root / ".llmops" / "cache" / "checks.json"
+        self.secret = _cache_secret()
         try:
-            self.old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            self.old = json.loads(self.path.read_text()) if self.secret and self.path.is_file() else {}
         except (OSError, ValueError):
             self.old = {}
-        self.new: dict[str, list[dict]] = {}
+        if not isinstance(self.old, dict):
+            self.old = {}
+        self.new: dict[str, dict] = {}
 
-    @staticmethod
-    def key(*parts: str) -> str:
+    def key(self, *parts: str) -> str:
         import hashlib
+        import hmac
 
-        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+        return hmac.new(self.secret or b"-", "\0".join(parts).encode(), hashlib.sha256).hexdigest()
 
     def get(self, key: str) -> list[Diagnostic] | None:
+        from llmops.prompts import template_stamp
+
         hit = self.old.get(key)
-        if not isinstance(hit, list):
+        if not self.secret or not isinstance(hit, dict) or not isinstance(hit.get("diags"), list):
+            return None
+        deps = hit.get("deps") or {}
+        if not isinstance(deps, dict) or any(template_stamp(self.root, rel) != stamp for rel, stamp in deps.items()):
+            return None
+        try:
+            found = [Diagnostic(**d) for d in hit["diags"]]
+        except TypeError:
             return None
         self.new[key] = hit
-        return [Diagnostic(**d) for d in hit]
+        return found
 
-    def put(self, key: str, diags: list[Diagnostic]) -> list[Diagnostic]:
-        self.new[key] = [d.to_dict() for d in diags]
+    def put(self, key: str, diags: list[Diagnostic], reads: set[str] = frozenset()) -> list[Diagnostic]:
+        from llmops.prompts import template_stamp
+
+        deps = {rel: template_stamp(self.root, rel) for rel in sorted(reads)}
+        self.new[key] = {"deps": deps, "diags": [d.to_dict() for d in diags]}
         return list(diags)
 
     def save(self) -> None:
-        if self.new == self.old:
+        if not self.secret or self.new == self.old:
             return
         from llmops.lockfile import atomic_write_text
 
@@ -414,6 +438,36 @@ class _CheckCache:
             atomic_write_text(self.path, json.dumps(self.new, sort_keys=True))
         except OSError:
             pass
+
+
+def _cache_secret() -> bytes | None:
+    """This user's key for validation-cache entries (see `_CheckCache`); None if it cannot be kept."""
+    import secrets
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmops"
+    path = base / "checks.key"
+    try:
+        data = path.read_bytes()
+        if len(data) >= 32:
+            return data
+    except OSError:
+        pass
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = base / f".checks.key.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        data = path.read_bytes()
+        return data if len(data) >= 32 else None
+    except (OSError, RuntimeError):
+        return None
 
 
 def _check_prompts(config: Config, cache: _CheckCache) -> list[Diagnostic]:
@@ -427,17 +481,16 @@ def _check_prompts(config: Config, cache: _CheckCache) -> list[Diagnostic]:
         if r.kind != "prompts":
             continue
         rel = r.spec.get("template")
-        stamp = ""
         if isinstance(rel, str):
             try:
-                st = template_path(config.root, rel).stat()
-            except (PromptError, OSError):
+                template_path(config.root, rel)
+            except PromptError:
                 continue  # already reported by _check_files
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        key = cache.key("prompt", r.name, json.dumps(r.spec, sort_keys=True, default=str), stamp, *dirs)
+        key = cache.key("prompt", r.name, json.dumps(r.spec, sort_keys=True, default=str), *dirs)
         found = cache.get(key)
         if found is None:
-            found = cache.put(key, check_prompt(r.name, r.spec, config.root, template_dirs=dirs))
+            reads: set[str] = set()
+            found = cache.put(key, check_prompt(r.name, r.spec, config.root, template_dirs=dirs, reads=reads), reads)
         for d in found:
             if not d.file or not d.line:
                 pos = config.doc.diagnostic(("prompts", r.name), d.summary, d.hint)

@@ -159,3 +159,66 @@ BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
 def test_hostile_yaml_gives_one_clear_diagnostic(project, text, needle):
     lines = diags(project, text)
     assert any(needle in line and line.startswith("llmops.yaml:") for line in lines), lines
+
+
+CACHED = """\
+version: 1
+project: t
+prompts:
+  p:
+    template: prompts/main.j2
+    variables: [question]
+    examples:
+      - inputs: {question: hello}
+        expect: {contains: "part: fine"}
+"""
+
+
+def _validate(project) -> list[str]:
+    try:
+        load_config(project.root)
+    except ValidationError as exc:
+        return [d.format() for d in exc.diagnostics]
+    return []
+
+
+def test_validation_cache_follows_included_templates(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    project.write({"llmops.yaml": CACHED, "prompts/main.j2": "{{ question }} {% include 'prompts/part.j2' %}",
+                   "prompts/part.j2": "part: fine"})
+    assert _validate(project) == []
+    assert (project.root / ".llmops/cache/checks.json").is_file()
+    assert _validate(project) == []  # from the cache
+    project.write({"prompts/part.j2": "part: broken"})  # only the included file changes
+    assert any("examples[0]" in line or "part: fine" in line for line in _validate(project))
+    project.write({"prompts/part.j2": "part: fine"})
+    assert _validate(project) == []
+
+
+def test_validation_cache_follows_dynamic_includes(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    text = CACHED.replace("variables: [question]", "variables: [question]\n    # dynamic include below")
+    project.write({"llmops.yaml": text, "prompts/main.j2": "{{ question }} {% include 'prompts/' ~ 'part.j2' %}",
+                   "prompts/part.j2": "part: fine"})
+    assert _validate(project) == []
+    project.write({"prompts/part.j2": "part: changed"})
+    assert _validate(project) != []
+
+
+def test_a_committed_checks_json_is_not_trusted(project, tmp_path, monkeypatch):
+    """A pull request can commit .llmops/cache/checks.json: its entries must never count."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    project.write({"llmops.yaml": CACHED, "prompts/main.j2": "{{ question }} no match",
+                   "prompts/part.j2": "x"})
+    bad = _validate(project)
+    assert bad
+    cache = project.root / ".llmops/cache/checks.json"
+    entries = json.loads(cache.read_text())
+    # A planted file saying "no problems" for every key this run wrote, and for keys an
+    # attacker would compute without the user's secret (plain sha256 of the inputs):
+    forged = {key: {"deps": {}, "diags": []} for key in entries}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-user"))  # the CI runner: another secret
+    cache.write_text(json.dumps(forged))
+    assert _validate(project) == bad
+    key_file = tmp_path / "another-user" / "llmops" / "checks.key"
+    assert key_file.stat().st_mode & 0o077 == 0
