@@ -225,6 +225,49 @@ def test_unreachable_api(tmp_path):
         client.get("/rate_limit")
 
 
+def test_a_dripping_api_is_cut_off_at_the_deadline():
+    """A server that sends its body one byte at a time, each within the read timeout."""
+    import socket
+    import threading
+    import time
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.is_set():
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                break
+            time.sleep(0.2)
+        conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    client = GitHubClient(TOKEN, f"http://127.0.0.1:{srv.getsockname()[1]}", REPO, timeout=1, deadline=2)
+    start = time.monotonic()
+    try:
+        with pytest.raises(GitHubError, match=r"took more than 2s in all"):
+            client.get("/rate_limit")
+        took = time.monotonic() - start
+        assert took < 10, took
+    finally:
+        stop.set()
+        srv.close()
+
+
+def test_api_url_password_is_not_printed():
+    client = GitHubClient(TOKEN, "http://user:hunter2@127.0.0.1:9", REPO, timeout=2)
+    with pytest.raises(GitHubError) as info:
+        client.get("/rate_limit")
+    assert "hunter2" not in str(info.value) and "127.0.0.1:9" in str(info.value)
+
+
 # -- sticky comment -------------------------------------------------------------------------
 
 
@@ -340,6 +383,10 @@ def test_client_from_env():
         {"github": {"repository": "x/y", "api_url": "https://ghe.example/api/v3"}},
     )
     assert (override.token, override.repo, override.api_url) == ("b", "x/y", "https://ghe.example/api/v3")
+    # A pull request's llmops.yaml must not send the token elsewhere when Actions names the API:
+    pr_config = {"github": {"api_url": "https://attacker.example/api"}}
+    env = {"GITHUB_TOKEN": "t", "GITHUB_REPOSITORY": "o/r", "GITHUB_API_URL": "https://api.github.com"}
+    assert client_from_env(env, pr_config).api_url == "https://api.github.com"
     with pytest.raises(GitHubError, match="GITHUB_REPOSITORY"):
         client_from_env({"GITHUB_TOKEN": "t"})
     with pytest.raises(GitHubError, match="GITHUB_TOKEN"):

@@ -21,10 +21,14 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 from llmops.errors import LlmopsError
+from llmops.redact import redact_url
 
 DEFAULT_API_URL = "https://api.github.com"
 API_VERSION = "2022-11-28"
 MAX_PAGES = 100  # 100 pages of 100 items: far beyond any real PR's reviews or comments
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a page of 100 items is a few hundred kB
+CONNECT_TIMEOUT_S = 10.0  # per connection attempt and per read without progress
+DEADLINE_S = 120.0  # all calls of one client (one command) together
 
 _LINK_RE = re.compile(r'<([^>]+)>\s*;\s*rel="([^"]+)"')
 
@@ -66,6 +70,9 @@ class GitHubClient:
 
     `max_retry_wait`: a rate-limited call whose reset is at most this many seconds away is
     retried once after waiting (through `sleep`); a longer wait raises at once.
+    `timeout` bounds each connect and each read that makes no progress; `deadline` bounds
+    all calls of this client together (a server that drips bytes cannot hold CI), and a
+    body larger than MAX_BODY_BYTES is refused.
     """
 
     def __init__(
@@ -74,7 +81,8 @@ class GitHubClient:
         api_url: str = DEFAULT_API_URL,
         repo: str = "",
         *,
-        timeout: float = 30.0,
+        timeout: float = CONNECT_TIMEOUT_S,
+        deadline: float = DEADLINE_S,
         max_retry_wait: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -88,6 +96,8 @@ class GitHubClient:
         self.api_url = (api_url or DEFAULT_API_URL).rstrip("/")
         self.repo = repo
         self.timeout = timeout
+        self.deadline = deadline
+        self._ends = time.monotonic() + deadline
         self.max_retry_wait = max_retry_wait
         self.sleep = sleep
 
@@ -171,14 +181,14 @@ class GitHubClient:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (API URL)
-                status, headers, raw = resp.status, _lower(resp.headers), resp.read()
+            with urllib.request.urlopen(req, timeout=self._timeout(endpoint)) as resp:  # noqa: S310 (API URL)
+                status, headers, raw = resp.status, _lower(resp.headers), self._read(resp, endpoint)
         except urllib.error.HTTPError as err:
-            raise _http_error(endpoint, err.code, _lower(err.headers), err.read()) from None
+            raise _http_error(endpoint, err.code, _lower(err.headers), self._read(err, endpoint)) from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise GitHubError(
-                f"Cannot reach the GitHub API for {endpoint} at {self.api_url}: {reason}. "
+                f"Cannot reach the GitHub API for {endpoint} at {redact_url(self.api_url)}: {reason}. "
                 "Check the network and GITHUB_API_URL, then re-run.",
                 endpoint=endpoint,
             ) from None
@@ -192,6 +202,31 @@ class GitHubClient:
                 endpoint,
             ) from None
         return Response(status, headers, payload, parse_link_header(headers.get("link")))
+
+    def _timeout(self, endpoint: str) -> float:
+        left = self._ends - time.monotonic()
+        if left <= 0:
+            raise GitHubError(
+                f"GitHub API calls at {redact_url(self.api_url)} took more than {self.deadline:g}s in all "
+                f"(stopped before {endpoint}); the API is too slow or unreachable: re-run later.",
+                endpoint=endpoint,
+            )
+        return min(self.timeout, left)
+
+    def _read(self, resp: Any, endpoint: str) -> bytes:
+        """The body, in chunks, within the deadline and MAX_BODY_BYTES."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            self._timeout(endpoint)
+            chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise GitHubError(f"GitHub API {endpoint} sent more than {MAX_BODY_BYTES:,} bytes; refusing it.",
+                                  endpoint=endpoint)
+            chunks.append(chunk)
 
     @staticmethod
     def _page_items(response: Response, path: str) -> list[Any]:
@@ -251,14 +286,17 @@ def _retry_after(headers: dict[str, str]) -> float | None:
 def client_from_env(env: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None) -> GitHubClient:
     """A client from GITHUB_TOKEN, GITHUB_REPOSITORY and GITHUB_API_URL.
 
-    `settings.github.repository` / `api_url` from llmops.yaml win over the environment;
-    LLMOPS_GITHUB_TOKEN wins over GITHUB_TOKEN (for a token that may read org teams).
+    `settings.github.repository` from llmops.yaml wins over the environment; the API URL
+    is GITHUB_API_URL when set (GitHub Actions always sets it), then `settings.github.api_url`:
+    llmops.yaml is content a pull request can change, and it must not be able to send the
+    token to a server of its choosing. LLMOPS_GITHUB_TOKEN wins over GITHUB_TOKEN (for a
+    token that may read org teams).
     """
     env = os.environ if env is None else env
     gh = dict((settings or {}).get("github") or {})
     token = env.get("LLMOPS_GITHUB_TOKEN") or env.get("GITHUB_TOKEN") or ""
     repo = gh.get("repository") or env.get("GITHUB_REPOSITORY") or ""
-    api_url = gh.get("api_url") or env.get("GITHUB_API_URL") or DEFAULT_API_URL
+    api_url = env.get("GITHUB_API_URL") or gh.get("api_url") or DEFAULT_API_URL
     if not repo:
         raise GitHubError("No GitHub repository: set GITHUB_REPOSITORY=OWNER/NAME or settings.github.repository.")
     return GitHubClient(token, api_url, repo)
