@@ -104,14 +104,53 @@ def check_store(root: Path, settings: dict[str, Any]) -> None:
     try:
         client(root, settings).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for an unreachable store
-        raise ProviderError(
-            f"cannot use the MLflow tracking store {uri} ({type(exc).__name__}: {str(exc)[:200]}); "
-            "start the tracking server or fix settings.tracking_uri."
-        ) from exc
+        raise store_error(uri, exc) from exc
     _CHECKED.add(uri)
 
 
 _CHECKED: set[str] = set()
+
+
+def store_error(uri: str, exc: BaseException) -> ProviderError:
+    """The error for a tracking store that cannot answer at all (as opposed to "not found")."""
+    return ProviderError(
+        f"cannot use the MLflow tracking store {display_uri(uri)} ({type(exc).__name__}: {str(exc)[:200]}); "
+        "start the tracking server or fix settings.tracking_uri."
+    )
+
+
+def not_found(exc: BaseException) -> bool:
+    """Whether an MLflow error says the run, model or version asked for is not in the store
+    (a deleted local database comes back empty: everything is "not found"), rather than that
+    the store could not answer."""
+    return getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def lost_run(mlflow_client: Any, run_id: str, uri: str) -> str | None:
+    """Why run `run_id` is unusable in the tracking store at `uri` (absent, e.g. the local
+    database was deleted, or deleted by hand), or None when it is there. Raises ProviderError
+    when the store cannot answer: that is not drift, and must not plan a rebuild."""
+    try:
+        run = mlflow_client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MlflowException, or a transport error of a dead server
+        if not_found(exc):
+            return f"run {run_id} is not in the tracking store {display_uri(uri)}"
+        raise store_error(uri, exc) from exc
+    if run.info.lifecycle_stage == "deleted":
+        return f"run {run_id} was deleted from the tracking store {display_uri(uri)}"
+    return None
+
+
+def lost_model_version(mlflow_client: Any, name: str, version: str, uri: str) -> str | None:
+    """Why version `version` of registered model `name` is unusable in the registry at `uri`,
+    or None when it is there; ProviderError when the registry cannot answer."""
+    try:
+        mlflow_client.get_model_version(name, str(version))
+    except Exception as exc:  # noqa: BLE001 - as in lost_run
+        if not_found(exc):
+            return f"registered model {name} v{version} is not in the model registry {display_uri(uri)}"
+        raise store_error(uri, exc) from exc
+    return None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

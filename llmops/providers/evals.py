@@ -13,7 +13,7 @@ from typing import Any
 
 from llmops.errors import ProviderError
 from llmops.lockfile import LockedResource
-from llmops.providers.base import ApplyRequest, ApplyResult, Found, ProgressEvent, Provider
+from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider
 
 _MODEL_KINDS = ("finetunes", "base_models", "deployments")
 RESULTS_ARTIFACT = "eval.json"  # the eval's recorded outputs, logged to its MLflow run
@@ -109,6 +109,18 @@ class EvalsProvider(Provider):
         if run_id is None:
             run_id = self._log_run(request, model_addr, model_out, outputs)
         return ApplyResult(outputs={**outputs, "run_id": run_id})
+
+    def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
+        """The eval run the lock names must still be in the tracking store: it holds the results
+        other checkouts restore (`eval.json`) and the tag linking them to the scored version."""
+        from llmops.tracking import client, lost_run, tracking_uri
+
+        run_id = locked.outputs.get("run_id")
+        if not run_id:
+            return []
+        lost = lost_run(client(self.ctx.root, self.ctx.settings), str(run_id),
+                        tracking_uri(self.ctx.root, self.ctx.settings))
+        return [Drift(f"eval {lost}: it will be run again")] if lost else []
 
     # -- shared results -------------------------------------------------------------------
     def find_existing(self, name: str, spec: dict[str, Any], fingerprint: str) -> Found | None:

@@ -41,19 +41,37 @@ class FinetunesProvider(Provider):
         return {"trials": len(specs.expand_sweep(spec.get("sweep")))}
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
-        adapter = (locked.outputs or {}).get("adapter") or {}
+        """The run and the registered version the lock names must still be in the stores (a
+        deleted local MLflow database loses both), and the adapter here or fetchable from the run."""
+        out = locked.outputs or {}
+        adapter = out.get("adapter") or {}
         if not adapter.get("path"):
             return []
+        lost = self._lost(out)
+        if lost:
+            return [Drift(f"{lost}: it will be trained again (and what uses it re-evaluated and promoted)")]
         weights = self.ctx.root / adapter["path"] / "adapter_model.safetensors"
         if weights.is_file():
             return []
-        run_id = locked.outputs.get("run_id")
+        run_id = out.get("run_id")
         held = self._run_holds_model(str(run_id)) if run_id else None
         if held:
             return [Drift(f"adapter {adapter['path']} is missing here; {held} holds it: it will be fetched and "
                           "its sha256 verified, not trained", "restore")]
-        return [Drift(f"adapter {adapter['path']} is missing and no tracking store holds MLflow run {run_id}; "
+        return [Drift(f"adapter {adapter['path']} is missing and MLflow run {run_id} holds no `model` artifact; "
                       "it will be trained again")]
+
+    def _lost(self, out: dict[str, Any]) -> str | None:
+        """Why the lock's MLflow run or registered version is gone from its store, or None."""
+        c = tracking.client(self.ctx.root, self.ctx.settings)
+        if out.get("run_id"):
+            lost = tracking.lost_run(c, str(out["run_id"]), tracking.tracking_uri(self.ctx.root, self.ctx.settings))
+            if lost:
+                return f"MLflow {lost}"
+        if out.get("model_name") and out.get("model_version"):
+            return tracking.lost_model_version(c, str(out["model_name"]), str(out["model_version"]),
+                                               tracking.registry_uri(self.ctx.root, self.ctx.settings))
+        return None
 
     def _run_holds_model(self, run_id: str) -> str | None:
         """"MLflow run R at URI" when the tracking store has run R with its `model` artifact."""
@@ -62,7 +80,7 @@ class FinetunesProvider(Provider):
         try:
             c = client(self.ctx.root, self.ctx.settings)
             names = {a.path.rsplit("/", 1)[-1] for a in c.list_artifacts(run_id)}
-        except Exception:  # noqa: BLE001 - no such run (another machine's local store), or unreachable
+        except Exception:  # noqa: BLE001 - the run's artifacts are gone, or their store is unreachable
             return None
         if "model" not in names:
             return None

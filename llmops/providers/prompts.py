@@ -90,16 +90,36 @@ class PromptsProvider(Provider):
         return None
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
+        from llmops.tracking import display_uri, not_found, registry_uri, store_error
+
         out = locked.outputs
         if "version" not in out:
             return [Drift("no registered prompt version recorded", "replace")]
+        client = self._client()
+        uri = registry_uri(self.ctx.root, self.ctx.settings)
+        alias = out.get("alias", self._alias())
         try:
-            pv = self._client().get_prompt_version_by_alias(name, out.get("alias", self._alias()))
-        except Exception:  # noqa: BLE001 - alias or prompt gone
-            return [Drift(f"prompt alias {out.get('alias')} of {name} is missing in the registry", "update")]
+            pv = client.get_prompt_version_by_alias(name, alias)
+        except Exception as exc:  # noqa: BLE001 - MlflowException, or a transport error of a dead server
+            if not not_found(exc):
+                raise store_error(uri, exc) from exc
+            if self._version_gone(client, name, int(out["version"])):
+                # A deleted local MLflow database, say: register it again (same content digest).
+                return [Drift(f"prompt {name} v{out['version']} is not in the prompt registry {display_uri(uri)}: "
+                              "it will be registered again", "update")]
+            return [Drift(f"prompt alias {alias} of {name} is missing in the registry", "update")]
         if int(pv.version) != int(out["version"]):
-            return [Drift(f"prompt alias {out.get('alias')} -> v{pv.version}, lock says v{out['version']}", "update")]
+            return [Drift(f"prompt alias {alias} -> v{pv.version}, lock says v{out['version']}", "update")]
         return []
+
+    def _version_gone(self, client, name: str, version: int) -> bool:
+        from llmops.tracking import not_found
+
+        try:
+            client.get_prompt_version(name, version)
+        except Exception as exc:  # noqa: BLE001 - as above; refresh already reached the registry
+            return not_found(exc)
+        return False
 
     def delete(self, name: str, locked: LockedResource) -> None:
         alias = locked.outputs.get("alias")
