@@ -4,7 +4,10 @@ Apply promotes only when every gate (eval) it names passed for exactly the model
 being promoted, and, with `approval: required`, only after an approved pull request (or an
 allowed local approval). The lock records version, previous version, gates, approval and
 endpoint. Refresh reads the registry alias and the endpoint: an alias moved by hand or a
-server that is down is drift.
+server that is down is drift. Only the server this deployment started counts as up (its
+/health repeats the instance token in the state file): another one answering on the
+endpoint, such as an orphan left after `.llmops/` was deleted, is named in the drift, and
+apply then refuses the taken port instead of reporting it as served.
 """
 
 from __future__ import annotations
@@ -26,11 +29,26 @@ def _serve_state(ctx: ProviderContext, name: str) -> Path:
 
 
 def live_endpoint(ctx: ProviderContext, name: str) -> str | None:
-    """URL of deployment NAME's server when it is up and healthy now, else None."""
+    """URL of deployment NAME's server when it is up and healthy now (the server it started,
+    not merely something answering on its port), else None."""
     from llmops.serve.process import server_status
 
     status = server_status(_serve_state(ctx, name), probe=True)
     return status.url if status.running and status.healthy else None
+
+
+def _endpoint_drift(ctx: ProviderContext, name: str, endpoint: str) -> Drift | None:
+    """Drift when deployment NAME's own server does not answer on `endpoint`, naming any
+    other server that answers there instead."""
+    from llmops.serve.process import other_server_at, server_status
+
+    status = server_status(_serve_state(ctx, name), probe=True)
+    if status.running and status.healthy:
+        return None
+    other = other_server_at(endpoint, status.instance)
+    if other:
+        return Drift(f"endpoint {endpoint} is answered by {other}, not by the server llmops started", "update")
+    return Drift(f"endpoint {endpoint} is not answering", "update")
 
 
 def _model_address(spec: dict[str, Any], upstream: dict[str, LockedResource]) -> str:
@@ -221,8 +239,9 @@ class DeploymentsProvider(Provider):
             if live != str(out.get("version")):
                 where = f"v{live}" if live else "nothing"
                 drifts.append(Drift(f"alias {out['alias']} -> {where}, lock says v{out.get('version')}", "update"))
-        if out.get("endpoint") and live_endpoint(self.ctx, name) is None:
-            drifts.append(Drift(f"endpoint {out['endpoint']} is not answering", "update"))
+        endpoint_drift = _endpoint_drift(self.ctx, name, out["endpoint"]) if out.get("endpoint") else None
+        if endpoint_drift:
+            drifts.append(endpoint_drift)
         return drifts
 
     def alerts(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[str]:

@@ -7,7 +7,9 @@ server listens on every interface inside the container, and the engine publishes
 on `host:port`. GPUs reach it as a device request. A bearer token travels as the value of
 the environment variable `auth_token_env` names (read here, from this process's
 environment), and a store URL with a password as `LLMOPS_MONITOR_STORE`: neither appears
-in the command, the state file, the lock or a log.
+in the command, the state file, the lock or a log. The container also gets a random
+instance token that /health repeats: as for a local server, the container counts as healthy only while it runs and answers with that token, and a fixed port that
+something else holds fails before the container starts.
 
 The state file (`state_dir/NAME.json`, the same place as a local server's) carries a
 `container` key with the container id and the engine address; `llmops.serve.process`
@@ -17,12 +19,10 @@ hands such a state to `container_status` and `stop_container` here, so status, r
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
+import secrets
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,7 @@ class ContainerServer:
     state_file: str
     log_path: str
     docker_host: str | None
+    instance: str  # the token its /health answers with
 
 
 def start_container_server(
@@ -75,9 +76,11 @@ def start_container_server(
     """Start the server container; state in `state_dir/NAME.json`. Port 0 picks a free port.
 
     Returns at once: call `wait_container_healthy` before sending requests. Refuses to
-    start while a server (of either kind) recorded under NAME still runs.
+    start while a server (of either kind) recorded under NAME still runs, or when a fixed
+    port is taken.
     """
-    from llmops.serve.process import ServeError, _url_host, _write_json, free_port, server_args, server_status
+    from llmops.serve.process import (INSTANCE_ENV, ServeError, _url_host, _write_json, check_port, free_port,
+                                      server_args, server_status)
 
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +88,10 @@ def start_container_server(
     current = server_status(state_file)
     if current.running:
         raise ServeError(f"server '{name}' already runs ({current.url}); stop it first ({state_file})")
-    env: dict[str, str] = {}
+    if port:
+        check_port(host, port, name)
+    instance = secrets.token_urlsafe(16)
+    env: dict[str, str] = {INSTANCE_ENV: instance}
     args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, env)
     if auth_token_env:
         token = os.environ.get(auth_token_env, "")
@@ -104,12 +110,10 @@ def start_container_server(
     container = runner.run_detached(job, port=port, container_port=port, host=host)
     docker_host = runner.docker_host or os.environ.get("DOCKER_HOST") or None
     server = ContainerServer(container, port, host, f"http://{_url_host(host)}:{port}", image, digest, model_name,
-                             str(state_file), str(job.log_path), docker_host)
+                             str(state_file), str(job.log_path), docker_host, instance)
     _write_json(state_file, dict(asdict(server), started_at=time.time(), gpus=int(gpus),
                                  command=[SERVER_MODULE, *args], monitor=monitor))
     return server
-
-
 
 
 def _runner(state: dict[str, Any]) -> DockerRunner:
@@ -119,13 +123,14 @@ def _runner(state: dict[str, Any]) -> DockerRunner:
 
 
 def wait_container_healthy(server: ContainerServer, runner: DockerRunner, timeout: float = 180.0) -> dict[str, Any]:
-    """Poll `URL/health` until it answers 200; returns its JSON body.
+    """Poll `URL/health` until this container's server answers (with its instance token:
+    anything else on the port is waited past); returns its JSON body.
 
     A container that exits while we wait, or a server that does not answer in `timeout`
     seconds, fails with the container's last output in the message; the container is
     removed and the state file deleted, so nothing is left half-started.
     """
-    from llmops.serve.process import ServeError
+    from llmops.serve.process import HTTP_ERRORS, ServeError, _get_json, describe_health
 
     deadline = time.monotonic() + timeout
     last = ""
@@ -134,9 +139,13 @@ def wait_container_healthy(server: ContainerServer, runner: DockerRunner, timeou
             problem = f"the model server container {server.container[:12]} (image {server.image}) exited while starting"
             break
         try:
-            return _get_json(server.url + "/health")
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+            body = _get_json(server.url + "/health", timeout=5.0)
+        except HTTP_ERRORS as exc:
             last = str(getattr(exc, "reason", exc)) or type(exc).__name__
+        else:
+            if isinstance(body, dict) and body.get("instance") == server.instance:
+                return body
+            last = f"{describe_health(body if isinstance(body, dict) else {})} answers there, not this container"
         if time.monotonic() >= deadline:
             problem = f"{server.url}/health did not answer within {timeout:g}s (last error: {last})"
             break
@@ -146,29 +155,18 @@ def wait_container_healthy(server: ContainerServer, runner: DockerRunner, timeou
     raise ServeError(f"{problem}; its output ends with:\n{output or '(no output)'}")
 
 
-def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read().decode("utf-8"))
-
-
 def container_status(state: dict[str, Any], probe: bool = False) -> ServerStatus:
-    """The recorded container's status; an engine that does not answer reads as not running."""
-    from llmops.serve.process import ServerStatus
+    """The recorded container's status; an engine that does not answer reads as not running.
+    With `probe`, `healthy` means running and answering with the recorded instance token."""
+    from llmops.serve.process import ServerStatus, answers_as
 
     try:
         running = _runner(state).is_running(str(state["container"]))
     except LlmopsError:
         running = False
-    healthy = None
-    if probe:
-        healthy = False
-        if running:
-            try:
-                healthy = _get_json(str(state["url"]) + "/health").get("status") == "ok"
-            except (OSError, ValueError, http.client.HTTPException):
-                healthy = False
+    healthy = (running and answers_as(str(state["url"]), state.get("instance"))) if probe else None
     return ServerStatus(running, None, int(state["port"]), str(state["url"]), state.get("model_name"),
-                        state.get("log_path"), healthy)
+                        state.get("log_path"), healthy, state.get("instance"))
 
 
 def stop_container(state_file: Path | str, state: dict[str, Any] | None = None, timeout: float = 15.0,

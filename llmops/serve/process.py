@@ -2,8 +2,16 @@
 
 `start_server` runs `python -m llmops.serve` in its own session (so it outlives the
 command that started it and can be stopped as a group), sends its output to a log file
-and records pid, port and URL in a JSON state file. Everything else works from that
-state file alone, so a later `llmops` invocation can find, check and stop the server.
+and records pid, port, URL and an instance token in a JSON state file. Everything else
+works from that state file alone, so a later `llmops` invocation can find, check and stop
+the server.
+
+Only our own server counts as up: the starter hands it a random instance token (in
+`LLMOPS_SERVE_INSTANCE`, see `llmops.serve.server.INSTANCE_ENV`), /health repeats it, and
+`wait_healthy` and `server_status(probe=True)` accept an answer only with that token while
+the recorded process still runs. Anything else answering on the port (an orphaned server
+after `.llmops/` was deleted, another program) is not "healthy". A fixed port is checked
+before starting: a taken one fails at once, naming what holds it and how to free it.
 
 With `monitor_store`, the server logs every request to that request store and accepts
 `POST /v1/feedback`; the state file records which store (password removed) and whether
@@ -17,8 +25,11 @@ A state file with a `container` key records a server the Docker runner started
 
 from __future__ import annotations
 
+import errno
+import http.client
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
+from llmops.serve.server import INSTANCE_ENV
 
 SERVER_MODULE = "llmops.serve"
 MONITOR_STORE_ENV = "LLMOPS_MONITOR_STORE"  # carries a store URL holding a password
 _CHILDREN: dict[int, subprocess.Popen] = {}  # keeps Popen objects alive: no ResourceWarning, reapable
+HTTP_ERRORS = (OSError, ValueError, http.client.HTTPException)  # what a GET of /health may raise
 
 
 class ServeError(ProviderError):
@@ -43,7 +56,8 @@ class ServeError(ProviderError):
 
 @dataclass(frozen=True)
 class ServerHandle:
-    """A started server: `url` is its base (`http://host:port`, no `/v1`)."""
+    """A started server: `url` is its base (`http://host:port`, no `/v1`); its /health
+    answers with `instance`, the random token it was started with."""
 
     pid: int
     port: int
@@ -52,11 +66,13 @@ class ServerHandle:
     log_path: str
     state_file: str
     model_name: str
+    instance: str
 
 
 @dataclass(frozen=True)
 class ServerStatus:
-    """What the state file says, and whether that process is still alive (and healthy, if probed)."""
+    """What the state file says, and whether that process is still alive (and, if probed,
+    `healthy`: alive and /health answered with the recorded `instance` token)."""
 
     running: bool
     pid: int | None = None
@@ -65,6 +81,7 @@ class ServerStatus:
     model_name: str | None = None
     log_path: str | None = None
     healthy: bool | None = None
+    instance: str | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,10 +109,11 @@ def start_server(
 ) -> ServerHandle:
     """Start the server in the background; state in `state_dir/NAME.json`, log in `NAME.log`.
 
-    Port 0 picks a free port. Returns at once: call `wait_healthy` before sending requests.
-    Refuses to start a second server under the same name while the first still runs.
-    `monitor_store` (a request-store URL) turns on request logging and feedback; `log_text`
-    also stores prompts and completions (there and in `request_log`).
+    Port 0 picks a free port; a fixed port that something else holds fails at once.
+    Returns at once: call `wait_healthy` before sending requests. Refuses to start a second
+    server under the same name while the first still runs. `monitor_store` (a request-store
+    URL) turns on request logging and feedback; `log_text` also stores prompts and
+    completions (there and in `request_log`).
     """
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -105,12 +123,15 @@ def start_server(
         raise ServeError(
             f"server '{name}' already runs (pid {current.pid}, {current.url}); stop it first ({state_file})"
         )
+    if port:
+        check_port(host, port, name)
     port = port or free_port(host)
     model_name = model_name or name
     log_path = state_dir / f"{name}.log"
     full_env = dict(os.environ)
     full_env.update(env or {})
     args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, full_env)
+    instance = full_env[INSTANCE_ENV] = secrets.token_urlsafe(16)
     cmd = [sys.executable, "-m", SERVER_MODULE, *args, "--host", host, "--port", str(port)]
     if auth_token_env:
         cmd += ["--auth-token-env", auth_token_env]
@@ -120,7 +141,7 @@ def start_server(
                                 env=full_env, start_new_session=True, close_fds=True)
     _CHILDREN[proc.pid] = proc
     url = f"http://{_url_host(host)}:{port}"
-    handle = ServerHandle(proc.pid, port, host, url, str(log_path), str(state_file), model_name)
+    handle = ServerHandle(proc.pid, port, host, url, str(log_path), str(state_file), model_name, instance)
     state = dict(asdict(handle), started_at=time.time(), command=cmd[1:], monitor=monitor)
     _write_json(state_file, state)
     return handle
@@ -150,6 +171,75 @@ def server_args(model_dir, adapter_dir, model_name: str, request_log, monitor_st
     if log_text:
         args += ["--log-text"]
     return args, monitor
+
+
+def check_port(host: str, port: int, name: str) -> None:
+    """Fail unless `host:port` can be bound now (as the server binds it: SO_REUSEADDR, so a
+    connection still closing does not count); the error names what holds it and the fix."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return
+        except OSError as exc:
+            problem = exc
+    where = f"server '{name}' cannot start on {host}:{port}"
+    if problem.errno != errno.EADDRINUSE:
+        raise ServeError(f"{where}: {problem.strerror or problem}; choose another serve.host or serve.port.")
+    body = _health(f"http://{_url_host(host)}:{port}", timeout=2.0)
+    if body is not None and _is_llmops(body):
+        pid = body["pid"]
+        if _alive(pid) and _is_our_server(pid):
+            fix = f"stop it with `kill {pid}`"
+        else:  # its pid is no server process here: it runs in a container (pid of its own namespace)
+            fix = "find its container with `docker ps --filter label=llmops.managed` and remove it (`docker rm -f ID`)"
+        raise ServeError(f"{where}: {describe_health(body)} still holds port {port}, perhaps orphaned after "
+                         f".llmops/ was deleted: {fix}, or choose another serve.port.")
+    what = "a program that is not an llmops server answers HTTP" if body is not None else "another program listens"
+    raise ServeError(f"{where}: {what} on port {port}; find it with `ss -ltnp 'sport = :{port}'` and stop it, "
+                     "or choose another serve.port.")
+
+
+def _health(url: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    """GET `URL/health`: its JSON object, `{}` for any other HTTP answer, None when nothing answers."""
+    try:
+        body = _get_json(url.rstrip("/") + "/health", timeout=timeout)
+    except urllib.error.HTTPError:
+        return {}
+    except ValueError:  # not JSON
+        return {}
+    except (OSError, http.client.HTTPException):
+        return None
+    return body if isinstance(body, dict) else {}
+
+
+def _is_llmops(body: dict[str, Any]) -> bool:
+    return body.get("status") == "ok" and "model" in body and isinstance(body.get("pid"), int)
+
+
+def describe_health(body: dict[str, Any]) -> str:
+    """Who gave this /health answer, for messages: 'an llmops server (pid N, model M)' or not."""
+    if _is_llmops(body):
+        return f"an llmops server (pid {body['pid']}, model {body.get('model')})"
+    return "a program that is not an llmops server"
+
+
+def answers_as(url: str, instance: str | None) -> bool:
+    """Whether `URL/health` answers ok with `instance` (a server we started; no token: False)."""
+    if not instance:
+        return False
+    body = _health(url)
+    return body is not None and body.get("status") == "ok" and body.get("instance") == instance
+
+
+def other_server_at(url: str, instance: str | None = None) -> str | None:
+    """Who answers `URL/health` if it is not the server started with `instance` (see
+    `describe_health`); None when nothing answers there, or that server does."""
+    body = _health(url, timeout=2.0)
+    if body is None or (instance and body.get("instance") == instance):
+        return None
+    return describe_health(body)
 
 
 def _url_host(host: str) -> str:
@@ -220,8 +310,9 @@ def _get_json(url: str, timeout: float) -> dict[str, Any]:
 def wait_healthy(url: str, timeout: float = 120.0, handle: ServerHandle | None = None) -> dict[str, Any]:
     """Poll `URL/health` until it answers 200; returns its JSON body.
 
-    With `handle`, a server process that exits while we wait fails at once, with the end of
-    its log in the message.
+    With `handle`, only that server counts: the answer must carry its instance token
+    (anything else on the port is waited past), and a server process that exits while we
+    wait fails at once, with the end of its log in the message (e.g. "Address already in use").
     """
     deadline = time.monotonic() + timeout
     last = ""
@@ -232,9 +323,13 @@ def wait_healthy(url: str, timeout: float = 120.0, handle: ServerHandle | None =
                 f"{_log_tail(handle.log_path)}"
             )
         try:
-            return _get_json(url.rstrip("/") + "/health", timeout=5.0)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            last = str(getattr(exc, "reason", exc))
+            body = _get_json(url.rstrip("/") + "/health", timeout=5.0)
+        except HTTP_ERRORS as exc:
+            last = str(getattr(exc, "reason", exc)) or type(exc).__name__
+        else:
+            if handle is None or (isinstance(body, dict) and body.get("instance") == handle.instance):
+                return body
+            last = f"{describe_health(body if isinstance(body, dict) else {})} answers there, not ours"
         if time.monotonic() >= deadline:
             tail = f"; its log ends with:\n{_log_tail(handle.log_path)}" if handle else ""
             raise ServeError(f"{url}/health did not answer within {timeout:g}s (last error: {last}){tail}")
@@ -244,7 +339,8 @@ def wait_healthy(url: str, timeout: float = 120.0, handle: ServerHandle | None =
 def server_status(state_file: Path | str, probe: bool = False) -> ServerStatus:
     """The server recorded in `state_file`: running or not (no state file: not running).
 
-    With `probe`, also GET /health (`healthy`: True/False; None when not probed).
+    With `probe`, also GET /health (`healthy`: True only when the recorded process runs and
+    answers with the recorded instance token; None when not probed).
     """
     state = _read_state(state_file)
     if state is None:
@@ -255,16 +351,9 @@ def server_status(state_file: Path | str, probe: bool = False) -> ServerStatus:
         return container_status(state, probe=probe)
     pid = int(state["pid"])
     running = _alive(pid) and _is_our_server(pid)
-    healthy = None
-    if probe:
-        healthy = False
-        if running:
-            try:
-                healthy = _get_json(str(state["url"]) + "/health", timeout=5.0).get("status") == "ok"
-            except (urllib.error.URLError, OSError, ValueError):
-                healthy = False
+    healthy = (running and answers_as(str(state["url"]), state.get("instance"))) if probe else None
     return ServerStatus(running, pid, int(state["port"]), str(state["url"]), state.get("model_name"),
-                        state.get("log_path"), healthy)
+                        state.get("log_path"), healthy, state.get("instance"))
 
 
 def server_monitor(state_file: Path | str) -> dict[str, Any] | None:
