@@ -7,8 +7,10 @@ server listens on every interface inside the container, and the engine publishes
 on `host:port`. GPUs reach it as a device request. A bearer token travels as the value of
 the environment variable `auth_token_env` names (read here, from this process's
 environment), and a store URL with a password as `LLMOPS_MONITOR_STORE`: neither appears
-in the command, the state file, the lock or a log. The container also gets a random
-instance token that /health repeats: as for a local server, the container counts as healthy only while it runs and answers with that token, and a fixed port that
+in the command, the state file, the lock or a log. Nothing else of this process's
+environment reaches the container (so none of its credentials, see `process.server_env`),
+only the random instance token /health repeats: as for a local server, the container
+counts as healthy only while it runs and answers with that token, and a fixed port that
 something else holds fails before the container starts.
 
 The state file (`state_dir/NAME.json`, the same place as a local server's) carries a

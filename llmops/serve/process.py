@@ -13,6 +13,8 @@ the recorded process still runs. Anything else answering on the port (an orphane
 after `.llmops/` was deleted, another program) is not "healthy". A fixed port is checked
 before starting: a taken one fails at once, naming what holds it and how to free it.
 
+The server inherits this process's environment minus credentials (`server_env`).
+
 With `monitor_store`, the server logs every request to that request store and accepts
 `POST /v1/feedback`; the state file records which store (password removed) and whether
 texts are logged (`server_monitor`), so a monitor can tell when the server must restart.
@@ -29,6 +31,7 @@ import errno
 import http.client
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -39,7 +42,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from llmops.errors import ProviderError
 from llmops.serve.server import INSTANCE_ENV
@@ -47,6 +50,8 @@ from llmops.serve.server import INSTANCE_ENV
 SERVER_MODULE = "llmops.serve"
 MONITOR_STORE_ENV = "LLMOPS_MONITOR_STORE"  # carries a store URL holding a password
 _CHILDREN: dict[int, subprocess.Popen] = {}  # keeps Popen objects alive: no ResourceWarning, reapable
+# Names of variables that hold credentials (TOKENIZERS_PARALLELISM is a setting, not a token).
+_CREDENTIAL_NAME = re.compile(r"TOKEN(?!IZER)|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|PRIVATE_?KEY")
 HTTP_ERRORS = (OSError, ValueError, http.client.HTTPException)  # what a GET of /health may raise
 
 
@@ -113,7 +118,8 @@ def start_server(
     Returns at once: call `wait_healthy` before sending requests. Refuses to start a second
     server under the same name while the first still runs. `monitor_store` (a request-store
     URL) turns on request logging and feedback; `log_text` also stores prompts and
-    completions (there and in `request_log`).
+    completions (there and in `request_log`). The server gets `server_env` of this
+    process's environment, plus `env` as given.
     """
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +134,7 @@ def start_server(
     port = port or free_port(host)
     model_name = model_name or name
     log_path = state_dir / f"{name}.log"
-    full_env = dict(os.environ)
+    full_env = server_env(os.environ, keep=[auth_token_env] if auth_token_env else [])
     full_env.update(env or {})
     args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, full_env)
     instance = full_env[INSTANCE_ENV] = secrets.token_urlsafe(16)
@@ -145,6 +151,21 @@ def start_server(
     state = dict(asdict(handle), started_at=time.time(), command=cmd[1:], monitor=monitor)
     _write_json(state_file, state)
     return handle
+
+
+def server_env(parent: Mapping[str, str], keep: Iterable[str] = ()) -> dict[str, str]:
+    """The part of `parent` (this process's environment) a model server may inherit.
+
+    A server needs none of its starter's credentials, and whatever it loads (a model's
+    code, a library) could read them, so every variable whose name looks like one is left
+    out: GITHUB_TOKEN, GH_TOKEN, ACTIONS_RUNTIME_TOKEN, ACTIONS_ID_TOKEN_REQUEST_TOKEN and
+    _URL, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, and any name containing TOKEN (but not
+    TOKENIZER), SECRET, PASSWORD, PASSWD, CREDENTIAL, API_KEY/APIKEY or PRIVATE_KEY. `keep`
+    names the ones it does need (the deployment's `auth_token_env`); the variables the
+    starter sets itself (the instance token, `MONITOR_STORE_ENV`) are added afterwards.
+    """
+    kept = set(keep)
+    return {k: v for k, v in parent.items() if k in kept or not _CREDENTIAL_NAME.search(k.upper())}
 
 
 def server_args(model_dir, adapter_dir, model_name: str, request_log, monitor_store: str | None,
