@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmops.redact import redact_spec
+
 # Fields that never change what a resource is: not part of the fingerprint.
 COSMETIC_FIELDS = frozenset({"description"})
 # Fields kept in the lock (they matter for plan) but not in the fingerprint.
@@ -27,12 +29,14 @@ def canonical_json(value: Any) -> str:
 
 
 def locked_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as recorded in the lock: cosmetic fields removed."""
-    return {k: v for k, v in spec.items() if k not in COSMETIC_FIELDS}
+    """The spec as recorded in the lock and shown in plans: cosmetic fields removed, secrets
+    redacted (`llmops.redact.redact_spec`)."""
+    return redact_spec({k: v for k, v in spec.items() if k not in COSMETIC_FIELDS})
 
 
 def fingerprint_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in spec.items() if k not in COSMETIC_FIELDS and k not in LOCK_ONLY_FIELDS}
+    """What a fingerprint covers: the redacted spec, so a new password rebuilds nothing."""
+    return redact_spec({k: v for k, v in spec.items() if k not in COSMETIC_FIELDS and k not in LOCK_ONLY_FIELDS})
 
 
 def fingerprint(

@@ -4,11 +4,18 @@ A store URL (`postgresql://user:PASSWORD@host/db`) keeps its scheme, user, host,
 so a message still says which store it means; only the password becomes `***`. On http(s) the
 whole user part is hidden (`https://TOKEN@host` carries a token as its user name). A string
 that is not a URL is returned unchanged.
+
+A webhook URL is a secret as a whole (Slack's and Teams' carry the token in the path): only
+its scheme, host and port are shown. `redact_spec` applies both to a resource's settings, and
+hides the value of any key named like a credential; it is what the lock, plans (terminal,
+JSON, markdown, saved file) and fingerprints see, so changing a password rebuilds nothing
+and is recorded nowhere.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -33,3 +40,46 @@ def redact_url(url: str) -> str:
         host += f":{port}"
     user = f"{parts.username}:***@" if parts.username and not web else "***@"
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+def redact_webhook(url: str) -> str:
+    """`scheme://host[:port]/...`: the path and query of a webhook are its secret."""
+    if not isinstance(url, str) or not _SCHEME.match(url):
+        return "***" if url else url
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "?", parts.port
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}/..."
+
+
+_CREDENTIAL_WORDS = frozenset({"password", "passwd", "secret", "token", "apikey", "credential", "credentials"})
+
+
+def _is_credential_key(key: str) -> bool:
+    """`auth_token`, `api_key`, `db-password`: yes; `max_tokens`, `tokenizer_from`: no."""
+    words = re.split(r"[_\-.]+", key.lower())
+    joined = "".join(words)
+    return bool(_CREDENTIAL_WORDS.intersection(words)) or joined.endswith(("apikey", "privatekey"))
+
+
+def redact_spec(value: Any, key: str = "") -> Any:
+    """`value` (a resource's settings) with every URL redacted and credential-named keys hidden.
+
+    Keys ending in `_env` name an environment variable, not a secret, and are kept.
+    """
+    if isinstance(value, dict):
+        return {k: redact_spec(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_spec(v, key) for v in value]
+    if not isinstance(value, str):
+        return value
+    if key and not key.lower().endswith("_env"):
+        if "webhook" in key.lower():
+            return redact_webhook(value)
+        if _is_credential_key(key):
+            return "***"
+    return redact_url(value)

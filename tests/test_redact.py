@@ -19,3 +19,26 @@ from llmops.redact import redact_url
 ])
 def test_passwords_and_tokens_never_show(url, shown):
     assert redact_url(url) == shown
+
+
+def test_spec_redaction_hides_urls_webhooks_and_credential_keys():
+    from llmops.redact import redact_spec
+
+    spec = {
+        "store": "postgresql://mon:STOREPW@db/requests",
+        "webhook": "https://hooks.slack.com/services/T0/B0/SECRETPATH",
+        "alerts": [{"webhook": "http://127.0.0.1:9000/hook?token=QUERYSECRET"}],
+        "headers": {"api_key": "APIKEY1", "X-Auth-Token": "TOK2", "db-password": "PW3"},
+        "auth_token_env": "SERVE_TOKEN",  # the name of a variable, not a secret
+        "max_tokens": 64, "tokenizer_from": "tickets", "training": {"lr": 0.1},
+    }
+    shown = redact_spec(spec)
+    assert shown == {
+        "store": "postgresql://mon:***@db/requests",
+        "webhook": "https://hooks.slack.com/...",
+        "alerts": [{"webhook": "http://127.0.0.1:9000/..."}],
+        "headers": {"api_key": "***", "X-Auth-Token": "***", "db-password": "***"},
+        "auth_token_env": "SERVE_TOKEN",
+        "max_tokens": 64, "tokenizer_from": "tickets", "training": {"lr": 0.1},
+    }
+    assert spec["store"].endswith("STOREPW@db/requests")  # the input is left as it was

@@ -20,7 +20,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
+
+from llmops.redact import redact_webhook
 
 ALERTS_FILE = Path(".llmops") / "alerts.jsonl"
 
@@ -76,18 +77,12 @@ def open_alerts(root: Path, deployment: str) -> list[Alert]:
         return []
 
 
-def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}/..."
-
-
 def send_webhook(url: str, payload: dict[str, Any], retries: int = 3, backoff: float = 0.5,
                  timeout: float = 5.0, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """POST `payload` as JSON; retry failures (connection errors, 5xx, 429) with backoff
     `backoff * 2**attempt`. Returns `{url, ok, attempts, status, error}`; never raises."""
     body = json.dumps(payload, sort_keys=True).encode("utf-8")
-    result: dict[str, Any] = {"url": redact_url(url), "ok": False, "attempts": 0, "status": None, "error": None}
+    result: dict[str, Any] = {"url": redact_webhook(url), "ok": False, "attempts": 0, "status": None, "error": None}
     for attempt in range(retries + 1):
         result["attempts"] = attempt + 1
         req = urllib.request.Request(url, data=body, method="POST",

@@ -8,7 +8,7 @@
 - `training_rows(project, deployment)`: that reference, followed through llmops.lock:
   deployment outputs -> model address -> the fine-tune's dataset upstream -> its outputs.
 - `export_project_feedback`: rated requests of a monitor's store as JSONL.
-- `public_url`: a store URL with any password removed (for the lock, state files, output).
+- `public_url`: a store URL with its password redacted (for the lock, state files, output).
 
 Only the standard library is imported at module level (the server's process manager uses
 `public_url`); numpy and the monitor runner are imported when a monitor runs.
@@ -20,9 +20,9 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import urlsplit, urlunsplit
 
 from llmops.monitor.errors import MonitorError
+from llmops.redact import redact_url
 
 if TYPE_CHECKING:
     from llmops.lockfile import LockedResource
@@ -35,13 +35,8 @@ Log = Callable[[str], None]
 
 
 def public_url(url: str) -> str:
-    """`url` without its password (`postgresql://u:pw@h/db` -> `postgresql://u@h/db`)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
+    """`url` as it may be shown and recorded: its password redacted (`llmops.redact.redact_url`)."""
+    return redact_url(url)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.monitor.errors import MonitorError
+from llmops.redact import redact_url
 
 DEFAULT_WINDOW = 1000
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
@@ -136,4 +137,4 @@ def store_url(root: Path, name: str, store: str | None) -> str:
         path = path[1:] if path.startswith("/") else path  # sqlite:///rel -> rel; sqlite:////abs -> /abs
         p = Path(path)
         return "sqlite:///" + str(p if p.is_absolute() else (root / p).resolve())
-    raise MonitorError(f"store {store!r} is neither sqlite:///PATH nor postgresql://...; fix monitors.{name}.store.")
+    raise MonitorError(f"store {redact_url(store)!r} is neither sqlite:///PATH nor postgresql://...; fix monitors.{name}.store.")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from llmops.monitor.errors import StoreError, UnknownRequestError
 from llmops.monitor.feedback import Feedback, normalise_rating
 from llmops.monitor.records import ROW_FIELDS, record_to_row
+from llmops.redact import redact_url
 
 SCHEMA_VERSION = 1
 SKIP_PATHS = ("/health", "/v1/models", "/v1/feedback")  # not model traffic: not logged by default
@@ -330,5 +331,5 @@ def open_store(url: str, log_text: bool = False, **kwargs: Any) -> RequestStore:
         if path.startswith("//"):
             path = path[1:]
         return SqliteStore(path, log_text=log_text, **kwargs)
-    raise StoreError(f"request store URL {url!r} is neither sqlite:///PATH nor postgresql://...; fix the "
+    raise StoreError(f"request store URL {redact_url(url)!r} is neither sqlite:///PATH nor postgresql://...; fix the "
                      "monitor's `store:` setting.")
