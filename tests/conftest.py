@@ -97,24 +97,35 @@ def project(tmp_path: Path) -> Project:
 
 
 @pytest.fixture(scope="session")
-def pg_mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """Tracking URL of a real `mlflow server` backed by a throwaway PostgreSQL cluster (password
-    auth over TCP, psycopg 3 driver), artifacts proxied by the server into a temp folder.
-    Skips with the reason when PostgreSQL cannot run here."""
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway PostgreSQL cluster (tests/services.py `PostgresCluster`: password auth over
+    TCP, databases `mlflow` and `requests`). Skips with the reason when it cannot run here."""
     import importlib.util
     import tempfile
 
-    from services import ServiceUnavailable, mlflow_server, postgres_cluster
+    from services import ServiceUnavailable, postgres_cluster
 
     if importlib.util.find_spec("psycopg") is None:
         pytest.skip("psycopg is not installed (pip install -e '.[dev]')")
-    folder = tmp_path_factory.mktemp("pg-mlflow")
     # Not under pytest's basetemp: that is 0700 and root's, and the cluster's owner is `postgres`.
     cluster_dir = Path(tempfile.mkdtemp(prefix="llmops-pg-"))
     try:
         with postgres_cluster(cluster_dir) as cluster:
-            with mlflow_server(cluster.uri, folder / "artifacts", log_file=folder / "server.log") as url:
-                yield url
+            yield cluster
+    except ServiceUnavailable as exc:
+        pytest.skip(exc.reason)
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow_server(pg_cluster, tmp_path_factory: pytest.TempPathFactory):
+    """Tracking URL of a real `mlflow server` backed by the `pg_cluster` (psycopg 3 driver),
+    artifacts proxied by the server into a temp folder."""
+    from services import ServiceUnavailable, mlflow_server
+
+    folder = tmp_path_factory.mktemp("pg-mlflow")
+    try:
+        with mlflow_server(pg_cluster.uri, folder / "artifacts", log_file=folder / "server.log") as url:
+            yield url
     except ServiceUnavailable as exc:
         pytest.skip(exc.reason)
 

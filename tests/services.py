@@ -61,7 +61,8 @@ def log_tail(path: Path, limit: int = LOG_TAIL) -> str:
 
 @dataclass(frozen=True)
 class PostgresCluster:
-    """A running cluster with a role `mlflow` (password auth over TCP) owning database `mlflow`."""
+    """A running cluster with a role `mlflow` (password auth over TCP) owning databases `mlflow`
+    and `requests` (for a monitor's request store)."""
 
     port: int
     password: str
@@ -72,6 +73,11 @@ class PostgresCluster:
     def uri(self) -> str:
         """SQLAlchemy URI (psycopg 3 driver) with the password: what `mlflow server` gets."""
         return f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    @property
+    def requests_uri(self) -> str:
+        """A monitor request-store URL (with the password) for database `requests`."""
+        return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/requests"
 
 
 def _postgres_bindir() -> Path:
@@ -151,7 +157,7 @@ def postgres_cluster(tmp: Path, start_timeout: float = 60) -> Iterator[PostgresC
         proc = run(str(bindir / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-h", str(sockdir), "-p", str(port),
                    "-U", "postgres", "-d", "postgres",
                    "-c", f"CREATE ROLE mlflow LOGIN PASSWORD '{password}'",  # token_urlsafe: no quotes
-                   "-c", "CREATE DATABASE mlflow OWNER mlflow")
+                   "-c", "CREATE DATABASE mlflow OWNER mlflow", "-c", "CREATE DATABASE requests OWNER mlflow")
         if proc.returncode != 0:
             raise fail("creating the mlflow role and database failed", proc)
         yield PostgresCluster(port=port, password=password)
