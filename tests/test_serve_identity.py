@@ -41,10 +41,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class _OkHandler(BaseHTTPRequestHandler):
-    """Answers every GET like a health check that says nothing about who it is."""
+    """Answers every GET with `server.answer`: by default a health check that says nothing
+    about who it is."""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        body = json.dumps({"status": "ok"}).encode()
+        body = json.dumps(getattr(self.server, "answer", {"status": "ok"})).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -58,8 +59,10 @@ class _OkHandler(BaseHTTPRequestHandler):
 class Foreign:
     """A plain http.server on 127.0.0.1:PORT answering /health with {"status": "ok"}."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, answer: dict | None = None) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", port), _OkHandler)
+        if answer is not None:
+            self.server.answer = answer  # type: ignore[attr-defined]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -83,9 +86,13 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def test_a_foreign_server_on_the_port_fails_the_start_at_once(model_dir, tmp_path, foreign) -> None:
+@pytest.mark.parametrize("answer", [
+    {"status": "ok"},
+    {"status": "ok", "model": "fake", "pid": 0},  # `kill 0` would hit our own process group
+], ids=["plain", "pid-0"])
+def test_a_foreign_server_on_the_port_fails_the_start_at_once(model_dir, tmp_path, foreign, answer) -> None:
     port = free_port()
-    foreign.append(Foreign(port))
+    foreign.append(Foreign(port, answer))
     with pytest.raises(ServeError) as err:
         start_server(tmp_path, "prod", model_dir, model_name=MODEL, port=port)
     message = err.value.message

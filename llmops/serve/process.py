@@ -236,13 +236,17 @@ def _health(url: str, timeout: float = 5.0) -> dict[str, Any] | None:
 
 
 def _is_llmops(body: dict[str, Any]) -> bool:
-    return body.get("status") == "ok" and "model" in body and isinstance(body.get("pid"), int)
+    # A pid of 0 or below would make `kill PID` (and our liveness check) mean a process group.
+    pid = body.get("pid")
+    return body.get("status") == "ok" and "model" in body and type(pid) is int and pid > 0
 
 
 def describe_health(body: dict[str, Any]) -> str:
-    """Who gave this /health answer, for messages: 'an llmops server (pid N, model M)' or not."""
+    """Who gave this /health answer, for messages: 'an llmops server (pid N, model M)' or not.
+    The model name is whatever the other side said: one line, at most 100 characters."""
     if _is_llmops(body):
-        return f"an llmops server (pid {body['pid']}, model {body.get('model')})"
+        model = " ".join(str(body.get("model")).split())[:100]
+        return f"an llmops server (pid {body['pid']}, model {model})"
     return "a program that is not an llmops server"
 
 
