@@ -60,11 +60,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir: Path):
     from llmops.serve.model import load_model
+    from llmops.serve.openai_api import RequestLimits
     from llmops.serve.server import ModelService, make_server
 
     records: list[dict[str, Any]] = []
     lm = load_model(model_dir)
-    srv = make_server(ModelService(lm, max_tokens_limit=64), "127.0.0.1", 0, MODEL, TOKEN, records.append)
+    srv = make_server(ModelService(lm, RequestLimits(max_tokens=64)), "127.0.0.1", 0, MODEL, TOKEN, records.append)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     host, port = srv.server_address[:2]
@@ -78,10 +79,11 @@ def logged_server(model_dir: Path, server: dict, tmp_path_factory: pytest.TempPa
     """The same model behind a server whose hooks are a real request store (texts kept)."""
     from llmops.monitor.store import SqliteStore
     from llmops.serve.main import feedback_hook
+    from llmops.serve.openai_api import RequestLimits
     from llmops.serve.server import ModelService, make_server
 
     store = SqliteStore(tmp_path_factory.mktemp("store") / "requests.db", log_text=True, flush_interval=0.01)
-    srv = make_server(ModelService(server["lm"], max_tokens_limit=64), "127.0.0.1", 0, MODEL, TOKEN, store,
+    srv = make_server(ModelService(server["lm"], RequestLimits(max_tokens=64)), "127.0.0.1", 0, MODEL, TOKEN, store,
                       feedback=feedback_hook(store))
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()

@@ -5,6 +5,9 @@ variable that holds the URL, for URLs with a password) opens a `llmops.monitor` 
 store, makes it the server's `on_request` hook and enables `POST /v1/feedback`; the store is
 flushed and closed on shutdown, SIGTERM included. `--request-log FILE` appends one JSON line
 per request instead (or as well). `--log-text` keeps prompts and completions in both.
+
+`--max-prompts`, `--max-n` and `--max-request-tokens` bound one generation request (see
+`llmops.serve.openai_api.RequestLimits`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from llmops.serve.openai_api import MAX_N, MAX_PROMPTS, MAX_REQUEST_TOKENS, RequestLimits
 from llmops.serve.server import OnFeedback, OnRequest, make_server
 
 SHUTDOWN_GRACE_S = 10.0  # requests still running at SIGTERM get this long to finish and be logged
@@ -52,6 +56,19 @@ def fan_out(hooks: list[OnRequest]) -> OnRequest | None:
     return call_all
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llmops.serve", description="OpenAI-compatible model server")
     p.add_argument("--model-dir", required=True, type=Path)
@@ -60,7 +77,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--model-name", required=True)
     p.add_argument("--auth-token-env", help="name of the environment variable holding the bearer token")
-    p.add_argument("--max-tokens-limit", type=int, default=1024)
+    p.add_argument("--max-tokens-limit", type=_positive(int), default=1024, help="max_tokens per choice")
+    p.add_argument("--max-prompts", type=_positive(int), default=MAX_PROMPTS,
+                   help="prompts in one completions request (default %(default)s)")
+    p.add_argument("--max-n", type=_positive(int), default=MAX_N, help="choices per prompt (default %(default)s)")
+    p.add_argument("--max-request-tokens", type=_positive(int), default=MAX_REQUEST_TOKENS,
+                   help="prompt tokens plus prompts x n x max_tokens of one request (default %(default)s)")
     p.add_argument("--request-log", type=Path, help="append one JSON line per request to this file")
     store = p.add_mutually_exclusive_group()
     store.add_argument("--monitor-store", metavar="URL",
@@ -136,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     hooks: list[OnRequest] = [JsonlRequestLog(args.request_log, args.log_text)] if args.request_log else []
     if store is not None:
         hooks.append(store)
-    server = make_server(ModelService(lm, args.max_tokens_limit), args.host, args.port, args.model_name, token,
-                         fan_out(hooks), log=log, feedback=feedback_hook(store) if store is not None else None)
+    limits = RequestLimits(args.max_tokens_limit, args.max_prompts, args.max_n, args.max_request_tokens)
+    server = make_server(ModelService(lm, limits), args.host, args.port, args.model_name, token, fan_out(hooks),
+                         log=log, feedback=feedback_hook(store) if store is not None else None)
     host, port = server.server_address[:2]
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     logging_to = f", logging requests to {store.describe()}" if store is not None else ""

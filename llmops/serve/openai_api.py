@@ -4,35 +4,59 @@ Pure data in, data out (no HTTP, no model): the server parses JSON, calls
 `parse_completion_request` / `parse_chat_request`, and builds its answers with the
 `*_response` / `*_chunk` helpers. Shapes follow OpenAI's documented API
 (https://platform.openai.com/docs/api-reference): unknown fields are ignored, as vLLM does.
+`decode_json` turns a body into JSON that can be encoded again (no lone surrogates, no NaN),
+and `RequestLimits` bounds what one request may ask for.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_N = 8
+MAX_PROMPTS = 64
+MAX_REQUEST_TOKENS = 16384
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.manual_seed and OpenAI's int64 `seed` accept
 MAX_STOP = 4
 MAX_LOGPROBS = 5
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 class RequestError(Exception):
-    """A request the server refuses: becomes an OpenAI error body with this HTTP status."""
+    """A request the server refuses: becomes an OpenAI error body with this HTTP status
+    (and `headers`, such as a 405's `Allow`)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type_
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one generation request may ask for; beyond any of them it gets a 400 naming the field.
+
+    `max_tokens` bounds each choice; `max_prompts` the prompts of one completions request;
+    `max_n` the choices per prompt; `max_request_tokens` the prompt tokens plus prompts x n x
+    max_tokens, i.e. the work one request may queue behind the server's generation lock.
+    """
+
+    max_tokens: int = 1024
+    max_prompts: int = MAX_PROMPTS
+    max_n: int = MAX_N
+    max_request_tokens: int = MAX_REQUEST_TOKENS
 
 
 @dataclass
@@ -71,14 +95,77 @@ def _bad(message: str, param: str | None, code: str | None = None) -> RequestErr
     return RequestError(400, message, param, code)
 
 
-def _common(body: Any, model_name: str, max_tokens_limit: int, kind: str) -> GenerationRequest:
+def _shown(value: Any) -> str:
+    """`value` for an error message, cut short: a hostile body must not come back in full."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def decode_json(body: bytes) -> Any:
+    """Parse a request body as UTF-8 JSON whose every string and number can be encoded again.
+
+    JSON allows "\\ud800" (a lone UTF-16 surrogate no UTF-8 text can hold) and Python's parser
+    takes NaN, Infinity and 1e999; any of them would fail later (tokenizer, response, request
+    store), so they are refused here, naming where they are. Raises RequestError (400).
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad(f"The request body is not valid UTF-8 (byte {exc.start}); send JSON encoded as UTF-8.",
+                   None) from None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise _bad("We could not parse the JSON body of your request. The body must be valid JSON "
+                   "(Content-Type: application/json).", None) from None
+    try:  # the common case, checked at C speed; the walk below finds where the problem is
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return value
+    except (ValueError, UnicodeEncodeError, RecursionError):
+        found = _unencodable(value)
+    if found is None:  # only nested too deep for the quick check
+        return value
+    path, problem = found
+    path = path if len(path) <= 100 else path[:97] + "..."
+    raise _bad(f"Invalid value for '{path or 'body'}': {problem}.", path or None)
+
+
+def _unencodable(value: Any) -> tuple[str, str] | None:
+    """(path like `messages[0].content`, problem) of the first string or number `decode_json` refuses."""
+    surrogate = "a lone UTF-16 surrogate (such as \\ud800) is not text; send valid Unicode"
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str) and not _is_text(item):
+            return path, surrogate
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, f"numbers must be finite, got {item!r}"
+        if isinstance(item, dict):
+            for key in item:
+                if not _is_text(key):
+                    return path, f"in a key: {surrogate}"
+            stack.extend((f"{path}.{key}" if path else key, sub) for key, sub in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", sub) for i, sub in reversed(list(enumerate(item))))
+    return None
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _common(body: Any, model_name: str, limits: RequestLimits, kind: str) -> GenerationRequest:
     if not isinstance(body, dict):
         raise _bad("The request body must be a JSON object.", None)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("You must provide a model parameter.", "model")
     if model != model_name:
-        raise RequestError(404, f"The model `{model}` does not exist or you do not have access to it.",
+        raise RequestError(404, f"The model `{_shown(model)[1:-1]}` does not exist or you do not have access to it.",
                            "model", "model_not_found")
     req = GenerationRequest(kind=kind, model=model)
     for name, default, lo, hi in (("temperature", 1.0, 0.0, 2.0), ("top_p", 1.0, 0.0, 1.0)):
@@ -86,16 +173,16 @@ def _common(body: Any, model_name: str, max_tokens_limit: int, kind: str) -> Gen
         value = default if value is None else value
         if not _is_number(value) or not lo <= value <= hi or (name == "top_p" and value == 0):
             bound = "(0, 1]" if name == "top_p" else f"[{lo:g}, {hi:g}]"
-            raise _bad(f"Invalid value for '{name}': expected a number in {bound}, got {value!r}.", name)
+            raise _bad(f"Invalid value for '{name}': expected a number in {bound}, got {_shown(value)}.", name)
         setattr(req, name, float(value))
     n = body.get("n", 1)
     n = 1 if n is None else n
-    if not _is_int(n) or not 1 <= n <= MAX_N:
-        raise _bad(f"Invalid value for 'n': expected an integer from 1 to {MAX_N}, got {n!r}.", "n")
+    if not _is_int(n) or not 1 <= n <= limits.max_n:
+        raise _bad(f"Invalid value for 'n': expected an integer from 1 to {limits.max_n}, got {_shown(n)}.", "n")
     req.n = n
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise _bad(f"Invalid type for 'stream': expected a boolean, got {stream!r}.", "stream")
+        raise _bad(f"Invalid type for 'stream': expected a boolean, got {_shown(stream)}.", "stream")
     req.stream = bool(stream)
     options = body.get("stream_options")
     if options is not None:
@@ -106,11 +193,24 @@ def _common(body: Any, model_name: str, max_tokens_limit: int, kind: str) -> Gen
         raise _bad("Streaming supports only n = 1.", "n")
     req.stop = _stop(body.get("stop"))
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _bad(f"Invalid type for 'seed': expected an integer, got {seed!r}.", "seed")
+    if seed is not None and not (_is_int(seed) and SEED_MIN <= seed <= SEED_MAX):
+        raise _bad(f"Invalid value for 'seed': expected a 64-bit signed integer, got {_shown(seed)}.", "seed")
     req.seed = seed
-    req.max_tokens = _max_tokens(body, kind, max_tokens_limit)
+    req.max_tokens = _max_tokens(body, kind, limits.max_tokens)
     return req
+
+
+def _check_asked(req: GenerationRequest, body: dict[str, Any], limits: RequestLimits) -> None:
+    """Refuse what cannot fit `max_request_tokens` even before the prompts are tokenized."""
+    choices = max(len(req.prompts), 1) * req.n
+    if req.max_tokens is None or choices * req.max_tokens <= limits.max_request_tokens:
+        return
+    name = "max_completion_tokens" if req.kind == "chat" and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    raise _bad(f"This request asks for {choices} completions x {req.max_tokens} tokens = "
+               f"{choices * req.max_tokens} tokens; this server allows {limits.max_request_tokens} tokens per "
+               "request (prompts included). Send fewer prompts, a smaller n or a smaller max_tokens.",
+               name, "request_tokens_exceeded")
 
 
 def _stop(stop: Any) -> list[str]:
@@ -132,13 +232,14 @@ def _max_tokens(body: dict[str, Any], kind: str, limit: int) -> int | None:
         return None
     low = 0 if kind == "completion" and body.get("echo") is True else 1
     if not _is_int(value) or not low <= value <= limit:
-        raise _bad(f"Invalid value for '{name}': expected an integer from {low} to {limit}, got {value!r}.", name)
+        raise _bad(f"Invalid value for '{name}': expected an integer from {low} to {limit}, got {_shown(value)}.",
+                   name)
     return value
 
 
-def parse_completion_request(body: Any, model_name: str, max_tokens_limit: int) -> GenerationRequest:
+def parse_completion_request(body: Any, model_name: str, limits: RequestLimits) -> GenerationRequest:
     """Validate a POST /v1/completions body; raises RequestError."""
-    req = _common(body, model_name, max_tokens_limit, "completion")
+    req = _common(body, model_name, limits, "completion")
     prompt = body.get("prompt")
     if prompt is None:
         raise _bad("You must provide a prompt parameter.", "prompt")
@@ -148,11 +249,14 @@ def parse_completion_request(body: Any, model_name: str, max_tokens_limit: int) 
         req.prompts = list(prompt)
     else:
         raise _bad("Invalid type for 'prompt': expected a string or a non-empty list of strings.", "prompt")
+    if len(req.prompts) > limits.max_prompts:
+        raise _bad(f"Too many prompts: {len(req.prompts)}; this server takes at most {limits.max_prompts} per "
+                   "request. Split them over several requests.", "prompt")
     if req.stream and len(req.prompts) != 1:
         raise _bad("Streaming supports only one prompt.", "prompt")
     echo = body.get("echo", False)
     if echo is not None and not isinstance(echo, bool):
-        raise _bad(f"Invalid type for 'echo': expected a boolean, got {echo!r}.", "echo")
+        raise _bad(f"Invalid type for 'echo': expected a boolean, got {_shown(echo)}.", "echo")
     req.echo = bool(echo)
     logprobs = body.get("logprobs")
     if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
@@ -162,6 +266,7 @@ def parse_completion_request(body: Any, model_name: str, max_tokens_limit: int) 
     req.logprobs = logprobs
     if req.max_tokens is None:
         req.max_tokens = 16  # OpenAI's documented default for completions
+    _check_asked(req, body, limits)
     return req
 
 
@@ -176,9 +281,9 @@ def _content(value: Any, i: int) -> str:
                f"messages[{i}].content")
 
 
-def parse_chat_request(body: Any, model_name: str, max_tokens_limit: int) -> GenerationRequest:
+def parse_chat_request(body: Any, model_name: str, limits: RequestLimits) -> GenerationRequest:
     """Validate a POST /v1/chat/completions body; raises RequestError."""
-    req = _common(body, model_name, max_tokens_limit, "chat")
+    req = _common(body, model_name, limits, "chat")
     messages = body.get("messages")
     if messages is None:
         raise _bad("You must provide a messages parameter.", "messages")
@@ -192,6 +297,7 @@ def parse_chat_request(body: Any, model_name: str, max_tokens_limit: int) -> Gen
         req.messages.append({"role": role, "content": _content(msg.get("content"), i)})
     if body.get("logprobs"):
         raise _bad("logprobs are not supported for chat completions by this server.", "logprobs")
+    _check_asked(req, body, limits)
     return req
 
 

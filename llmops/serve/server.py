@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 from llmops.monitor.records import client_id
 from llmops.serve import openai_api as api
-from llmops.serve.openai_api import GenerationRequest, RequestError
+from llmops.serve.openai_api import GenerationRequest, RequestError, RequestLimits
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # Set by whoever starts the server (llmops.serve.process/container): a random token that
@@ -55,10 +55,10 @@ class Outcome:
 class ModelService:
     """The loaded model behind the HTTP layer; every model/tokenizer call holds `lock`."""
 
-    def __init__(self, lm: Any, max_tokens_limit: int = 1024, default_chat_max_tokens: int = 256) -> None:
+    def __init__(self, lm: Any, limits: RequestLimits | None = None, default_chat_max_tokens: int = 256) -> None:
         self.lm = lm
         self.lock = threading.Lock()
-        self.max_tokens_limit = max_tokens_limit
+        self.limits = limits or RequestLimits()
         self.default_chat_max_tokens = default_chat_max_tokens
 
     def _prompt(self, req: GenerationRequest, text: str | None = None) -> tuple[str, bool]:
@@ -85,6 +85,20 @@ class ModelService:
             )
         return wanted
 
+    def _check_request_tokens(self, req: GenerationRequest, prompt_tokens: int, choices: int, wanted: int) -> None:
+        """The parser bounded choices x max_tokens; with the prompts tokenized, bound the whole request."""
+        total, limit = prompt_tokens + choices * wanted, self.limits.max_request_tokens
+        if total <= limit:
+            return
+        param = "max_tokens" if choices * wanted > limit else ("messages" if req.kind == "chat" else "prompt")
+        raise RequestError(
+            400,
+            f"This request asks for {total} tokens ({prompt_tokens} in the prompts; {choices} completions x {wanted} "
+            f"tokens); this server allows {limit} tokens per request. Send shorter or fewer prompts, a smaller n or "
+            "a smaller max_tokens.",
+            param, "request_tokens_exceeded",
+        )
+
     def _seed(self, req: GenerationRequest) -> None:
         if req.seed is not None:
             import torch
@@ -102,8 +116,9 @@ class ModelService:
                 ids = self.lm.encode(text, special)
                 prompt_ids.append(ids)
                 budgets.append(self._budget(req, len(ids)))
-            self._seed(req)
             wanted = max(budgets)
+            self._check_request_tokens(req, sum(len(ids) for ids in prompt_ids), len(items) * req.n, wanted)
+            self._seed(req)
             outs = []
             if wanted > 0:
                 batch = [text for text, _ in items for _ in range(req.n)]
@@ -159,6 +174,7 @@ class ModelService:
             text, special = self._prompt(req, req.prompts[0] if req.prompts else None)
             prompt_tokens = len(self.lm.encode(text, special))
             budget = self._budget(req, prompt_tokens)
+            self._check_request_tokens(req, prompt_tokens, 1, budget)
             self._seed(req)
             stream = TokenStream(self.lm, text, max_new_tokens=budget, temperature=req.temperature,
                                  top_p=req.top_p, add_special_tokens=special, stop=req.stop)
@@ -311,11 +327,7 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _json(self, body: bytes) -> Any:
-        try:
-            return json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise RequestError(400, "We could not parse the JSON body of your request. The body must be valid "
-                               "JSON (Content-Type: application/json).", None) from None
+        return api.decode_json(body)
 
     def _health(self, body: bytes, rec: dict[str, Any]) -> None:
         self._send_json(200, {"status": "ok", "model": self.app.model_name, "instance": self.app.instance,
@@ -326,12 +338,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _completions(self, body: bytes, rec: dict[str, Any]) -> None:
         svc = self.app.service
-        req = api.parse_completion_request(self._json(body), self.app.model_name, svc.max_tokens_limit)
+        req = api.parse_completion_request(self._json(body), self.app.model_name, svc.limits)
         self._generate(req, rec)
 
     def _chat(self, body: bytes, rec: dict[str, Any]) -> None:
         svc = self.app.service
-        req = api.parse_chat_request(self._json(body), self.app.model_name, svc.max_tokens_limit)
+        req = api.parse_chat_request(self._json(body), self.app.model_name, svc.limits)
         self._generate(req, rec)
 
     def _feedback(self, body: bytes, rec: dict[str, Any]) -> None:
