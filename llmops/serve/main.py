@@ -6,8 +6,9 @@ store, makes it the server's `on_request` hook and enables `POST /v1/feedback`; 
 flushed and closed on shutdown, SIGTERM included. `--request-log FILE` appends one JSON line
 per request instead (or as well). `--log-text` keeps prompts and completions in both.
 
-`--max-prompts`, `--max-n` and `--max-request-tokens` bound one generation request (see
-`llmops.serve.openai_api.RequestLimits`).
+Limits against hostile clients: `--max-connections` (handler threads), `--client-timeout`
+(seconds for a request to arrive, and for an idle connection), `--max-prompts`, `--max-n` and
+`--max-request-tokens` (per generation request; see `llmops.serve.openai_api.RequestLimits`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmops.serve.openai_api import MAX_N, MAX_PROMPTS, MAX_REQUEST_TOKENS, RequestLimits
-from llmops.serve.server import OnFeedback, OnRequest, make_server
+from llmops.serve.server import CLIENT_TIMEOUT_S, MAX_CONNECTIONS, OnFeedback, OnRequest, make_server
 
 SHUTDOWN_GRACE_S = 10.0  # requests still running at SIGTERM get this long to finish and be logged
 
@@ -83,6 +84,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-n", type=_positive(int), default=MAX_N, help="choices per prompt (default %(default)s)")
     p.add_argument("--max-request-tokens", type=_positive(int), default=MAX_REQUEST_TOKENS,
                    help="prompt tokens plus prompts x n x max_tokens of one request (default %(default)s)")
+    p.add_argument("--max-connections", type=_positive(int), default=MAX_CONNECTIONS,
+                   help="connections handled at once, one thread each; more wait to be accepted (default "
+                        "%(default)s)")
+    p.add_argument("--client-timeout", type=_positive(float), default=CLIENT_TIMEOUT_S, metavar="SECONDS",
+                   help="a request must arrive within this of its first byte (else 408), and an idle connection "
+                        "is closed after it (default %(default)s)")
     p.add_argument("--request-log", type=Path, help="append one JSON line per request to this file")
     store = p.add_mutually_exclusive_group()
     store.add_argument("--monitor-store", metavar="URL",
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         hooks.append(store)
     limits = RequestLimits(args.max_tokens_limit, args.max_prompts, args.max_n, args.max_request_tokens)
     server = make_server(ModelService(lm, limits), args.host, args.port, args.model_name, token, fan_out(hooks),
-                         log=log, feedback=feedback_hook(store) if store is not None else None)
+                         log=log, feedback=feedback_hook(store) if store is not None else None,
+                         max_connections=args.max_connections, client_timeout=args.client_timeout)
     host, port = server.server_address[:2]
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     logging_to = f", logging requests to {store.describe()}" if store is not None else ""

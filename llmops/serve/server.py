@@ -14,18 +14,27 @@ dict of facts: `id`, `time`, `method`, `path`, `client` (remote address), `clien
 `POST /v1/feedback` body; it raises `llmops.monitor.FeedbackError`s, answered with their
 status (400 malformed, 404 unknown id).
 
+Hostile clients are bounded: at most `max_connections` handler threads (more connections
+wait in a 1024-deep listen backlog), a request must arrive within `client_timeout` seconds of
+its first byte (408 otherwise, however slowly it trickles), the bearer token is checked before
+the body is read, every method other than GET and POST gets a JSON 405, and
+`RequestLimits` bounds what one generation may ask for.
+
 The command line (`python -m llmops.serve`) lives in `llmops.serve.main`.
 """
 
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import os
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
@@ -34,6 +43,10 @@ from llmops.serve import openai_api as api
 from llmops.serve.openai_api import GenerationRequest, RequestError, RequestLimits
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+LISTEN_BACKLOG = 1024  # connections the kernel holds while every handler thread is busy (the stdlib's is 5)
+MAX_CONNECTIONS = 64  # handler threads at most; further connections wait in the backlog
+CLIENT_TIMEOUT_S = 30.0  # for a request to arrive once its first byte has, and for an idle keep-alive connection
+LINGER_S = 2.0  # after answering without reading a body: how long its rest is drained so the client sees the answer
 # Set by whoever starts the server (llmops.serve.process/container): a random token that
 # /health repeats, so the starter can tell its own server from anything else on the port.
 INSTANCE_ENV = "LLMOPS_SERVE_INSTANCE"
@@ -219,15 +232,65 @@ class App:
             return self._idle.wait_for(lambda: self._busy == 0, timeout)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reading side: a read waits at most `idle_s`, and none goes past `deadline`
+    (a `time.monotonic()` time, or None), so a client sending a byte at a time cannot hold a thread."""
+
+    def __init__(self, sock: socket.socket, idle_s: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.idle_s = idle_s
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wait = self.idle_s
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.idle_s)  # writes keep the idle timeout
+
+
+def _drain(sock: socket.socket, seconds: float) -> None:
+    """Half-close `sock`, then discard what the client still sends for at most `seconds`. Closing
+    with unread input sends a reset, which can destroy the answer before the client reads it."""
+    deadline = time.monotonic() + seconds
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                return
+    except OSError:
+        pass
+
+
 class Handler(BaseHTTPRequestHandler):
-    """One HTTP request; the `App` comes from the server object."""
+    """The requests of one connection; the `App` and `client_timeout` come from the server object.
+
+    Unlike the standard library's handler, a request must arrive within `timeout` seconds of
+    its first byte (408 otherwise), every method reaches `_handle` (a JSON 405, never the
+    stdlib's 501 page), malformed requests get JSON errors too, and a body left unread is
+    drained before closing (`_drain`).
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = "llmops-serve"
     # Headers and body leave in separate writes; with Nagle on, keep-alive clients wait
     # ~40 ms for delayed ACKs on every request.
     disable_nagle_algorithm = True
-    timeout = 300  # seconds an idle keep-alive connection may hold a handler thread
+    timeout = CLIENT_TIMEOUT_S  # the server's client_timeout replaces it (setup)
+    _reader: _DeadlineReader
+    _unread_body = False  # the request announced a body this handler has not read
+    _expect_100 = False  # the client waits for "100 Continue" before it sends its body
+    _linger = False  # drain the connection before closing it
 
     @property
     def app(self) -> App:
@@ -236,17 +299,71 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         self.app.log(f"{self.address_string()} {format % args}")
 
-    def do_GET(self) -> None:
-        self._handle("GET")
+    def setup(self) -> None:
+        self.timeout = self.server.client_timeout  # type: ignore[attr-defined]
+        super().setup()
+        self.rfile.close()
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
 
-    def do_POST(self) -> None:
-        self._handle("POST")
+    def finish(self) -> None:
+        super().finish()
+        if self._linger:
+            _drain(self.connection, LINGER_S)
 
-    def do_PUT(self) -> None:
-        self._handle("PUT")
+    def handle_one_request(self) -> None:
+        """Read one request and answer it (the standard library's loop step, with the limits above)."""
+        self.command, self.requestline, self.request_version = None, "", self.protocol_version  # type: ignore
+        self._unread_body = self._expect_100 = False
+        self._reader.deadline = None  # until the request begins, only the idle timeout applies
+        try:
+            began = self.rfile.peek(1)
+        except OSError:  # idle for the whole timeout (or reset): close without a word, as between requests
+            began = b""
+        if not began:
+            self.close_connection = True
+            return
+        self._reader.deadline = time.monotonic() + self.timeout  # from its first byte, the whole request
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self._linger = True
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.parse_request():  # it has answered, through send_error
+                self._linger = True
+                return
+            self._unread_body = "Transfer-Encoding" in self.headers or \
+                (self.headers.get("Content-Length") or "0").strip() != "0"
+            self._handle(self.command)
+        except TimeoutError:
+            self._timed_out()
+        except OSError:  # reset or broken: there is no one to answer
+            self.close_connection = True
 
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
+    def _timed_out(self) -> None:
+        """A client too slow to send its request: tell it (it may still read), then drop it."""
+        self.log_message("request timed out after %gs", self.timeout)
+        try:
+            self._refuse(RequestError(408, f"The request did not arrive within {self.timeout:g} seconds.", None,
+                                      "request_timeout"))
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def handle_expect_100(self) -> bool:
+        self._expect_100 = True  # "100 Continue" goes out in _read_body, once the token has been checked
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own refusals (malformed request line or headers) as OpenAI errors."""
+        self._refuse(RequestError(int(code), message or HTTPStatus(code).phrase))
+
+    def _refuse(self, err: RequestError) -> None:
+        """Answer a request that never reached `_handle`, and close the connection."""
+        self.close_connection = True
+        self.request_version = self.protocol_version  # a status line, whatever the request line said
+        self._send_json(err.status, err.body(), {}, err.headers)
 
     def _handle(self, method: str) -> None:
         self.app.begin()
@@ -266,9 +383,9 @@ class Handler(BaseHTTPRequestHandler):
             self._route(method, rec)
         except RequestError as exc:
             rec["error"] = exc.message
-            self._send_json(exc.status, exc.body(), rec)
-        except (BrokenPipeError, ConnectionResetError):
-            rec["error"] = "client disconnected"
+            self._send_json(exc.status, exc.body(), rec, exc.headers)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
+            rec["error"] = "client timed out" if isinstance(exc, TimeoutError) else "client disconnected"
             self.close_connection = True
         except Exception as exc:  # never drop the connection without an answer
             rec["error"] = f"{type(exc).__name__}: {exc}"
@@ -292,15 +409,16 @@ class Handler(BaseHTTPRequestHandler):
         routes = {("GET", "/health"): self._health, ("GET", "/v1/models"): self._models,
                   ("POST", "/v1/completions"): self._completions, ("POST", "/v1/chat/completions"): self._chat,
                   ("POST", "/v1/feedback"): self._feedback}
-        known_paths = {p for _, p in routes}
-        body = self._read_body() if method in ("POST", "PUT") else b""
-        if path not in known_paths:
-            raise RequestError(404, f"Unknown request URL: {method} {path}. Please check the URL for typos.",
+        allowed = sorted(m for m, p in routes if p == path)
+        if not allowed:
+            raise RequestError(404, f"Unknown request URL: {method} {path[:200]}. Please check the URL for typos.",
                                None, "unknown_url")
         if (method, path) not in routes:
-            raise RequestError(405, f"Method {method} is not allowed on {path}.", None, "method_not_allowed")
+            raise RequestError(405, f"Method {method[:20]} is not allowed on {path}; use {' or '.join(allowed)}.",
+                               None, "method_not_allowed", headers={"Allow": ", ".join(allowed)})
         if path != "/health":
-            self._check_auth()
+            self._check_auth()  # before the body: a refused client's body is never read
+        body = self._read_body() if method == "POST" else b""
         routes[(method, path)](body, rec)
 
     def _bearer(self) -> str | None:
@@ -317,14 +435,34 @@ class Handler(BaseHTTPRequestHandler):
                                None, "invalid_api_key")
 
     def _read_body(self) -> bytes:
+        """The body its Content-Length announces; a refusal before this leaves it unread (and drained)."""
+        if "Transfer-Encoding" in self.headers:
+            raise RequestError(411, "Chunked request bodies are not supported; send a Content-Length header.", None)
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
-            raise RequestError(400, "Invalid Content-Length header.", None) from None
+            length = -1
+        if length < 0:
+            raise RequestError(400, "Invalid Content-Length header.", None)
         if length > MAX_BODY_BYTES:
-            self.close_connection = True
             raise RequestError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).", None)
-        return self.rfile.read(length) if length > 0 else b""
+        if length == 0:
+            return b""
+        if self._expect_100:
+            self.send_response_only(HTTPStatus.CONTINUE)
+            self.end_headers()
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self._unread_body, self.close_connection = False, True  # a stalled client: no draining
+            raise RequestError(408, f"The request body did not arrive within {self.timeout:g} seconds of the "
+                               "request's start.", None, "request_timeout") from None
+        self._unread_body = False
+        if len(body) < length:
+            self.close_connection = True
+            raise RequestError(400, f"The request body ended after {len(body)} of the {length} bytes its "
+                               "Content-Length announced.", None)
+        return body
 
     def _json(self, body: bytes) -> Any:
         return api.decode_json(body)
@@ -423,15 +561,21 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n")
         self.wfile.flush()
 
-    def _send_json(self, status: int, body: dict[str, Any], rec: dict[str, Any]) -> None:
+    def _send_json(self, status: int, body: dict[str, Any], rec: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        if self._unread_body:  # answered without reading it: the connection cannot carry another request
+            self.close_connection = self._linger = True
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer has headers only
+            self.wfile.write(data)
         rec["status"] = status
 
 
@@ -441,21 +585,68 @@ def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
 
 
 class ModelServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer carrying the `App`; handler threads are daemons."""
+    """ThreadingHTTPServer carrying the `App`, with at most `max_connections` handler threads.
+
+    A connection is accepted only once a handler slot is free, so under load connections wait
+    in the kernel's listen backlog (`LISTEN_BACKLOG` deep), not in a thread each. Handler
+    threads are daemons, and closing does not wait for them: shutdown waits for running
+    requests (`App.wait_idle`), not for idle keep-alive connections.
+    """
 
     daemon_threads = True
+    block_on_close = False
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address: tuple[str, int], app: App) -> None:
+    def __init__(self, address: tuple[str, int], app: App, max_connections: int = MAX_CONNECTIONS,
+                 client_timeout: float = CLIENT_TIMEOUT_S) -> None:
+        if max_connections < 1 or not client_timeout > 0:
+            raise ValueError(f"max_connections must be >= 1 and client_timeout > 0, got {max_connections} and "
+                             f"{client_timeout}")
         self.app = app
+        self.client_timeout = client_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._stopping = threading.Event()
         super().__init__(address, Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        while not self._slots.acquire(timeout=0.1):
+            if self._stopping.is_set():  # serve_forever skips this round and sees its shutdown request
+                raise OSError("the server is shutting down")
+        try:
+            return super().get_request()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started, so none will release the slot
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
 
 
 def make_server(service: ModelService, host: str, port: int, model_name: str, auth_token: str | None = None,
                 on_request: OnRequest | None = None, log: Callable[[str], None] | None = None,
-                feedback: OnFeedback | None = None) -> ModelServer:
-    """Bind (port 0 picks a free one: read `server.server_address`); call `serve_forever()`."""
+                feedback: OnFeedback | None = None, max_connections: int = MAX_CONNECTIONS,
+                client_timeout: float = CLIENT_TIMEOUT_S) -> ModelServer:
+    """Bind (port 0 picks a free one: read `server.server_address`); call `serve_forever()`.
+
+    `max_connections` bounds the handler threads; `client_timeout` is how long a request may
+    take to arrive after its first byte, and how long an idle connection is kept.
+    """
     app = App(service, model_name, auth_token or None, on_request, feedback)
     if log is not None:
         app.log = log
-    return ModelServer((host, port), app)
+    return ModelServer((host, port), app, max_connections, client_timeout)
