@@ -1,0 +1,381 @@
+"""The model server against hostile clients, over real sockets on 127.0.0.1.
+
+Bursts of concurrent clients, clients that stall or trickle, oversized and undecodable
+requests, and methods the server does not serve. The tiny model and the request helpers are
+tests/test_server.py's; the servers here run in process with small limits so that every
+bound is reached within seconds. Timings are printed, never asserted; the timeouts below
+only guard against hangs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_server import MODEL, TOKEN, assert_error, call, model_dir, wait_for  # noqa: F401 - model_dir: fixture
+
+MAX_CONNECTIONS = 16
+HANG_GUARD_S = 60.0
+LIMITS = {"max_tokens": 32, "max_prompts": 4, "max_n": 4, "max_request_tokens": 100}
+
+
+def _serve(lm: Any, max_connections: int, client_timeout: float):
+    from llmops.serve.openai_api import RequestLimits
+    from llmops.serve.server import ModelService, make_server
+
+    srv = make_server(ModelService(lm, RequestLimits(**LIMITS)), "127.0.0.1", 0, MODEL, TOKEN,
+                      max_connections=max_connections, client_timeout=client_timeout)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    host, port = srv.server_address[:2]
+    return srv, {"url": f"http://{host}:{port}", "host": host, "port": port, "lm": lm, "server": srv}
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir: Path) -> Any:
+    from llmops.serve.model import load_model
+
+    return load_model(model_dir)
+
+
+@pytest.fixture(scope="module")
+def guarded(lm: Any):
+    """Few handler threads and small per-request limits."""
+    srv, info = _serve(lm, MAX_CONNECTIONS, client_timeout=10.0)
+    yield info
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def impatient(lm: Any):
+    """A one-second client timeout, and more threads than the stalling clients below."""
+    srv, info = _serve(lm, 64, client_timeout=1.0)
+    yield info
+    srv.shutdown()
+    srv.server_close()
+
+
+def handler_threads(server: dict) -> int:
+    """The server's handler threads alive now: threads running its `process_request_thread`
+    (read from the running thread's target; other servers' threads may still be finishing)."""
+    handler = server["server"].process_request_thread
+    return sum(getattr(t, "_target", None) == handler for t in threading.enumerate())
+
+
+def raw(server: dict, data: bytes, timeout: float = 15.0) -> tuple[int, dict[str, str], bytes]:
+    """Send `data` on a fresh socket and read the answer until the server closes the connection."""
+    with socket.create_connection((server["host"], server["port"]), timeout=timeout) as sock:
+        sock.sendall(data)
+        return parse_response(read_to_eof(sock))
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body
+
+
+def request_head(method: str, path: str, length: int | None = None, token: str | None = TOKEN,
+                 extra: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    if length is not None:
+        head += f"Content-Length: {length}\r\n"
+    if token:
+        head += f"Authorization: Bearer {token}\r\n"
+    return (head + extra + "\r\n").encode()
+
+
+# --- many clients at once ------------------------------------------------------------------
+
+
+def test_200_concurrent_clients_are_all_answered_by_a_bounded_number_of_threads(guarded: dict) -> None:
+    clients, generating = 200, 20
+    start = threading.Barrier(clients + 1)
+    results: list[Any] = [None] * clients
+    peak, sampling = [0], threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            peak[0] = max(peak[0], handler_threads(guarded))
+            time.sleep(0.002)
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection(guarded["host"], guarded["port"], timeout=HANG_GUARD_S)
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        start.wait()
+        t0 = time.perf_counter()
+        try:
+            statuses = []
+            for _ in range(2):  # keep-alive: each connection holds its thread for two requests
+                if i < generating:
+                    body = json.dumps({"model": MODEL, "prompt": f"Where is order {i}?", "max_tokens": 2})
+                    conn.request("POST", "/v1/completions", body, headers)
+                else:
+                    conn.request("GET", "/v1/models", headers=headers)
+                resp = conn.getresponse()
+                statuses.append((resp.status, json.loads(resp.read()).get("object")))
+            results[i] = (statuses, time.perf_counter() - t0)
+        except Exception as exc:  # recorded: the assertion below lists them
+            results[i] = (f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+        finally:
+            conn.close()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(HANG_GUARD_S * 2)
+    elapsed = time.perf_counter() - t0
+    sampling.set()
+    sampler.join()
+    assert not [i for i, t in enumerate(threads) if t.is_alive()], "clients hung"
+    failed = [r[0] for r in results if not isinstance(r[0], list)]
+    assert failed == []  # no resets, no refused connections, no timeouts
+    want = [(200, "text_completion")] * 2
+    assert [r[0] for r in results] == [want] * generating + [[(200, "list")] * 2] * (clients - generating)
+    slowest = max(r[1] for r in results)
+    print(f"\n{clients} clients x 2 requests in {elapsed:.2f}s (slowest client {slowest:.2f}s), "
+          f"peak handler threads {peak[0]} (bound {MAX_CONNECTIONS})")
+    assert 1 <= peak[0] <= MAX_CONNECTIONS + 1  # +1: a finishing thread may overlap the next one's start
+
+
+# --- slow clients ---------------------------------------------------------------------------
+
+
+def test_stalled_and_trickling_clients_are_dropped_while_others_are_served(impatient: dict) -> None:
+    address = (impatient["host"], impatient["port"])
+    t0 = time.perf_counter()
+    stalled = []
+    for _ in range(100):  # half a header each, then silence
+        sock = socket.create_connection(address, timeout=HANG_GUARD_S)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Ty")
+        stalled.append(sock)
+    silent = [socket.create_connection(address, timeout=HANG_GUARD_S) for _ in range(10)]  # connect, say nothing
+    short = socket.create_connection(address, timeout=HANG_GUARD_S)  # promises 1000 bytes, sends 10
+    short.sendall(request_head("POST", "/v1/completions", 1000) + b'{"model": ')
+    trickled: dict[str, Any] = {}
+
+    def trickle() -> None:
+        """A byte every 0.2 s: never idle for the 1 s timeout, but never done either."""
+        sock = socket.create_connection(address, timeout=HANG_GUARD_S)
+        line, began = request_head("GET", "/v1/models") * 50, time.perf_counter()
+        try:
+            for i in range(len(line)):
+                if select.select([sock], [], [], 0.2)[0]:
+                    break
+                sock.send(line[i:i + 1])
+            trickled["answer"] = read_to_eof(sock)
+        except OSError as exc:  # a reset after the 408 is a drop too
+            trickled["answer"] = repr(exc).encode()
+        finally:
+            trickled["after_s"] = time.perf_counter() - began
+            sock.close()
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    status, body = call(impatient, "GET", "/v1/models")
+    served_after = time.perf_counter() - t0
+    assert status == 200 and body["data"][0]["id"] == MODEL
+
+    answers = []
+    for sock in stalled:
+        answers.append(parse_response(read_to_eof(sock)))
+        sock.close()
+    dropped_after = time.perf_counter() - t0
+    for sock in silent:  # an idle connection is closed without an answer (as between keep-alive requests)
+        assert read_to_eof(sock) == b""
+        sock.close()
+    for status, headers, body in answers:
+        assert (status, headers["Connection"]) == (408, "close")
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+    status, _, body = parse_response(read_to_eof(short))
+    short.close()
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    trickler.join(HANG_GUARD_S)
+    assert not trickler.is_alive(), "the trickling client was never dropped"
+    answer = trickled["answer"]
+    assert answer.startswith(b"HTTP/1.1 408 ") or b"ConnectionResetError" in answer, answer[:200]
+    assert wait_for(lambda: handler_threads(impatient) == 0, timeout=10)
+    print(f"\nwith 100 stalled clients: a normal request answered after {served_after:.2f}s, stalled ones "
+          f"dropped after {dropped_after:.2f}s, the trickling one after {trickled['after_s']:.2f}s")
+
+
+# --- oversized requests ---------------------------------------------------------------------
+
+LONG = "Where is my order? Orders ship within two days. " * 2
+
+
+@pytest.mark.parametrize(("path", "body", "param", "code"), [
+    ("/v1/completions", {"prompt": ["a"] * 5, "max_tokens": 1}, "prompt", None),
+    ("/v1/completions", {"prompt": "a", "n": 5, "max_tokens": 1}, "n", None),
+    ("/v1/completions", {"prompt": ["a"] * 4, "n": 4, "max_tokens": 7}, "max_tokens", "request_tokens_exceeded"),
+    ("/v1/completions", {"prompt": [LONG] * 2, "max_tokens": 10}, "prompt", "request_tokens_exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 4, "max_completion_tokens": 26,
+                              "max_tokens": 1}, "max_completion_tokens", "request_tokens_exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "n": 4, "max_tokens": 10},
+     "messages", "request_tokens_exceeded"),
+])
+def test_requests_beyond_the_limits_get_400_naming_the_param(guarded: dict, path: str, body: dict, param: str,
+                                                             code: str | None) -> None:
+    assert_error(call(guarded, "POST", path, dict(body, model=MODEL)), 400, param, code)
+
+
+def test_requests_within_the_limits_are_served(guarded: dict) -> None:
+    assert len(guarded["lm"].encode(LONG)) * 2 + 2 * 10 > LIMITS["max_request_tokens"]  # (the case above)
+    assert len(guarded["lm"].encode(LONG)) + 10 <= 128  # refused for the budget, not the context length
+    status, out = call(guarded, "POST", "/v1/completions", {"model": MODEL, "prompt": ["a"] * 4, "n": 4,
+                                                            "max_tokens": 5, "temperature": 0})
+    assert status == 200 and len(out["choices"]) == 16
+
+
+def test_the_token_is_checked_before_the_body_is_read(guarded: dict) -> None:
+    # Headers announcing 4 MB and no body: reading it would end in a 408 after 10 s; a 401 comes at once.
+    t0 = time.perf_counter()
+    status, headers, body = raw(guarded, request_head("POST", "/v1/completions", 4_000_000, token=None))
+    print(f"\n401 without the body after {time.perf_counter() - t0:.3f}s")
+    assert (status, headers["Connection"]) == (401, "close")
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    # A client that sends the whole body before reading still gets the 401 (the server drains it).
+    assert_error(call(guarded, "POST", "/v1/completions", raw=b" " * (4 * 1024 * 1024), token=None), 401,
+                 code="invalid_api_key")
+    assert call(guarded, "POST", "/v1/completions", raw=b" " * (4 * 1024 * 1024 + 1))[0] == 413
+    # `Expect: 100-continue`: refused clients are not invited to send their body; others are.
+    expect = "Expect: 100-continue\r\n"
+    status, _, _ = raw(guarded, request_head("POST", "/v1/completions", 50, token=None, extra=expect))
+    assert status == 401
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 1}).encode()
+    with socket.create_connection((guarded["host"], guarded["port"]), timeout=HANG_GUARD_S) as sock:
+        sock.sendall(request_head("POST", "/v1/completions", len(body), extra=expect + "Connection: close\r\n"))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        status, _, answer = parse_response(read_to_eof(sock))
+    assert status == 200 and json.loads(answer)["usage"]["completion_tokens"] == 1
+
+
+# --- undecodable input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "data", "param"), [
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "caf\xe9"}', None),  # Latin-1, not UTF-8
+    ("/v1/completions", b'\xff\xfe{\x00}\x00', None),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": ["ok", "x\\udfffy"]}', "prompt[1]"),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "x", "stop": ["a", "\\ud800"]}', "stop[1]"),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "x", "user": "\\udc00"}', "user"),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "x", "\\ud800": 1}', None),
+    ("/v1/chat/completions", b'{"model": "tiny-support", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+     "messages[0].content"),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "x", "temperature": NaN}', "temperature"),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "x", "top_p": Infinity}', "top_p"),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "x", "temperature": 1e999}', "temperature"),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "x", "max_tokens": -Infinity}', "max_tokens"),
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, None),
+    ("/v1/completions", b'{"model": "tiny-support", "prompt": "x", "n": 1' + b"0" * 5000 + b"}", None),
+])
+def test_undecodable_bodies_get_400(guarded: dict, path: str, data: bytes, param: str | None) -> None:
+    assert_error(call(guarded, "POST", path, raw=data), 400, param)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("seed", 2**63), ("seed", -(2**63) - 1), ("seed", 10**30), ("seed", 1.5), ("seed", True), ("seed", "7"),
+    ("n", True), ("n", 2.0), ("n", "2"), ("max_tokens", 2.0), ("max_tokens", False), ("logprobs", True),
+    ("temperature", True),
+])
+def test_mistyped_numbers_get_400(guarded: dict, field: str, value: Any) -> None:
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1, field: value}
+    err = assert_error(call(guarded, "POST", "/v1/completions", body), 400, field)
+    assert len(err["message"]) < 300
+
+
+def test_valid_unicode_and_64_bit_seeds_are_served(guarded: dict) -> None:
+    for seed in (2**63 - 1, -(2**63)):
+        body = {"model": MODEL, "prompt": "caf\u00e9 \U0001f600", "max_tokens": 1, "seed": seed, "temperature": 1}
+        status, out = call(guarded, "POST", "/v1/completions", body)
+        assert status == 200 and out["usage"]["completion_tokens"] == 1
+
+
+# --- methods, malformed requests -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("HEAD", "/v1/models", "GET"), ("OPTIONS", "/v1/completions", "POST"), ("PATCH", "/v1/chat/completions", "POST"),
+    ("PUT", "/v1/completions", "POST"), ("DELETE", "/v1/models", "GET"), ("BREW", "/health", "GET"),
+    ("GET", "/v1/completions", "POST"),
+])
+def test_other_methods_get_a_json_405_with_allow(guarded: dict, method: str, path: str, allow: str) -> None:
+    conn = http.client.HTTPConnection(guarded["host"], guarded["port"], timeout=HANG_GUARD_S)
+    try:
+        body = b'{"a": 1}' if method in ("PATCH", "PUT") else None
+        conn.request(method, path, body, {"Authorization": f"Bearer {TOKEN}"})
+        resp = conn.getresponse()
+        data = resp.read()
+        assert (resp.status, resp.headers["Allow"], resp.headers["Content-Type"]) == (405, allow, "application/json")
+        if method == "HEAD":
+            assert data == b""  # a HEAD answer has no body
+        else:
+            assert_error((405, json.loads(data)), 405, code="method_not_allowed")
+        if body is None:  # the connection stays usable
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+        else:  # its body was not read: closed after the answer
+            assert resp.headers["Connection"] == "close"
+    finally:
+        conn.close()
+
+
+def test_unknown_paths_stay_404_whatever_the_method(guarded: dict) -> None:
+    for method in ("OPTIONS", "PATCH", "GET"):
+        assert_error(call(guarded, method, "/v2/anything"), 404, code="unknown_url")
+
+
+@pytest.mark.parametrize(("data", "status"), [
+    (b"NONSENSE\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n", 431),
+    (b"GET /health HTTP/1.1\r\nX: " + b"y" * 70_000 + b"\r\n\r\n", 431),
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+    (request_head("POST", "/v1/completions", extra="Transfer-Encoding: chunked\r\n") + b"5\r\nhello\r\n0\r\n\r\n",
+     411),
+    (request_head("POST", "/v1/completions", -1), 400),
+])
+def test_malformed_requests_get_json_errors(guarded: dict, data: bytes, status: int) -> None:
+    got, headers, body = raw(guarded, data)
+    assert (got, headers["Content-Type"], headers["Connection"]) == (status, "application/json", "close")
+    assert json.loads(body)["error"]["message"]
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_limits_are_flags_of_the_serve_command() -> None:
+    from llmops.serve.main import _parse_args
+
+    base = ["--model-dir", "m", "--model-name", "x"]
+    args = _parse_args(base)
+    assert (args.max_connections, args.client_timeout, args.max_prompts, args.max_n, args.max_request_tokens) == (
+        64, 30.0, 64, 8, 16384)
+    args = _parse_args(base + ["--max-connections", "8", "--client-timeout", "2.5", "--max-prompts", "3",
+                               "--max-n", "2", "--max-request-tokens", "500"])
+    assert (args.max_connections, args.client_timeout, args.max_prompts, args.max_n, args.max_request_tokens) == (
+        8, 2.5, 3, 2, 500)
+    for bad in (["--max-connections", "0"], ["--client-timeout", "-1"], ["--max-request-tokens", "many"]):
+        with pytest.raises(SystemExit):
+            _parse_args(base + bad)
