@@ -45,6 +45,9 @@ def _endpoint_drift(ctx: ProviderContext, name: str, endpoint: str) -> Drift | N
     status = server_status(_serve_state(ctx, name), probe=True)
     if status.running and status.healthy:
         return None
+    if status.running and not status.instance:  # started by an llmops that recorded no token
+        return Drift(f"endpoint {endpoint} is served by a server started without an instance token; "
+                     "apply restarts it", "update")
     other = other_server_at(endpoint, status.instance)
     if other:
         return Drift(f"endpoint {endpoint} is answered by {other}, not by the server llmops started", "update")
