@@ -182,9 +182,26 @@ def load_lock(path: Path) -> Lock:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise LockfileError(f"{where}: the lockfile is corrupt ({getattr(exc, 'problem', exc)}). {recover}") from exc
+    except RecursionError:
+        data = _TOO_DEEP
+    if data is _TOO_DEEP or _depth(data) > MAX_DEPTH:
+        raise LockfileError(f"{path}: the lockfile nests deeper than {MAX_DEPTH} levels, which llmops never "
+                            f"writes. {recover}")
     lock = _from_data(path, data, digest)
     _write_parse_cache(path, digest, data)
     return lock
+
+
+MAX_DEPTH = 32  # an entry's outputs nest a few levels; the file itself adds three
+_TOO_DEEP = object()
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    """How deep `value` nests (stops counting past MAX_DEPTH)."""
+    if level > MAX_DEPTH or not isinstance(value, (dict, list)):
+        return level
+    items = value.values() if isinstance(value, dict) else value
+    return max((_depth(v, level + 1) for v in items), default=level + 1)
 
 
 def _has_alias(text: str) -> bool:

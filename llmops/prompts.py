@@ -42,7 +42,8 @@ from typing import Any
 import jinja2
 from jinja2 import meta, nodes
 from jinja2.loaders import split_template_path
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from llmops.errors import Diagnostic, LlmopsError
 
@@ -187,11 +188,13 @@ class RenderBudgetError(Exception):
     """Rendering went past its size or time budget (turned into a PromptError)."""
 
 
-class _BudgetedSandbox(SandboxedEnvironment):
+class _BudgetedSandbox(ImmutableSandboxedEnvironment):
     """The sandbox plus budgets: refuses huge repetitions, widths and values, and checks a
-    deadline (set only while `examples:` render at validate time) on every call."""
+    deadline (set only while `examples:` render at validate time) on every call. Immutable:
+    a prompt has no use for `list.extend`, and `l.extend(l)` in a loop doubles without
+    producing any output to check; `namespace()` attributes are checked when set."""
 
-    intercepted_binops = frozenset({"*", "**", "+"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
     deadline: float | None = None
 
     def check_deadline(self) -> None:
@@ -206,12 +209,20 @@ class _BudgetedSandbox(SandboxedEnvironment):
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
                     raise RenderBudgetError(f"repeating a value {n} times is over the {MAX_RENDER_CHARS:,} budget")
+        if operator == "%" and isinstance(left, str):
+            _check_printf(left, right)
         return _sized(super().call_binop(context, operator, left, right))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         __self.check_deadline()
         _check_args(args, kwargs)
         return _sized(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value: Any) -> Any:
+        owner = getattr(value, "__self__", None)
+        if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
+            _check_format_widths(owner)  # `'{0:>999999999}'.format(1)` allocates before any size check
+        return super().wrap_str_format(value)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         self.check_deadline()
@@ -228,6 +239,34 @@ def _check_args(args: tuple, kwargs: dict) -> None:
             raise RenderBudgetError(f"argument {value} is over the {MAX_RENDER_CHARS:,} budget")
 
 
+_PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
+_FORMAT_NUMBER = re.compile(r"\d+")
+
+
+def _check_printf(fmt: str, values: Any) -> None:
+    """`'%999999999d' % 1` would allocate its width before any size check: refuse it first."""
+    for width, precision in _PRINTF_SPEC.findall(fmt):
+        for number in (width, precision):
+            if number.isdigit() and int(number) > MAX_RENDER_CHARS:
+                raise RenderBudgetError(f"a format width of {int(number):,} is over the {MAX_RENDER_CHARS:,} budget")
+    items = values if isinstance(values, tuple) else tuple(values.values()) if isinstance(values, dict) else (values,)
+    _check_args(items, {})
+
+
+def _check_format_widths(fmt: str) -> None:
+    """The same for `'{0:>999999999}'.format(1)`: every number in a replacement field's spec."""
+    import string
+
+    try:
+        fields = list(string.Formatter().parse(fmt))
+    except ValueError:
+        return  # str.format raises its own error
+    for _, _, spec, _ in fields:
+        for number in _FORMAT_NUMBER.findall(spec or ""):
+            if int(number) > MAX_RENDER_CHARS:
+                raise RenderBudgetError(f"a format width of {int(number):,} is over the {MAX_RENDER_CHARS:,} budget")
+
+
 def _sized(value: Any) -> Any:
     if isinstance(value, (str, list, tuple)) and len(value) > MAX_RENDER_CHARS:
         raise RenderBudgetError(f"a value of {len(value):,} items is over the {MAX_RENDER_CHARS:,} budget")
@@ -239,9 +278,23 @@ def _budgeted_filter(env: _BudgetedSandbox, func: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         env.check_deadline()
         _check_args(args[1:], kwargs)
+        if func.__name__ == "do_format" and args and isinstance(args[0], str):
+            _check_printf(args[0], tuple(args[1:]))
+        if func.__name__ == "do_indent" and args and isinstance(args[0], str):
+            width = args[1] if len(args) > 1 else kwargs.get("width", 4)
+            size = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+            if (args[0].count("\n") + 1) * size > MAX_RENDER_CHARS:
+                raise RenderBudgetError(f"indenting that many lines is over the {MAX_RENDER_CHARS:,} budget")
         return _sized(func(*args, **kwargs))
 
     return wrapper
+
+
+class _BoundedNamespace(Namespace):
+    """`namespace()` whose attributes are size-checked when set (`{% set ns.x = ns.x ~ ns.x %}`)."""
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, _sized(value))
 
 
 def _make_env(loader: jinja2.BaseLoader) -> _BudgetedSandbox:
@@ -252,6 +305,7 @@ def _make_env(loader: jinja2.BaseLoader) -> _BudgetedSandbox:
         autoescape=False,
     )
     env.filters = {k: _budgeted_filter(env, f) for k, f in env.filters.items()}
+    env.globals["namespace"] = _BoundedNamespace
     return env
 
 

@@ -251,6 +251,10 @@ def _inside_project(root: Path, rel: str) -> str | None:
         return "cannot be resolved (a symlink loop?)"
     if not real.is_relative_to(base):
         return "resolves outside the project folder (a symlink or `..`)"
+    if real == base:
+        return "is the project folder itself"
+    if any(part.startswith(".") for part in real.relative_to(base).parts):
+        return "is under a hidden folder (.git, .llmops, ...), which llmops reads only for itself"
     return None
 
 
@@ -304,8 +308,15 @@ def _check_combinations(config: Config) -> list[Diagnostic]:
                     "add `log_text: true` to this monitor, or drop embedding_model"))
         if r.kind == "evals":
             diags += _check_custom_metrics(config, r)
+            diags += _check_gated_metrics(config, r)
         if r.kind == "deployments" and isinstance(spec.get("serve"), dict):
             serve = spec["serve"]
+            host = serve.get("host", "127.0.0.1")
+            if isinstance(host, str) and host not in LOOPBACK_HOSTS and not serve.get("auth_token_env"):
+                diags.append(config.doc.diagnostic(
+                    (r.kind, r.name, "serve", "host"),
+                    f"serve.host {host} opens the model to the network without authentication",
+                    "set serve.auth_token_env to the variable holding a bearer token, or serve on 127.0.0.1"))
             runner = serve.get("runner") or config.settings.get("runner")
             if runner == "docker" and not serve.get("image"):
                 diags.append(config.doc.diagnostic(
@@ -341,10 +352,59 @@ def _check_deployment_clashes(config: Config) -> list[Diagnostic]:
     return diags
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _check_gated_metrics(config: Config, r: Resource) -> list[Diagnostic]:
+    """A threshold or regression limit on a metric the eval does not compute never gates."""
+    metrics = r.spec.get("metrics") if isinstance(r.spec.get("metrics"), list) else []
+    measured = {m if isinstance(m, str) else m.get("name") for m in metrics if isinstance(m, (str, dict))}
+    shown = ", ".join(sorted(str(m) for m in measured if m)) or "none"
+    gated: list[tuple[tuple, str]] = []
+    thresholds = r.spec.get("thresholds")
+    if isinstance(thresholds, dict):
+        gated += [(("thresholds", name), name) for name in thresholds]
+    baseline = r.spec.get("baseline")
+    if isinstance(baseline, dict):
+        for limit in ("max_drop", "max_rise"):
+            if isinstance(baseline.get(limit), dict):
+                gated += [(("baseline", limit, name), name) for name in baseline[limit]]
+    return [config.doc.diagnostic((r.kind, r.name, *where), f"gate on metric '{name}', which this eval does not compute",
+                                  f"add {name} to metrics, or remove the gate (metrics: {shown})")
+            for where, name in gated if name not in measured]
+
+
+def _find_module(module: str, root: Path) -> bool:
+    """Whether `module` can be imported from the project or the environment, found without
+    running any of its code: `importlib.util.find_spec('a.b')` would import package `a`,
+    and a pull request's `a/__init__.py` must not run in a check."""
+    import sys
+    from importlib.machinery import PathFinder
+
+    parts = module.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return False
+    if module in sys.modules:
+        return True
+    loaded = sys.modules.get(parts[0])
+    spec = loaded.__spec__ if loaded is not None and getattr(loaded, "__spec__", None) else None
+    if spec is None:
+        spec = PathFinder.find_spec(parts[0], [str(root), *sys.path])
+        if spec is None:
+            try:  # built-in and frozen modules: found by name, nothing is executed
+                spec = importlib.util.find_spec(parts[0]) if parts[0] in sys.builtin_module_names else None
+            except (ImportError, ValueError):
+                spec = None
+    for i in range(1, len(parts)):
+        locations = spec.submodule_search_locations if spec is not None else None
+        if not locations:
+            return False
+        spec = PathFinder.find_spec(".".join(parts[: i + 1]), list(locations))
+    return spec is not None
+
+
 def _check_custom_metrics(config: Config, r: Resource) -> list[Diagnostic]:
     """A custom metric's module must be findable (found, not imported: validate runs no PR code)."""
-    import sys
-
     diags: list[Diagnostic] = []
     metrics = r.spec.get("metrics")
     for i, metric in enumerate(metrics if isinstance(metrics, list) else []):
@@ -352,16 +412,7 @@ def _check_custom_metrics(config: Config, r: Resource) -> list[Diagnostic]:
         if not isinstance(target, str) or ":" not in target:
             continue
         module = target.partition(":")[0]
-        added = str(config.root) not in sys.path
-        if added:
-            sys.path.insert(0, str(config.root))
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError, AttributeError):
-            found = False  # a parent package is missing, or not a package
-        finally:
-            if added:
-                sys.path.remove(str(config.root))
+        found = _find_module(module, config.root)
         if not found:
             diags.append(config.doc.diagnostic(
                 (r.kind, r.name, "metrics", i, "python"), f"module '{module}' of custom metric not found",

@@ -3,7 +3,9 @@
 Each case of tests/hostile/cases.py runs through the real CLI in a fresh interpreter with a
 planted secret in its environment, under a memory cap and a generous timeout. It must fail
 with a clear message that names the file, without a traceback, an "unexpected" error or
-the secret, and delete nothing outside the project. Timings are printed, not asserted.
+the secret, delete nothing outside the project, and stay under 300 MiB of resident memory
+(its own peak, from wait4). Timings are printed, not asserted (bench/hostile_corpus.py
+measures them against the 5 s budget); a hang is killed after TIMEOUT_S and fails.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +25,8 @@ import pytest
 from hostile.cases import BASE_FILES, CASES, Case
 
 SECRET = "ghp_HostileTestFakeToken0123456789abcdef"
-MEMORY_LIMIT = 1536 * 1024 * 1024
+MEMORY_LIMIT = 1536 * 1024 * 1024  # address space: a runaway allocation fails instead of swapping
+MEMORY_BUDGET = 300 * 1024 * 1024  # peak resident memory of any case (the issue's bound)
 TIMEOUT_S = 30
 
 
@@ -47,23 +53,45 @@ def _write_case(case: Case, tmp: Path) -> tuple[Path, Path]:
     return root, victim
 
 
-def _run(root: Path, args: tuple[str, ...]) -> tuple[subprocess.CompletedProcess, float]:
+@dataclass
+class Ran:
+    returncode: int
+    output: str
+    seconds: float
+    peak_rss: int  # bytes: the child's own high-water mark (wait4), not the test process's
+
+
+def _run(root: Path, args: tuple[str, ...]) -> Ran:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOPS_")}
     env["GITHUB_TOKEN"] = SECRET
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "llmops", *args], cwd=root, capture_output=True, text=True,
-                          env=env, timeout=TIMEOUT_S, preexec_fn=_limit_memory, stdin=subprocess.DEVNULL)
-    return proc, time.monotonic() - start
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llmops", *args], cwd=root, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=_limit_memory, stdin=subprocess.DEVNULL)
+        timer = threading.Timer(TIMEOUT_S, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        out.seek(0)
+        text = out.read().decode("utf-8", errors="replace")
+    took = time.monotonic() - start
+    assert took < TIMEOUT_S, f"llmops {' '.join(args)} hung (killed after {TIMEOUT_S}s)"
+    return Ran(proc.returncode, text, took, usage.ru_maxrss * 1024)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_input_fails_clearly_and_safely(case: Case, tmp_path: Path) -> None:
     root, victim = _write_case(case, tmp_path)
     for args in case.commands:
-        proc, took = _run(root, args)
-        out = proc.stdout + proc.stderr
-        print(f"{case.name}: llmops {' '.join(args)}: rc={proc.returncode} {took:.2f}s")
-        assert proc.returncode != 0, out
+        ran = _run(root, args)
+        out = ran.output
+        print(f"{case.name}: llmops {' '.join(args)}: rc={ran.returncode} {ran.seconds:.2f}s "
+              f"{ran.peak_rss / 2**20:.0f} MiB")
+        assert ran.returncode != 0, out
+        assert ran.peak_rss < MEMORY_BUDGET, f"peak RSS {ran.peak_rss / 2**20:.0f} MiB, budget {MEMORY_BUDGET / 2**20:.0f}"
         for bad in ("Traceback", "This is a bug", "unexpected", SECRET):
             assert bad not in out, (bad, out)
         for needle in case.needles:
