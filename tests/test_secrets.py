@@ -122,3 +122,7 @@ def test_planted_secrets_reach_no_output_and_no_file(pg_cluster, tmp_path: Path)
         found = [what for what, secret in secrets.items() if secret.encode() in data]
         assert not found, (path.relative_to(project.root), found)
     assert WEBHOOK_SECRET in config
+    # What gets committed holds no path of this machine either.
+    for rel in ("llmops.lock", "dvc.yaml", "dvc.lock", ".dvc/config"):
+        if project.path(rel).is_file():
+            assert str(tmp_path) not in project.read(rel), rel

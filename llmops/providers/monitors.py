@@ -12,6 +12,7 @@ open alerts are shown by plan (`alerts`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
@@ -53,6 +54,19 @@ def _wanted(monitor: ServedMonitor | None) -> dict[str, Any] | None:
     return None if monitor is None else {"store": public_url(monitor.store), "log_text": monitor.log_text}
 
 
+def _recorded_store(root: Path, url: str) -> str:
+    """The store as llmops.lock records it: no password, and a SQLite file inside the project
+    relative to it (`sqlite:///.llmops/monitor/NAME.db`), so the lock holds no machine's path."""
+    from llmops.monitor.run import public_url
+
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        base = root.resolve()
+        if path.is_absolute() and path.is_relative_to(base):
+            return "sqlite:///" + path.relative_to(base).as_posix()
+    return public_url(url)
+
+
 class MonitorsProvider(Provider):
     kind = "monitors"
     heavy_modules = ()
@@ -62,7 +76,6 @@ class MonitorsProvider(Provider):
     upstream_change = "update"
 
     def apply(self, request: ApplyRequest) -> ApplyResult:
-        from llmops.monitor.run import public_url
         from llmops.monitor.store import open_store
 
         deployment = monitor_deployment(request.name, request.spec)
@@ -71,7 +84,7 @@ class MonitorsProvider(Provider):
             raise ProviderError(f"monitors.{request.name} does not watch deployments.{deployment} in llmops.yaml; "
                                 "run `llmops plan` again.")
         open_store(monitor.store).close()  # creates the store and its schema, or says why it cannot
-        outputs: dict[str, Any] = {"deployment": deployment, "store": public_url(monitor.store),
+        outputs: dict[str, Any] = {"deployment": deployment, "store": _recorded_store(self.ctx.root, monitor.store),
                                    "log_text": monitor.log_text}
         if not ((self.ctx.config.get("deployments") or {}).get(deployment) or {}).get("serve"):
             self.ctx.log(request.address, f"deployments.{deployment} has no `serve:`; nothing logs requests into "
