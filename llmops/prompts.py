@@ -344,6 +344,19 @@ def _render_budgeted(env: _BudgetedSandbox, template: jinja2.Template, variables
         env.deadline = None
 
 
+def bounded_env() -> _BudgetedSandbox:
+    """A sandbox with this module's render budgets and no template files, for other
+    user-written templates (a dataset's `map.template`)."""
+    return _make_env(jinja2.DictLoader({}))
+
+
+def render_bounded(env: _BudgetedSandbox, template: jinja2.Template, variables: dict[str, Any],
+                   seconds: float | None = EXAMPLE_RENDER_SECONDS) -> str:
+    """Render `template` (from `bounded_env`) within the size budget and `seconds` of wall
+    clock; RenderBudgetError past either."""
+    return _render_budgeted(env, template, variables, seconds)
+
+
 def redact(text: str) -> str:
     """`text` with the value of every environment variable longer than 6 characters masked."""
     for value in sorted({v for v in os.environ.values() if len(v) > 6}, key=len, reverse=True):

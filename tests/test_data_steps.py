@@ -201,6 +201,12 @@ def test_map_template_errors_are_clear() -> None:
     # the environment is sandboxed: no reaching into Python internals
     with pytest.raises(LlmopsError, match="map.template.p"):
         map_rows([{"x": "s"}], template={"p": "{{ x.__class__.__mro__[1].__subclasses__() }}"})
+    # and bounded like prompt templates: no unbounded repetition or loops from a pull request
+    with pytest.raises(LlmopsError, match="map.template.p: row 1: over the render budget"):
+        map_rows([{"x": "s"}], template={"p": "{{ x * 300000000 }}"})
+    with pytest.raises(LlmopsError, match="map.template.p: row 1: over the render budget"):
+        map_rows([{"x": "s"}], template={"p": "{% for i in range(10**6) %}{% for j in range(10**6) %}{% endfor %}"
+                                               "{% endfor %}"})
 
 
 # --- split -------------------------------------------------------------------------------

@@ -178,10 +178,11 @@ def map_rows(
     keep: list[str] | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Rename fields, then render templated fields (sandboxed Jinja2, row as variables), then keep."""
-    from jinja2 import StrictUndefined, TemplateError
-    from jinja2.sandbox import SandboxedEnvironment
+    from jinja2 import TemplateError
 
-    env = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    from llmops.prompts import RenderBudgetError, bounded_env, render_bounded
+
+    env = bounded_env()  # the prompts' sandbox and budgets: a dataset's template is PR content too
     compiled = {}
     for f, text in (template or {}).items():
         try:
@@ -194,7 +195,10 @@ def map_rows(
         rendered = {}
         for f, tpl in compiled.items():
             try:
-                rendered[f] = tpl.render(new)
+                rendered[f] = render_bounded(env, tpl, new)
+            except (RenderBudgetError, OverflowError) as exc:  # OverflowError: the sandbox's range() cap
+                raise LlmopsError(f"map.template.{f}: row {i + 1}: over the render budget ({exc}); a field "
+                                  "template renders one row's text: drop the big loop or repetition.") from None
             except TemplateError as exc:
                 raise LlmopsError(
                     f"map.template.{f}: row {i + 1} (after the previous steps): {exc}; "
