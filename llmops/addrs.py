@@ -22,7 +22,7 @@ KINDS: tuple[str, ...] = (
 )
 KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
 
-# The name pattern of every resource (schemas/llmops.schema.json `propertyNames`). Names
+# The name pattern of every resource (llmops/schemas/llmops.schema.json `propertyNames`). Names
 # become folder names under .llmops/, so anything that reads an address from a file the
 # user does not control (the lock) checks it against this before using it.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"

@@ -1,4 +1,4 @@
-"""`llmops init`: scaffold a project folder from the repository's top-level `templates/`.
+"""`llmops init`: scaffold a project folder from the package's `llmops/templates/`.
 
 `templates/project/` holds the project files (`*.tmpl` are rendered, the rest copied;
 `gitignore` is merged into `.gitignore`), `templates/workflows/` the GitHub Actions
@@ -46,11 +46,11 @@ class ScaffoldResult:
 
 
 def templates_dir() -> Path:
-    """The repository's `templates/` folder (llmops is installed editable from a checkout)."""
-    path = Path(llmops.__file__).resolve().parents[1] / "templates"
+    """The package's `templates/` folder (shipped in the wheel as package data)."""
+    path = Path(llmops.__file__).resolve().parent / "templates"
     if not (path / "project").is_dir() or not (path / "workflows").is_dir():
         raise ScaffoldError(
-            f"llmops templates not found at {path}; install llmops from a source checkout (pip install -e .)."
+            f"llmops templates not found at {path}; this installation of llmops is incomplete: reinstall it."
         )
     return path
 

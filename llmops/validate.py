@@ -22,7 +22,7 @@ from llmops.errors import Diagnostic, ValidationError
 from llmops.graph import Graph
 from llmops.refs import references, resolve
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "llmops.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "llmops.schema.json"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tests of schemas/llmops.schema.json: it is a valid 2020-12 schema, the example project passes,
+"""Tests of llmops/schemas/llmops.schema.json: it is a valid 2020-12 schema, the example project passes,
 bad documents fail at the place that is wrong, and every property is documented."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA_PATH = REPO / "schemas" / "llmops.schema.json"
+SCHEMA_PATH = REPO / "llmops" / "schemas" / "llmops.schema.json"
 EXAMPLE = REPO / "example-project"
 
 

@@ -1,4 +1,4 @@
-"""The GitHub Actions workflows in templates/workflows/: rendered, linted with actionlint,
+"""The GitHub Actions workflows in llmops/templates/workflows/: rendered, linted with actionlint,
 and their shell steps run for real with bash (in git repos on disk where they push)."""
 
 from __future__ import annotations
