@@ -271,6 +271,15 @@ class BaseModelsProvider(Provider):
     def build_dir(self, name: str) -> Path:
         return self.ctx.state_dir / "models" / name
 
+    def warm_up(self) -> None:
+        """Also remove what killed builds left (`.NAME.tmp-*`), even of models this apply does
+        not build again; a build running elsewhere keeps its lock and its folder."""
+        super().warm_up()
+        from llmops.train.build import remove_stale_builds
+
+        for path in remove_stale_builds(self.ctx.state_dir / "models"):
+            self.ctx.log(f"{self.kind}.{path.name.split('.')[1]}", f"removed {path.name}, left by a build that was killed")
+
     def _path_folder(self, name: str, spec: dict[str, Any]) -> Path:
         folder = self.ctx.root / spec["path"]
         if not folder.is_dir():

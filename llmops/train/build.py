@@ -86,14 +86,80 @@ def build_tiny_model(build_spec: dict[str, Any], texts: Iterable[str], out_dir: 
         )
     from llmops.fsutil import atomic_folder
 
-    with atomic_folder(out_dir) as tmp, _no_progress_bars():
-        tokenizer = _train_tokenizer(texts, spec)
-        tokenizer.save_pretrained(str(tmp))
-        _portable_tokenizer_class(tmp)
-        model = _init_model(spec, tokenizer)
-        model.save_pretrained(str(tmp))
-        files = hash_folder(tmp)
+    out_dir = Path(out_dir)
+    with build_lock(out_dir):
+        remove_stale_temps(out_dir)
+        with atomic_folder(out_dir) as tmp, _no_progress_bars():
+            tokenizer = _train_tokenizer(texts, spec)
+            tokenizer.save_pretrained(str(tmp))
+            _portable_tokenizer_class(tmp)
+            model = _init_model(spec, tokenizer)
+            model.save_pretrained(str(tmp))
+            files = hash_folder(tmp)
     return {"files": files, "spec": spec}
+
+
+# --- temp folders of killed builds --------------------------------------------------------
+#
+# A build writes `.NAME.tmp-XXXX` beside `NAME` (llmops.fsutil.atomic_folder) while it holds
+# `.NAME.build.lock` (flock). A build that was killed leaves its temp folder, never the lock:
+# the kernel drops a flock when its process dies. So whoever holds the lock knows that every
+# temp folder of NAME is a dead build's: the next build removes them, and so does apply's warm-up
+# (`remove_stale_builds`), which skips a NAME whose lock another process holds right now.
+
+
+def _lock_path(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.build.lock"
+
+
+def _temps(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.parent.glob(f".{out_dir.name}.tmp-*") if p.is_dir())
+
+
+@contextlib.contextmanager
+def build_lock(out_dir: Path, wait: bool = True):
+    """Hold `out_dir`'s build lock (waiting for another build of it, or, with wait=False,
+    yielding False at once when one runs). The lock file stays: deleting a flocked file would
+    let a third process lock a new file beside it."""
+    import fcntl
+    import os
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(_lock_path(out_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def remove_stale_temps(out_dir: Path) -> list[Path]:
+    """Remove the temp folders of killed builds of `out_dir`; the caller holds its build lock."""
+    import shutil
+
+    stale = _temps(out_dir)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def remove_stale_builds(models_dir: Path) -> list[Path]:
+    """`remove_stale_temps` for every model folder under `models_dir` with a temp folder and no
+    build running (in this process or another); returns what was removed."""
+    import re
+
+    removed: list[Path] = []
+    names = {m.group(1) for p in Path(models_dir).glob(".*.tmp-*") if (m := re.match(r"^\.(.+)\.tmp-", p.name))}
+    for name in sorted(names):
+        out_dir = Path(models_dir) / name
+        with build_lock(out_dir, wait=False) as held:
+            if held:
+                removed += remove_stale_temps(out_dir)
+    return removed
 
 
 def _train_tokenizer(texts: list[str], spec: dict[str, Any]):
