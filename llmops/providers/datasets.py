@@ -22,18 +22,22 @@ installs stdout log handlers, and changing the cwd would break other providers' 
 A subprocess gives each call the right cwd and lets us capture DVC's output for
 `ProviderContext.log` and error messages. All DVC calls are serialised by `_DVC_LOCK`: the
 engine applies resources in parallel threads, and concurrent DVC processes would fail on
-DVC's repo lock.
+DVC's repo lock. Commands that talk to a remote run under deadlines (see "DVC remotes answer
+within a deadline" below): an unreachable remote fails in seconds, naming it.
 """
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,6 +60,7 @@ _DROPPED_LOG_PREFIXES = (
     "To enable auto staging",
     "You can now commit",
     "Use `dvc push`",
+    "Having any troubles?",
 )
 SPEC_VERSION = 1
 
@@ -146,31 +151,45 @@ def _write_dvc_yaml(root: Path, datasets: dict[str, dict[str, Any]]) -> None:
 # --- DVC plumbing -------------------------------------------------------------------------
 
 
-def _dvc(root: Path, args: list[str], log: Callable[[str], None]) -> subprocess.CompletedProcess[str]:
-    """Run `python -m dvc ARGS` in the project; its output lines go to `log`, never to stdout."""
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+def _dvc(root: Path, args: list[str], log: Callable[[str], None], timeout: float | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m dvc ARGS` in the project; its output lines go to `log`, never to stdout.
+    Past `timeout` seconds the process is killed and `subprocess.TimeoutExpired` raised (DVC's
+    own locks are released by the kernel, and DVC drops lock entries of dead processes)."""
+    full_env = dict(os.environ, DVC_NO_ANALYTICS="1", **(env or {}))
     # Stage commands say `python -m ...`: this interpreter's folder comes first on PATH.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         cwd=root,
-        env=env,
+        env=full_env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
+        timeout=timeout,
     )
     for line in (proc.stdout + proc.stderr).splitlines():
         line = line.strip()
         if line and not line.startswith(_DROPPED_LOG_PREFIXES) and not line.startswith(("git add", "dvc config")):
-            log(line)
+            log(_redact_urls(line))
     return proc
 
 
+def _redact_urls(text: str) -> str:
+    """`text` with the password of every URL in it hidden (DVC's messages quote remote URLs)."""
+    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+
+
 def _dvc_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """The ERROR lines DVC printed (or its last line of output)."""
+    """The ERROR lines DVC printed (or its last line of output), URLs without passwords."""
     lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
     errors = [ln.removeprefix("ERROR:").strip() for ln in lines if ln.startswith("ERROR")]
-    return "; ".join(errors) or (lines[-1] if lines else f"dvc exited with status {proc.returncode}")
+    if len(errors) > 3:  # one per file that failed to transfer: the first and DVC's summary say it
+        errors = [errors[0], f"({len(errors) - 2} more like it)", errors[-1]]
+    return _redact_urls("; ".join(errors) or (lines[-1] if lines else f"dvc exited with status {proc.returncode}"))
 
 
 def _git_root(path: Path) -> Path | None:
@@ -214,44 +233,154 @@ def read_dvc_lock_stage(root: Path, stage: str) -> dict[str, Any]:
     return {"deps": table("deps"), "outs": table("outs")}
 
 
-def _default_remote_url(root: Path) -> str | None:
-    """The default remote's URL from .dvc/config (committed), without a password; None if unset."""
-    import configparser
-
+def _dvc_config(root: Path) -> configparser.ConfigParser:
+    """The project's DVC config: `.dvc/config` (committed) overlaid by `.dvc/config.local`."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        parser.read(root / ".dvc" / "config", encoding="utf-8")
-        name = parser.get("core", "remote", fallback=None)
-        if not name:
-            return None
-        return redact_url(parser.get(f"'remote \"{name}\"'", "url", fallback="") or name)
+        parser.read([root / ".dvc" / "config", root / ".dvc" / "config.local"], encoding="utf-8")
     except configparser.Error:
+        pass  # DVC itself reports a broken config on its next command
+    return parser
+
+
+def cache_dir(root: Path) -> Path:
+    """Where the project's DVC cache lives: `cache.dir` of its config (relative to `.dvc/`), or
+    `.dvc/cache`."""
+    configured = _dvc_config(root).get("cache", "dir", fallback=None)
+    return (root / ".dvc" / configured).resolve() if configured else root / ".dvc" / "cache"
+
+
+def in_cache(cache: Path, md5: str) -> bool:
+    """Whether the DVC 3 cache holds this output md5 (a `.dir` md5: its listing and every file)."""
+    path = cache / "files" / "md5" / md5[:2] / md5[2:]
+    if len(md5) < 3 or not path.is_file():
+        return False
+    if not md5.endswith(".dir"):
+        return True
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(entries, list) and all(
+        isinstance(e, dict) and not str(e.get("md5", "")).endswith(".dir") and in_cache(cache, str(e.get("md5", "")))
+        for e in entries)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """The project's default DVC remote as messages name it: URL without password, plus the S3
+    endpoint when one is set (that is the host an S3 remote really talks to)."""
+
+    name: str
+    url: str
+    endpoint: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.url} (endpoint {self.endpoint})" if self.endpoint else self.url
+
+
+def default_remote(root: Path) -> Remote | None:
+    """The default remote of the project's DVC config, or None when none is set."""
+    config = _dvc_config(root)
+    name = config.get("core", "remote", fallback=None)
+    if not name:
         return None
+    section = f"'remote \"{name}\"'"
+    url = config.get(section, "url", fallback="") or name
+    endpoint = config.get(section, "endpointurl", fallback=None)
+    if url.startswith("s3://") and not endpoint:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return Remote(name, redact_url(url), redact_url(endpoint) if endpoint else None)
 
 
 def dvc_store_holding(root: Path, stage: str, md5s: list[str]) -> str | None:
     """Which DVC store holds every one of these output md5s: "the DVC cache", "the DVC remote
     URL", or None. The local cache is looked up on disk; a remote through `dvc status --cloud`
-    (only asked when the cache lacks something, so a plan of a healthy project never calls DVC)."""
+    (only asked when the cache lacks something, so a plan of a healthy project never calls DVC).
+    Raises ProviderError when the remote does not answer: an unreachable store is not drift."""
     if not md5s or not all(md5s):
         return None
-    cache = root / ".dvc" / "cache" / "files" / "md5"
-    if all((cache / m[:2] / m[2:]).is_file() for m in md5s):
+    if all(in_cache(cache_dir(root), m) for m in md5s):
         return "the DVC cache"
-    url = _default_remote_url(root)
-    if url is None or not (root / "dvc.lock").is_file():
+    remote = default_remote(root)
+    if remote is None or not (root / "dvc.lock").is_file():
         return None
     with _DVC_LOCK:
-        proc = _dvc(root, ["status", "--cloud", "--json", stage], lambda line: None)
-    if proc.returncode != 0:
-        return None
-    try:
-        status = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
-    except (ValueError, IndexError):
-        return None
+        status = remote_status(root, stage, remote, lambda line: None)
     if any(v == "missing" for v in status.values()):
         return None
-    return f"the DVC remote {url}"
+    return f"the DVC remote {remote}"
+
+
+# --- DVC remotes answer within a deadline -------------------------------------------------
+#
+# DVC's S3 client waits 60 s for a connection and retries with backoff, so an unreachable
+# remote used to hang a plan or an apply for minutes. Now: every remote command runs under a
+# deadline (killed past it), botocore retries a failed request once (unless AWS_MAX_ATTEMPTS
+# says otherwise), and the remote llmops configures gets short per-request timeouts in the
+# machine's `.dvc/config.local` (override them there with `dvc remote modify --local`).
+# Push and pull first ask `dvc status --cloud` under the short deadline, so an unreachable
+# remote fails in seconds there too, while a long transfer to a live remote may run its course.
+
+REMOTE_TIMEOUT_ENV = "LLMOPS_DVC_REMOTE_TIMEOUT"  # seconds a remote gets to answer a status
+TRANSFER_TIMEOUT_ENV = "LLMOPS_DVC_TRANSFER_TIMEOUT"  # seconds a push or pull may take in all
+REMOTE_TIMEOUT = 30.0
+TRANSFER_TIMEOUT = 3600.0
+REQUEST_TIMEOUTS = {"connect_timeout": "5", "read_timeout": "10"}  # per request, for s3:// and http(s)://
+_TIMEOUT_SCHEMES = ("s3://", "http://", "https://")
+
+
+def _seconds(var: str, default: float) -> float:
+    raw = os.environ.get(var, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ProviderError(f"{var}={raw!r} is not a number of seconds; set it to e.g. {default:g}.") from None
+    if not value > 0:
+        raise ProviderError(f"{var}={raw!r} must be a positive number of seconds; set it to e.g. {default:g}.")
+    return value
+
+
+def _remote_env() -> dict[str, str]:
+    # One retry for a failed request: with the per-request timeouts, a blackholed endpoint
+    # costs two connect timeouts, not five with backoff.
+    return {"AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS") or "2"}
+
+
+def _remote_command(root: Path, args: list[str], remote: Remote, log: Callable[[str], None],
+                    timeout: float, env_var: str) -> subprocess.CompletedProcess[str]:
+    """`dvc ARGS` against `remote`, killed after `timeout` s; ProviderError naming the remote
+    when it fails or runs out of time."""
+    try:
+        proc = _dvc(root, args, log, timeout=timeout, env=_remote_env())
+    except subprocess.TimeoutExpired:
+        raise ProviderError(
+            f"the DVC remote {remote} did not answer `dvc {args[0]}` within {timeout:g}s; check that it is "
+            f"reachable (network, endpoint, credentials) or give it longer with {env_var}=SECONDS."
+        ) from None
+    if proc.returncode != 0:
+        raise ProviderError(f"the DVC remote {remote} failed `dvc {args[0]}`: {_dvc_error(proc)}; check that it "
+                            "is reachable and settings.dvc_remote (or the project's DVC config).")
+    return proc
+
+
+def remote_status(root: Path, stage: str, remote: Remote, log: Callable[[str], None]) -> dict[str, str]:
+    """`dvc status --cloud --json STAGE`: {output path: "new" (cache only), "deleted" (remote
+    only), "missing" (neither), ...}; up-to-date outputs are left out. Caller holds _DVC_LOCK."""
+    proc = _remote_command(root, ["status", "--cloud", "--json", stage], remote, log,
+                           _seconds(REMOTE_TIMEOUT_ENV, REMOTE_TIMEOUT), REMOTE_TIMEOUT_ENV)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        status = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        raise ProviderError(f"`dvc status --cloud` printed no JSON status for the DVC remote {remote}: "
+                            f"{_redact_urls(lines[-1])[:200]}; run it by hand to see why.") from None
+    return {str(k): str(v) for k, v in status.items()} if isinstance(status, dict) else {}
+
+
+def _transfer(root: Path, args: list[str], remote: Remote, log: Callable[[str], None]) -> None:
+    """`dvc push|pull ARGS` under the transfer deadline. Caller holds _DVC_LOCK."""
+    _remote_command(root, args, remote, log, _seconds(TRANSFER_TIMEOUT_ENV, TRANSFER_TIMEOUT), TRANSFER_TIMEOUT_ENV)
 
 
 # --- md5 of outputs, cached by size and mtime ---------------------------------------------
@@ -367,13 +496,16 @@ class DatasetsProvider(Provider):
         return self._result(root, name, spec, lock, remote)
 
     def restore(self, request: ApplyRequest) -> ApplyResult:
-        """Check the locked outputs out of the DVC cache, pulling from the remote when the
-        cache lacks them, and verify their md5 against llmops.lock. Nothing is re-run."""
+        """Bring the locked outputs back without running the stage: check them out of the DVC
+        cache, or pull them from the remote when the cache lacks them; when only the cache lost
+        them and the copies here still match llmops.lock, put those back into the cache.
+        Every md5 is verified against llmops.lock."""
         address, root = request.address, self.ctx.root
         before = request.before
         if before is None:
             raise ProviderError(f"{address}: nothing is recorded in llmops.lock to restore; run `llmops apply`.")
         stage = stage_name(request.name)
+        again = f"run `llmops apply --replace {address}` to prepare it again"
 
         def log(message: str) -> None:
             self.ctx.log(address, message)
@@ -383,20 +515,41 @@ class DatasetsProvider(Provider):
             remote = self.ctx.settings.get("dvc_remote")
             if remote:
                 self._add_remote(root, address, remote, log)
-            proc = _dvc(root, ["checkout", "--force", stage], log)
-            if proc.returncode != 0 or self._missing_or_changed(before):
-                proc = _dvc(root, ["pull", "--force", stage], log)
+            outs = self._outs(request.name, before)
+            source = "the DVC store"
+            if self._missing_or_changed(before) or self._absent(outs):
+                source = self._checkout_or_pull(address, stage, before, outs, log, again)
+            if self._uncached(outs) and not self._missing_or_changed(before):
+                # The copies here are the locked bytes (md5 verified): cache them, rebuild nothing.
+                proc = _dvc(root, ["commit", "--force", stage], log)
                 if proc.returncode != 0:
-                    raise ProviderError(
-                        f"{address}: cannot restore the prepared data from the DVC cache or remote "
-                        f"({_dvc_error(proc)}); run `llmops apply --replace {address}` to prepare it again."
-                    )
-        bad = self._missing_or_changed(before)
+                    raise ProviderError(f"{address}: cannot put the prepared data back into the DVC cache "
+                                        f"({_dvc_error(proc)}); {again}.")
+                source = "the copies here, back into the DVC cache"
+        bad = self._missing_or_changed(before) + self._uncached(self._outs(request.name, before))
         if bad:
-            raise ProviderError(f"{address}: restored outputs do not match llmops.lock ({', '.join(bad)}); "
-                                f"run `llmops apply --replace {address}` to prepare them again.")
-        self.ctx.log(address, "restored from the DVC store (md5 verified)")
+            raise ProviderError(f"{address}: restored outputs do not match llmops.lock or are not in the DVC cache "
+                                f"({', '.join(dict.fromkeys(bad))}); {again}.")
+        self.ctx.log(address, f"restored from {source} (md5 verified)")
         return ApplyResult(outputs=dict(before.outputs), inputs=dict(before.inputs))
+
+    def _checkout_or_pull(self, address: str, stage: str, before: LockedResource, outs: dict[str, str],
+                          log: Callable[[str], None], again: str) -> str:
+        """Check the outputs out of the cache, else pull them; says which store they came from."""
+        root = self.ctx.root
+        proc = _dvc(root, ["checkout", "--force", stage], log)
+        if proc.returncode == 0 and not self._missing_or_changed(before) and not self._absent(outs):
+            return "the DVC cache"
+        remote = default_remote(root)
+        if remote is None:
+            raise ProviderError(f"{address}: the DVC cache lacks the prepared data ({_dvc_error(proc)}) and no DVC "
+                                f"remote is configured; {again}.")
+        try:
+            remote_status(root, stage, remote, log)  # an unreachable remote fails here, in seconds
+            _transfer(root, ["pull", "--force", stage], remote, log)
+        except ProviderError as exc:
+            raise ProviderError(f"{address}: cannot restore the prepared data: {exc.message} Or {again}.") from None
+        return f"the DVC remote {remote}"
 
     def _reproduce(self, root: Path, address: str, name: str, stage: str, log: Callable[[str], None],
                    force: bool = False) -> None:
@@ -418,15 +571,25 @@ class DatasetsProvider(Provider):
         if proc.returncode != 0:
             raise ProviderError(f"{address}: cannot configure the DVC remote {redact_url(remote)!r}: "
                                 f"{_dvc_error(proc)}; check settings.dvc_remote.")
+        if not remote.startswith(_TIMEOUT_SCHEMES):
+            return
+        # Short per-request timeouts, once per machine (.dvc/config.local survives `remote add
+        # --force`, which resets the committed section); a user's own values there win.
+        config = _dvc_config(root)
+        for option, value in REQUEST_TIMEOUTS.items():
+            if not config.has_option(f"'remote \"{REMOTE_NAME}\"'", option):
+                _dvc(root, ["remote", "modify", "--local", REMOTE_NAME, option, value], log)
 
     def _push(self, root: Path, address: str, stage: str, remote: str, log: Callable[[str], None]) -> None:
+        """Push the stage's outputs the remote lacks: `dvc status --cloud` answers first under
+        the short deadline (an unreachable remote fails in seconds), and nothing new, no push."""
         self._add_remote(root, address, remote, log)
-        proc = _dvc(root, ["push", stage], log)
-        if proc.returncode != 0:
-            raise ProviderError(
-                f"{address}: cannot push to the DVC remote {redact_url(remote)!r}: {_dvc_error(proc)}; "
-                "check settings.dvc_remote."
-            )
+        target = default_remote(root) or Remote(REMOTE_NAME, redact_url(remote))
+        try:
+            if any(state == "new" for state in remote_status(root, stage, target, log).values()):
+                _transfer(root, ["push", stage], target, log)
+        except ProviderError as exc:
+            raise ProviderError(f"{address}: cannot push the prepared data: {exc.message}") from None
 
     def _result(self, root: Path, name: str, spec: dict[str, Any], lock: dict[str, Any], remote: str | None) -> ApplyResult:
         d = data_dir(name)
@@ -446,41 +609,57 @@ class DatasetsProvider(Provider):
             outputs["remote"] = redact_url(remote)
         return ApplyResult(outputs=outputs, inputs={"source_md5": lock["deps"].get(_source(spec), "")})
 
+    def _pinned(self, locked: LockedResource) -> dict[str, str]:
+        """{path: md5} of the split outputs llmops.lock pins."""
+        pinned = {}
+        for split in ("train", "eval"):
+            entry = locked.outputs.get(split)
+            if isinstance(entry, dict) and "path" in entry:
+                pinned[str(entry["path"])] = str(entry.get("md5") or "")
+        return pinned
+
+    def _outs(self, name: str, locked: LockedResource) -> dict[str, str]:
+        """{path: md5} of every output of the stage: dvc.lock's (the report and profile too),
+        with the splits as llmops.lock pins them."""
+        try:
+            outs = read_dvc_lock_stage(self.ctx.root, stage_name(name))["outs"]
+        except ProviderError:  # no dvc.lock entry: only what llmops.lock pins can be checked
+            outs = {}
+        return {**outs, **self._pinned(locked)}
+
     def _missing_or_changed(self, locked: LockedResource) -> list[str]:
         """Locked split outputs that are missing here or whose md5 differs from the lock."""
-        bad = []
-        for split in ("train", "eval"):
-            entry = locked.outputs.get(split)
-            if not isinstance(entry, dict) or "path" not in entry:
-                continue
-            path = self.ctx.root / entry["path"]
-            if not path.is_file() or file_md5(path) != entry.get("md5"):
-                bad.append(entry["path"])
-        return bad
+        return [p for p, md5 in self._pinned(locked).items()
+                if not (self.ctx.root / p).is_file() or file_md5(self.ctx.root / p) != md5]
+
+    def _absent(self, outs: dict[str, str]) -> list[str]:
+        return [p for p in outs if not (self.ctx.root / p).exists()]
+
+    def _uncached(self, outs: dict[str, str]) -> list[str]:
+        cache = cache_dir(self.ctx.root)
+        return [p for p, md5 in outs.items() if not in_cache(cache, md5)]
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
-        missing: list[str] = []
-        changed: list[str] = []
-        md5s: list[str] = []
-        for split in ("train", "eval"):
-            entry = locked.outputs.get(split)
-            if not isinstance(entry, dict) or "path" not in entry:
-                continue
-            md5s.append(str(entry.get("md5") or ""))
-            path = self.ctx.root / entry["path"]
-            if not path.is_file():
-                missing.append(entry["path"])
-            elif file_md5(path) != entry.get("md5"):
-                changed.append(entry["path"])
-        if not missing and not changed:
-            return []
-        what = "; ".join(
-            part for part in (f"outputs missing: {', '.join(missing)}" if missing else "",
-                              f"outputs changed on disk: {', '.join(changed)}" if changed else "") if part)
-        store = dvc_store_holding(self.ctx.root, stage_name(name), md5s)
-        if store:
-            return [Drift(f"{what}; {store} holds the locked content: will be checked out, not rebuilt", "restore")]
-        return [Drift(f"{what}; neither the DVC cache nor a remote holds the locked content: will be rebuilt")]
+        root = self.ctx.root
+        pinned = self._pinned(locked)
+        outs = self._outs(name, locked)
+        missing = self._absent(outs)
+        changed = [p for p, md5 in pinned.items() if p not in missing and file_md5(root / p) != md5]
+        if missing or changed:
+            what = "; ".join(
+                part for part in (f"outputs missing: {', '.join(missing)}" if missing else "",
+                                  f"outputs changed on disk: {', '.join(changed)}" if changed else "") if part)
+            store = dvc_store_holding(root, stage_name(name), [outs[p] for p in missing + changed])
+            if store:
+                return [Drift(f"{what}; {store} holds the locked content: will be checked out, not rebuilt", "restore")]
+            return [Drift(f"{what}; neither the DVC cache nor a remote holds the locked content: will be rebuilt")]
+        uncached = self._uncached(outs)
+        if uncached:  # e.g. .dvc/cache deleted: `dvc status` says "not in cache", a push or checkout would fail
+            cache = cache_dir(root)
+            shown = cache.relative_to(root).as_posix() if cache.is_relative_to(root) else str(cache)
+            return [Drift(f"the DVC cache {shown} lacks outputs: {', '.join(uncached)}; the copies here match "
+                          "the lock: they will be cached again, not rebuilt", "restore")]
+        return []
 
     def delete(self, name: str, locked: LockedResource) -> None:
         import yaml
