@@ -278,7 +278,8 @@ class BaseModelsProvider(Provider):
         from llmops.train.build import remove_stale_builds
 
         for path in remove_stale_builds(self.ctx.state_dir / "models"):
-            self.ctx.log(f"{self.kind}.{path.name.split('.')[1]}", f"removed {path.name}, left by a build that was killed")
+            address = f"{self.kind}.{path.name.split('.')[1]}"  # `.NAME.tmp-XXXX`
+            self.ctx.log(address, f"removed {path.name}, left by a build that was killed")
 
     def _path_folder(self, name: str, spec: dict[str, Any]) -> Path:
         folder = self.ctx.root / spec["path"]
