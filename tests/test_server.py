@@ -61,7 +61,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(model_dir: Path):
     from llmops.serve.model import load_model
     from llmops.serve.openai_api import RequestLimits
-    from llmops.serve.server import ModelService, make_server
+    from llmops.serve.server import make_server
+    from llmops.serve.service import ModelService
 
     records: list[dict[str, Any]] = []
     lm = load_model(model_dir)
@@ -80,7 +81,8 @@ def logged_server(model_dir: Path, server: dict, tmp_path_factory: pytest.TempPa
     from llmops.monitor.store import SqliteStore
     from llmops.serve.main import feedback_hook
     from llmops.serve.openai_api import RequestLimits
-    from llmops.serve.server import ModelService, make_server
+    from llmops.serve.server import make_server
+    from llmops.serve.service import ModelService
 
     store = SqliteStore(tmp_path_factory.mktemp("store") / "requests.db", log_text=True, flush_interval=0.01)
     srv = make_server(ModelService(server["lm"], RequestLimits(max_tokens=64)), "127.0.0.1", 0, MODEL, TOKEN, store,

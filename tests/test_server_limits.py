@@ -28,7 +28,8 @@ LIMITS = {"max_tokens": 32, "max_prompts": 4, "max_n": 4, "max_request_tokens": 
 
 def _serve(lm: Any, max_connections: int, client_timeout: float):
     from llmops.serve.openai_api import RequestLimits
-    from llmops.serve.server import ModelService, make_server
+    from llmops.serve.server import make_server
+    from llmops.serve.service import ModelService
 
     srv = make_server(ModelService(lm, RequestLimits(**LIMITS)), "127.0.0.1", 0, MODEL, TOKEN,
                       max_connections=max_connections, client_timeout=client_timeout)

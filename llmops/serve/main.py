@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
             store = open_store(url, log_text=args.log_text, on_error=lambda m: log(f"request store: {m}"))
         from llmops.serve.model import load_model
-        from llmops.serve.server import ModelService
+        from llmops.serve.service import ModelService
 
         lm = load_model(args.model_dir, args.adapter_dir, args.device)
     except LlmopsError as exc:

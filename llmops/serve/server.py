@@ -1,4 +1,4 @@
-"""The OpenAI-compatible model server: one model loaded once, generation under a lock.
+"""The OpenAI-compatible model server: HTTP in front of `llmops.serve.service.ModelService`.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
 server-sent events), GET /v1/models, GET /health, and POST /v1/feedback when a feedback
@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterator
 
 from llmops.monitor.records import client_id
 from llmops.serve import openai_api as api
-from llmops.serve.openai_api import GenerationRequest, RequestError, RequestLimits
+from llmops.serve.openai_api import GenerationRequest, RequestError
+from llmops.serve.service import ModelService, Outcome
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 LISTEN_BACKLOG = 1024  # connections the kernel holds while every handler thread is busy (the stdlib's is 5)
@@ -53,149 +54,6 @@ INSTANCE_ENV = "LLMOPS_SERVE_INSTANCE"
 FEEDBACK_WAIT_S = 10.0  # how long feedback waits for its response's record to be logged
 OnRequest = Callable[[dict[str, Any]], None]
 OnFeedback = Callable[[Any], str]
-
-
-@dataclass
-class Outcome:
-    """What one generation request produced, for the response and the request record."""
-
-    texts: list[tuple[str, str]]  # (text, finish_reason) per choice
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[dict[str, Any] | None] = field(default_factory=list)
-
-
-class ModelService:
-    """The loaded model behind the HTTP layer; every model/tokenizer call holds `lock`."""
-
-    def __init__(self, lm: Any, limits: RequestLimits | None = None, default_chat_max_tokens: int = 256) -> None:
-        self.lm = lm
-        self.lock = threading.Lock()
-        self.limits = limits or RequestLimits()
-        self.default_chat_max_tokens = default_chat_max_tokens
-
-    def _prompt(self, req: GenerationRequest, text: str | None = None) -> tuple[str, bool]:
-        """(prompt text, add_special_tokens) for a request; chats use the chat template."""
-        from llmops.prompts import has_chat_template, messages_to_text
-
-        if req.kind == "chat":
-            return messages_to_text(req.messages, self.lm.tokenizer), not has_chat_template(self.lm.tokenizer)
-        return text or "", True
-
-    def _budget(self, req: GenerationRequest, prompt_tokens: int) -> int:
-        context = self.lm.max_positions
-        wanted = req.max_tokens
-        if wanted is None:  # as much as fits, up to the default, but at least one token
-            wanted = max(min(self.default_chat_max_tokens, context - prompt_tokens), 1)
-        if prompt_tokens + wanted > context:
-            param = "messages" if req.kind == "chat" else "max_tokens"
-            raise RequestError(
-                400,
-                f"This model's maximum context length is {context} tokens. However, you requested "
-                f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the prompt; {wanted} for the completion). "
-                "Please reduce the prompt or the completion length.",
-                param, "context_length_exceeded",
-            )
-        return wanted
-
-    def _check_request_tokens(self, req: GenerationRequest, prompt_tokens: int, choices: int, wanted: int) -> None:
-        """The parser bounded choices x max_tokens; with the prompts tokenized, bound the whole request."""
-        total, limit = prompt_tokens + choices * wanted, self.limits.max_request_tokens
-        if total <= limit:
-            return
-        param = "max_tokens" if choices * wanted > limit else ("messages" if req.kind == "chat" else "prompt")
-        raise RequestError(
-            400,
-            f"This request asks for {total} tokens ({prompt_tokens} in the prompts; {choices} completions x {wanted} "
-            f"tokens); this server allows {limit} tokens per request. Send shorter or fewer prompts, a smaller n or "
-            "a smaller max_tokens.",
-            param, "request_tokens_exceeded",
-        )
-
-    def _seed(self, req: GenerationRequest) -> None:
-        if req.seed is not None:
-            import torch
-
-            torch.manual_seed(req.seed)
-
-    def generate(self, req: GenerationRequest) -> Outcome:
-        """Answer a non-streaming request (all prompts x n choices in one batch)."""
-        from llmops.serve.model import generate_batch
-
-        with self.lock:
-            items = [self._prompt(req, p) for p in (req.prompts or [""])]
-            budgets, prompt_ids = [], []
-            for text, special in items:
-                ids = self.lm.encode(text, special)
-                prompt_ids.append(ids)
-                budgets.append(self._budget(req, len(ids)))
-            wanted = max(budgets)
-            self._check_request_tokens(req, sum(len(ids) for ids in prompt_ids), len(items) * req.n, wanted)
-            self._seed(req)
-            outs = []
-            if wanted > 0:
-                batch = [text for text, _ in items for _ in range(req.n)]
-                outs = generate_batch(self.lm, batch, max_new_tokens=wanted, temperature=req.temperature,
-                                      top_p=req.top_p, add_special_tokens=items[0][1], stop=req.stop)
-            texts, logprobs, completion = [], [], 0
-            for k in range(len(items) * req.n):
-                p = k // req.n
-                if outs:
-                    g = outs[k]
-                    text, reason, kept = g.text, g.finish_reason, g.completion_tokens
-                else:
-                    text, reason, kept = "", "length", 0
-                completion += kept
-                if req.echo:
-                    text = items[p][0] + text
-                texts.append((text, reason))
-                if req.logprobs is not None:
-                    logprobs.append(self._logprobs(req, items[p][0], prompt_ids[p], outs[k].text if outs else ""))
-            prompt_total = sum(len(ids) for ids in prompt_ids)  # counted once, whatever n is
-        return Outcome(texts, prompt_total, completion, logprobs)
-
-    def _logprobs(self, req: GenerationRequest, prompt: str, prompt_ids: list[int], completion: str) -> dict[str, Any]:
-        """OpenAI `logprobs` of the returned text; `text_offset` counts from its start."""
-        from llmops.serve.model import token_logprobs
-
-        tok = self.lm.tokenizer
-        comp_ids = self.lm.encode(completion, add_special_tokens=False)
-        values, tops = token_logprobs(self.lm, prompt_ids + comp_ids, req.logprobs or 0)
-        pieces = [tok.decode([i]) for i in prompt_ids + comp_ids]
-        offsets = []
-        if req.echo:
-            spans = tok(prompt, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
-            offsets = [int(s[0]) for s in spans][: len(prompt_ids)]
-            offsets += [0] * (len(prompt_ids) - len(offsets))
-        pos = len(prompt) if req.echo else 0
-        for piece in pieces[len(prompt_ids):]:
-            offsets.append(pos)
-            pos += len(piece)
-        first = 0 if req.echo else len(prompt_ids)
-        return {
-            "tokens": pieces[first:],
-            "token_logprobs": values[first:],
-            "top_logprobs": tops[first:] if req.logprobs else None,
-            "text_offset": offsets[first:] if req.echo else offsets,
-        }
-
-    def stream(self, req: GenerationRequest, outcome: Outcome) -> Iterator[str]:
-        """Text deltas of a streaming request; fills `outcome` when done. Holds the lock throughout."""
-        from llmops.serve.model import TokenStream
-
-        with self.lock:
-            text, special = self._prompt(req, req.prompts[0] if req.prompts else None)
-            prompt_tokens = len(self.lm.encode(text, special))
-            budget = self._budget(req, prompt_tokens)
-            self._check_request_tokens(req, prompt_tokens, 1, budget)
-            self._seed(req)
-            stream = TokenStream(self.lm, text, max_new_tokens=budget, temperature=req.temperature,
-                                 top_p=req.top_p, add_special_tokens=special, stop=req.stop)
-            yield from stream
-            assert stream.result is not None
-            outcome.texts = [(stream.result.text, stream.result.finish_reason)]
-            outcome.prompt_tokens = prompt_tokens
-            outcome.completion_tokens = stream.result.completion_tokens
 
 
 @dataclass
