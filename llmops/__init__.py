@@ -8,3 +8,5 @@ imports torch, transformers, mlflow or dvc at module level: `llmops --help` must
 from __future__ import annotations
 
 __version__ = "0.1.0"
+# The name pip installs this project by; `llmops` on PyPI is someone else's package.
+DISTRIBUTION = "llmops-gitops"
