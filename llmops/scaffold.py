@@ -6,6 +6,10 @@ workflows, written to `.github/workflows/`. Templates use `[[ var ]]` / `[% ... 
 that GitHub's `${{ ... }}` passes through untouched. Existing files are never overwritten
 without `force`, and nothing is written when one would be. Git and DVC are initialised with
 subprocesses (`git init`, `python -m dvc init`): nothing heavy is imported here.
+
+The generated `requirements.txt` installs this llmops (`llmops-gitops==VERSION`, or the
+requirement the user gives); the workflows trigger on the repository's default branch, found
+by `detect_default_branch` unless given.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ import llmops
 from llmops.errors import LlmopsError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# Branch names the workflows can quote in YAML and GitHub expressions as they are; git allows
+# more (quotes, `$`, braces), which would need escaping in every template that names the branch.
+BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+# The PyPI name `llmops` is an unrelated package: a requirement for it runs a stranger's code in CI.
+SQUATTED_NAME = "llmops"
+_REQUIREMENT_NAME_RE = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(?=$|[\[<>=!~;@(\s])")
 WORKFLOW_DIR = ".github/workflows"
 GITIGNORE_TEMPLATE = "gitignore"
 
@@ -37,6 +47,7 @@ class ScaffoldResult:
 
     root: Path
     project: str
+    branch: str = "main"
     written: list[str] = field(default_factory=list)
     overwritten: list[str] = field(default_factory=list)
     gitignore_added: list[str] = field(default_factory=list)
@@ -90,9 +101,72 @@ def render_workflows(context: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
-def render_project(project: str, context: dict[str, str] | None = None) -> dict[str, str]:
-    """Every file `llmops init` writes (except .gitignore, which is merged): path -> text."""
-    ctx = {**(context or workflow_context()), "project": project, "llmops_version": llmops.__version__}
+def default_requirement() -> str:
+    """The requirement that installs this very llmops from PyPI: `llmops-gitops==VERSION`."""
+    return f"{llmops.DISTRIBUTION}=={llmops.__version__}"
+
+
+def check_requirement(requirement: str) -> str:
+    """`requirement` as one requirements.txt line, or ScaffoldError when it is empty, spans lines
+    or names the squatted distribution `llmops`."""
+    line = requirement.strip()
+    if not line or "\n" in line or "\r" in line:
+        raise ScaffoldError(
+            "--requirement must be one requirements.txt line, e.g. "
+            f"'{default_requirement()}' or 'git+https://github.com/ORG/REPO@TAG'."
+        )
+    match = _REQUIREMENT_NAME_RE.match(line)
+    if match and re.sub(r"[-_.]+", "-", match.group(1)).lower() == SQUATTED_NAME:
+        raise ScaffoldError(
+            f"--requirement '{line}' names the PyPI package `{SQUATTED_NAME}`, which is not this project; "
+            f"use '{default_requirement()}' or a git URL of llmops (git+https://github.com/ORG/REPO@TAG)."
+        )
+    return line
+
+
+def check_branch(branch: str) -> str:
+    """`branch` if the workflows can name it as it is, else ScaffoldError."""
+    if not BRANCH_RE.match(branch) or ".." in branch or branch.endswith((".lock", "/", ".")) or "//" in branch:
+        raise ScaffoldError(
+            f"'{branch}' cannot be used as the workflows' branch: use letters, digits, '.', '_', '-' and '/' "
+            "(e.g. --branch main)."
+        )
+    return branch
+
+
+def detect_default_branch(root: Path) -> str:
+    """The branch the apply workflow should deploy from.
+
+    In order: the remote's default (`origin/HEAD`), the current branch of the repository `root`
+    is in, git's `init.defaultBranch` (the branch `git init` will create), `main`. The current
+    branch comes before `init.defaultBranch` because a repository already on `master` deploys
+    from `master` whatever a user-wide setting says for new repositories.
+    """
+    remote = _git_output(["symbolic-ref", "--quiet", "--short", "refs/remotes/origin/HEAD"], root)
+    if remote and remote.startswith("origin/"):
+        return check_branch(remote.removeprefix("origin/"))
+    for found in (
+        _git_output(["symbolic-ref", "--quiet", "--short", "HEAD"], root),
+        _git_output(["config", "init.defaultBranch"], root),
+    ):
+        if found:
+            return check_branch(found)
+    return "main"
+
+
+def render_project(
+    project: str, context: dict[str, str] | None = None, requirement: str | None = None
+) -> dict[str, str]:
+    """Every file `llmops init` writes (except .gitignore, which is merged): path -> text.
+
+    `requirement` is the requirements.txt line that installs llmops (default: `default_requirement()`).
+    """
+    ctx = {
+        **(context or workflow_context()),
+        "project": project,
+        "llmops_version": llmops.__version__,
+        "requirement": check_requirement(requirement) if requirement is not None else default_requirement(),
+    }
     folder = templates_dir() / "project"
     files: dict[str, str] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -124,16 +198,23 @@ def init_project(
     *,
     name: str | None = None,
     force: bool = False,
+    branch: str | None = None,
+    requirement: str | None = None,
     context: dict[str, str] | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> ScaffoldResult:
     """Scaffold a project in `root`: files, .gitignore entries, git and DVC.
 
+    `branch` is the branch the workflows deploy from (default: `detect_default_branch`), also the
+    one a new repository starts on; `requirement` the requirements.txt line that installs llmops;
+    `context` the other workflow variables (`workflow_context`).
     Refuses (ScaffoldError, nothing written) when a file it would write exists, unless `force`.
     """
     root = root.resolve()
     project = project_name(root, name)
-    files = render_project(project, context)
+    ctx = dict(context or workflow_context())
+    ctx["branch"] = check_branch(branch) if branch is not None else detect_default_branch(root)
+    files = render_project(project, ctx, requirement)
     existing = sorted(rel for rel in files if (root / rel).exists())
     if existing and not force:
         raise ScaffoldError(
@@ -149,8 +230,8 @@ def init_project(
         log(f"wrote {rel}")
     result.written = sorted(files)
     result.gitignore_added = merge_gitignore(root, (templates_dir() / "project" / GITIGNORE_TEMPLATE).read_text())
-    branch = (context or workflow_context()).get("branch", "main")
-    _init_git_and_dvc(root, result, branch, log)
+    result.branch = ctx["branch"]
+    _init_git_and_dvc(root, result, ctx["branch"], log)
     return result
 
 
@@ -196,10 +277,18 @@ def _init_git_and_dvc(root: Path, result: ScaffoldResult, branch: str, log: Call
 
 
 def _git_toplevel(root: Path) -> Path | None:
-    proc = subprocess.run(
-        ["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, check=False
-    )
-    return Path(proc.stdout.strip()).resolve() if proc.returncode == 0 else None
+    top = _git_output(["rev-parse", "--show-toplevel"], root)
+    return Path(top).resolve() if top else None
+
+
+def _git_output(args: list[str], cwd: Path) -> str | None:
+    """`git ARGS` run in `cwd`: its stripped output, or None when it fails or says nothing."""
+    if shutil.which("git") is None:
+        return None
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> None:

@@ -1,4 +1,5 @@
-"""`llmops init`: the scaffold, its refusal to overwrite, .gitignore merging, real git + DVC."""
+"""`llmops init`: the scaffold, its refusal to overwrite, .gitignore merging, real git + DVC,
+the requirement that installs llmops in CI and the branch the workflows deploy from."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from click.testing import CliRunner
 
 from llmops.addrs import KINDS
 from llmops.cli.gitops import init_command
-from llmops.scaffold import ScaffoldError, init_project
+import llmops
+from llmops.scaffold import ScaffoldError, detect_default_branch, init_project
 
 SCAFFOLD = [
     ".github/workflows/llmops-apply.yml",
@@ -23,6 +25,17 @@ SCAFFOLD = [
     "prompts/support.j2",
     "requirements.txt",
 ]
+
+
+@pytest.fixture(autouse=True)
+def git_config(tmp_path_factory, monkeypatch):
+    """This machine's git settings stay out (init.defaultBranch picks the branch); returns a
+    function that sets a user-wide one. Commit identities come from conftest's GIT_* env."""
+    path = tmp_path_factory.mktemp("gitconfig") / "config"
+    path.write_text("")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(path))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    return lambda key, value: subprocess.run(["git", "config", "--file", str(path), key, value], check=True)
 
 
 def _init(root: Path, monkeypatch, *args: str):
@@ -54,6 +67,8 @@ def test_init_scaffolds_a_project(tmp_path: Path, monkeypatch):
     for ignored in (".llmops/mlflow.db", ".dvc/cache/files/md5/ab/cd"):
         assert _git(root, "check-ignore", "-q", ignored).returncode == 0, ignored
     assert _git(root, "check-ignore", "-q", "llmops.yaml").returncode == 1
+    assert _requirements(root) == [f"llmops-gitops=={llmops.__version__}"]
+    assert _deploy_branches(root) == ["main"]
 
 
 def test_scaffold_config_is_small_and_shows_every_kind(tmp_path: Path, monkeypatch):
@@ -150,3 +165,106 @@ def test_scaffolded_workflows_are_the_rendered_templates(tmp_path: Path, rel: st
 
     init_project(tmp_path, name="demo")
     assert (tmp_path / rel).read_text() == render_workflows()[rel]
+
+
+def _requirements(root: Path) -> list[str]:
+    lines = (root / "requirements.txt").read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _deploy_branches(root: Path) -> list[str]:
+    doc = yaml.safe_load((root / ".github/workflows/llmops-apply.yml").read_text())
+    return doc[True]["push"]["branches"]  # PyYAML reads the key `on` as True
+
+
+def _repo(path: Path, branch: str, commit: bool = True) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    assert _git(path, "init", "-q", "-b", branch).returncode == 0
+    if commit:
+        assert _git(path, "commit", "-q", "--allow-empty", "-m", "first").returncode == 0
+    return path
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    ["git+https://github.com/acme/llmops@v0.1.0", "llmops-gitops @ git+https://github.com/acme/llmops@v1",
+     "llmops_gitops>=0.1", "  llmops-gitops==0.1.0  "],
+)
+def test_requirement_given_is_written(tmp_path: Path, monkeypatch, requirement: str):
+    result = _init(tmp_path, monkeypatch, "--requirement", requirement)
+    assert result.exit_code == 0, result.output
+    assert _requirements(tmp_path) == [requirement.strip()]
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    ["llmops", "llmops==0.1.0", "LLMOps>=0.1", "llmops[s3]", "llmops @ git+https://github.com/x/y",
+     "LLMOPS ; python_version >= '3.11'", "a\nllmops", "", "   "],
+)
+def test_squatted_name_and_bad_requirements_are_refused(tmp_path: Path, monkeypatch, requirement: str):
+    # `llmops` on PyPI is an unrelated package: CI would run it with the job's tokens
+    result = _init(tmp_path, monkeypatch, "--requirement", requirement)
+    assert isinstance(result.exception, ScaffoldError), result.output
+    assert "git+https://github.com/ORG/REPO@TAG" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_workflows_deploy_from_the_repository_branch(tmp_path: Path, monkeypatch, git_config):
+    git_config("init.defaultBranch", "main")  # a repository on master wins over the user-wide default
+    root = _repo(tmp_path / "repo", "master")
+    result = _init(root, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert "workflows deploy from master" in result.output
+    assert _deploy_branches(root) == ["master"]
+    assert _git(root, "symbolic-ref", "--short", "HEAD").stdout.strip() == "master"
+
+
+def test_branch_option_overrides_detection(tmp_path: Path, monkeypatch):
+    root = _repo(tmp_path / "repo", "master")
+    result = _init(root, monkeypatch, "--branch", "release/v1")
+    assert result.exit_code == 0, result.output
+    assert _deploy_branches(root) == ["release/v1"]
+    assert _git(root, "symbolic-ref", "--short", "HEAD").stdout.strip() == "master"  # the repository is left as it is
+
+
+def test_new_repository_starts_on_the_given_branch(tmp_path: Path, monkeypatch):
+    result = _init(tmp_path, monkeypatch, "--branch", "trunk")
+    assert result.exit_code == 0, result.output
+    assert _deploy_branches(tmp_path) == ["trunk"]
+    assert _git(tmp_path, "symbolic-ref", "--short", "HEAD").stdout.strip() == "trunk"
+
+
+@pytest.mark.parametrize("branch", ['a"b', "x y", "-main", "a..b", "feat/", "${{ github.ref }}", "a\nb"])
+def test_branch_that_workflows_cannot_name_is_refused(tmp_path: Path, monkeypatch, branch: str):
+    result = _init(tmp_path, monkeypatch, "--branch", branch)
+    assert isinstance(result.exception, ScaffoldError) and "--branch" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _clone_of(tmp_path: Path, remote_branch: str, local_branch: str) -> Path:
+    upstream = _repo(tmp_path / "upstream", remote_branch)
+    clone = tmp_path / "clone"
+    assert _git(tmp_path, "clone", "-q", str(upstream), str(clone)).returncode == 0
+    assert _git(clone, "checkout", "-q", "-b", local_branch).returncode == 0
+    return clone
+
+
+@pytest.mark.parametrize(
+    "setup, default_branch, expected",
+    [
+        # the remote's default beats the branch checked out and the user-wide setting
+        (lambda tmp: _clone_of(tmp, "trunk", "feature/x"), "develop", "trunk"),
+        # a repository's current branch (with commits, or still unborn) beats the user-wide setting
+        (lambda tmp: _repo(tmp / "r", "master"), "develop", "master"),
+        (lambda tmp: _repo(tmp / "r", "stable", commit=False), "develop", "stable"),
+        # no repository: the branch `git init` will create, else main
+        (lambda tmp: tmp, "develop", "develop"),
+        (lambda tmp: tmp, None, "main"),
+    ],
+    ids=["origin-head", "current-branch", "unborn-branch", "init-defaultBranch", "fallback-main"],
+)
+def test_detect_default_branch(tmp_path: Path, git_config, setup, default_branch, expected):
+    if default_branch:
+        git_config("init.defaultBranch", default_branch)
+    root = setup(tmp_path)
+    assert detect_default_branch(root) == expected

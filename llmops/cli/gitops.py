@@ -13,16 +13,27 @@ from pathlib import Path
 import click
 
 from llmops.gitops.comments import PLAN_MARKER, comment_on_pr
-from llmops.scaffold import init_project
+from llmops.scaffold import default_requirement, init_project
 
 
 @click.command("init")
 @click.option("--force", is_flag=True, help="Overwrite files that llmops init would write.")
 @click.option("--name", help="Project name (default: the folder's name).")
-def init_command(force: bool, name: str | None) -> None:
+@click.option(
+    "--branch",
+    help="Branch the workflows deploy from (default: origin's HEAD, the current branch, "
+    "git's init.defaultBranch, else main).",
+)
+@click.option(
+    "--requirement",
+    metavar="REQ",
+    help="The requirements.txt line that installs llmops in CI, e.g. "
+    f"'git+https://github.com/ORG/REPO@TAG' (default: {default_requirement()}, this release).",
+)
+def init_command(force: bool, name: str | None, branch: str | None, requirement: str | None) -> None:
     """Scaffold an llmops project (config, sample data, workflows, git, DVC) here."""
-    result = init_project(Path.cwd(), name=name, force=force)
-    click.echo(f"Scaffolded llmops project '{result.project}' in {result.root}")
+    result = init_project(Path.cwd(), name=name, force=force, branch=branch, requirement=requirement)
+    click.echo(f"Scaffolded llmops project '{result.project}' in {result.root} (workflows deploy from {result.branch})")
     for rel in result.written:
         click.echo(f"  {'overwrote' if rel in result.overwritten else 'created  '} {rel}")
     if result.gitignore_added:
