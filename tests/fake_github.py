@@ -1,9 +1,16 @@
 """A fake GitHub REST API on 127.0.0.1 for tests (http.server in a thread).
 
 It answers the endpoints llmops uses with the documented response shapes
-(https://docs.github.com/en/rest): pulls, pull reviews, commits/{sha}/pulls, issue
-comments and team memberships, with `per_page`/`page` pagination and `Link` headers,
-bearer-token checks, and injectable failures (`fail(...)`) such as rate limits.
+(https://docs.github.com/en/rest): the repository (`default_branch`), pulls (author, base
+ref/sha, head sha, merge commit), a pull's commits, pull reviews (`user`, `state`,
+`commit_id`), commits/{sha}/pulls, issue comments (`user.login`), team memberships and
+`GET /user`, with `per_page`/`page` pagination and `Link` headers, bearer-token checks, and
+injectable failures (`fail(...)`) such as rate limits.
+
+The token has an identity, `login` (`github-actions[bot]` by default, like GITHUB_TOKEN in
+Actions): comments it creates are written by it, editing anyone else's comment is a 403 as on
+GitHub, and `GET /user` answers 403 "Resource not accessible by integration" unless
+`user_endpoint` is set (a user's personal token).
 Only the GitHub API is faked; the HTTP traffic and the client are real.
 """
 
@@ -55,11 +62,15 @@ class FakeGitHub:
 
     repo: str = "acme/support"
     token: str = TOKEN
+    login: str = "github-actions[bot]"  # who the token writes as
+    user_endpoint: bool = False  # GET /user answers (a user's token) or 403s (an installation token)
+    default_branch: str = "main"
     default_per_page: int = 30
     pulls: dict[int, dict[str, Any]] = field(default_factory=dict)
     reviews: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     comments: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     commit_pulls: dict[str, list[int]] = field(default_factory=dict)
+    pr_commits: dict[int, list[str]] = field(default_factory=dict)
     teams: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
@@ -70,7 +81,20 @@ class FakeGitHub:
 
     # -- set-up helpers -----------------------------------------------------------------
 
-    def add_pr(self, number: int, head_sha: str, merge_sha: str | None = None, merged: bool = True, author: str = "dev") -> dict:
+    def add_pr(
+        self,
+        number: int,
+        head_sha: str,
+        merge_sha: str | None = None,
+        merged: bool = True,
+        author: str = "dev",
+        base_ref: str = "main",
+        base_sha: str = "b" * 40,
+        commits: list[str] | None = None,
+    ) -> dict:
+        """A pull request from `author` into `base_ref` (whose tip was `base_sha`); `commits` are
+        its branch's commits (default: just `head_sha`). Merged: closed with `merge_sha` as its
+        merge (or squash) commit. GitHub associates each of these commits with the pull."""
         pr = {
             "url": f"{self.url}/repos/{self.repo}/pulls/{number}",
             "id": 500000 + number,
@@ -79,7 +103,7 @@ class FakeGitHub:
             "title": f"Change #{number}",
             "user": _user(author),
             "head": {"ref": f"feature-{number}", "sha": head_sha, "repo": {"full_name": self.repo}},
-            "base": {"ref": "main", "sha": "b" * 40, "repo": {"full_name": self.repo}},
+            "base": {"ref": base_ref, "sha": base_sha, "repo": {"full_name": self.repo}},
             "merged_at": self._timestamp() if merged else None,
             "merge_commit_sha": merge_sha,
             "html_url": f"https://github.com/{self.repo}/pull/{number}",
@@ -87,14 +111,22 @@ class FakeGitHub:
         self.pulls[number] = pr
         self.reviews.setdefault(number, [])
         self.comments.setdefault(number, [])
-        for sha in filter(None, {head_sha, merge_sha}):
-            self.commit_pulls.setdefault(sha, []).append(number)
+        self.pr_commits[number] = list(commits or [head_sha])
+        for sha in dict.fromkeys([*self.pr_commits[number], head_sha, merge_sha]):
+            if sha:
+                self.associate(sha, number)
         return pr
+
+    def associate(self, sha: str, number: int) -> None:
+        """GitHub lists pull `number` for commit `sha` (commits/{sha}/pulls)."""
+        if number not in self.commit_pulls.setdefault(sha, []):
+            self.commit_pulls[sha].append(number)
 
     def push(self, number: int, new_head: str) -> None:
         """A new commit on the PR branch: the head sha moves."""
         self.pulls[number]["head"]["sha"] = new_head
-        self.commit_pulls.setdefault(new_head, []).append(number)
+        self.pr_commits.setdefault(number, []).append(new_head)
+        self.associate(new_head, number)
 
     def add_review(self, number: int, login: str, state: str, commit_id: str | None = None) -> dict:
         review = {
@@ -215,7 +247,10 @@ class FakeGitHub:
         repo = re.escape(self.repo)
         routes = [
             ("GET", rf"/repos/{repo}/commits/(\w+)/pulls", self._commit_pulls),
+            ("GET", rf"/repos/{repo}", self._repository),
+            ("GET", r"/user", self._authenticated_user),
             ("GET", rf"/repos/{repo}/pulls/(\d+)", self._pull),
+            ("GET", rf"/repos/{repo}/pulls/(\d+)/commits", self._pull_commits),
             ("GET", rf"/repos/{repo}/pulls/(\d+)/reviews", self._reviews),
             ("GET", rf"/repos/{repo}/issues/(\d+)/comments", self._list_comments),
             ("POST", rf"/repos/{repo}/issues/(\d+)/comments", self._create_comment),
@@ -230,6 +265,29 @@ class FakeGitHub:
 
     def _commit_pulls(self, req: Request, sha: str) -> tuple[int, Any, dict[str, str]]:
         return self._page(req, [self.pulls[n] for n in self.commit_pulls.get(sha, [])])
+
+    def _repository(self, req: Request) -> tuple[int, Any, dict[str, str]]:
+        owner, _, name = self.repo.partition("/")
+        return 200, {
+            "id": 4242, "name": name, "full_name": self.repo, "owner": _user(owner, "Organization"),
+            "private": True, "default_branch": self.default_branch,
+            "html_url": f"https://github.com/{self.repo}", "url": f"{self.url}/repos/{self.repo}",
+        }, {}
+
+    def _authenticated_user(self, req: Request) -> tuple[int, Any, dict[str, str]]:
+        if not self.user_endpoint:
+            return 403, {"message": "Resource not accessible by integration",
+                         "documentation_url": "https://docs.github.com/rest/users/users#get-the-authenticated-user",
+                         "status": "403"}, {}
+        return 200, _user(self.login), {}
+
+    def _pull_commits(self, req: Request, number: str) -> tuple[int, Any, dict[str, str]]:
+        if int(number) not in self.pulls:
+            return 404, _NOT_FOUND, {}
+        commits = [{"sha": sha, "node_id": "C_fake", "commit": {"message": f"commit {sha[:7]}"},
+                    "author": self.pulls[int(number)]["user"], "parents": []}
+                   for sha in self.pr_commits.get(int(number), [])]
+        return self._page(req, commits)
 
     def _pull(self, req: Request, number: str) -> tuple[int, Any, dict[str, str]]:
         pr = self.pulls.get(int(number))
@@ -251,7 +309,7 @@ class FakeGitHub:
         problem = self._check_body(req.body)
         if problem:
             return problem
-        return 201, self._store_comment(int(number), req.body["body"], _user("github-actions[bot]", "Bot")), {}
+        return 201, self._store_comment(int(number), req.body["body"], self._token_user()), {}
 
     def _update_comment(self, req: Request, comment_id: str) -> tuple[int, Any, dict[str, str]]:
         problem = self._check_body(req.body)
@@ -260,6 +318,9 @@ class FakeGitHub:
         for comments in self.comments.values():
             for comment in comments:
                 if comment["id"] == int(comment_id):
+                    if comment["user"]["login"] != self.login:  # GitHub: only its author may edit it
+                        return 403, {"message": "Resource not accessible by integration",
+                                     "documentation_url": "https://docs.github.com/rest/issues/comments#update-an-issue-comment"}, {}
                     comment["body"] = req.body["body"]
                     comment["updated_at"] = self._timestamp()
                     return 200, comment, {}
@@ -314,6 +375,9 @@ class FakeGitHub:
         }
         self.comments.setdefault(number, []).append(comment)
         return comment
+
+    def _token_user(self) -> dict[str, Any]:
+        return _user(self.login, "Bot" if self.login.endswith("[bot]") else "User")
 
     def _new_id(self) -> int:
         self._next_id += 1

@@ -12,19 +12,22 @@ from click.testing import CliRunner
 from fake_github import TOKEN, FakeGitHub
 from llmops.errors import LlmopsError
 from llmops.gitops import (
+    CODEOWNERS_LOCATIONS,
     MAX_COMMENT_CHARS,
     PLAN_MARKER,
     GitHubClient,
     GitHubError,
     GitHubRateLimitError,
     allowed_approvers,
-    check_approval,
     check_local_approval,
     client_from_env,
+    find_codeowners,
     parse_codeowners,
     pr_number_from_env,
+    review_pull_request,
     upsert_sticky_comment,
 )
+from llmops.gitops.codeowners import working_tree_reader
 
 HEAD = "a" * 40
 MERGE = "m" * 40
@@ -40,7 +43,7 @@ def gh():
 
 @pytest.fixture
 def client(gh: FakeGitHub) -> GitHubClient:
-    return GitHubClient(TOKEN, gh.url, REPO, sleep=_no_sleep)
+    return GitHubClient(TOKEN, gh.url, REPO, sleep=_no_sleep, token_env="GITHUB_TOKEN")
 
 
 def _no_sleep(seconds: float) -> None:
@@ -52,7 +55,11 @@ def merged_pr(gh: FakeGitHub, number: int = 7) -> int:
     return number
 
 
-# -- approvals ----------------------------------------------------------------------------
+# -- approvals of one pull request ---------------------------------------------------------
+
+
+def review(gh: FakeGitHub, client: GitHubClient, number: int, allowed: list[str]):
+    return review_pull_request(client, client.get(client.repo_path(f"pulls/{number}")), allowed)
 
 
 def test_approved_by_allowed_reviewer_on_head(gh, client):
@@ -60,57 +67,67 @@ def test_approved_by_allowed_reviewer_on_head(gh, client):
     gh.add_review(n, "carol", "COMMENTED")
     gh.add_review(n, "alice", "APPROVED")
     gh.add_review(n, "carol", "COMMENTED")  # a later comment does not undo the approval
-    approval = check_approval(client, REPO, MERGE, ["@Alice"])
+    approval = review(gh, client, n, ["@Alice"])
     assert approval.approved, approval.reason
     assert (approval.approver, approval.pr_number, approval.commit) == ("alice", n, HEAD)
-    paths = [r.path for r in gh.requests]
-    assert f"/repos/{REPO}/commits/{MERGE}/pulls" in paths and f"/repos/{REPO}/pulls/{n}" in paths
+    assert f"/repos/{REPO}/pulls/{n}/reviews" in [r.path for r in gh.requests]
 
 
 def test_approval_before_a_new_commit_does_not_count(gh, client):
     n = merged_pr(gh)
     gh.add_review(n, "alice", "APPROVED")
     gh.push(n, "c" * 40)
-    approval = check_approval(client, REPO, MERGE, ["alice"])
-    assert not approval.approved
+    approval = review(gh, client, n, ["alice"])
+    assert not approval.approved and approval.rule == "approved after the last commit"
     assert "older commit" in approval.reason and "alice" in approval.reason
     assert approval.commit == "c" * 40
     gh.add_review(n, "alice", "APPROVED")  # re-approval on the new head
-    assert check_approval(client, REPO, MERGE, ["alice"]).approved
+    assert review(gh, client, n, ["alice"]).approved
 
 
 def test_changes_requested_after_approval_blocks(gh, client):
     n = merged_pr(gh)
     gh.add_review(n, "alice", "APPROVED")
     gh.add_review(n, "bob", "CHANGES_REQUESTED")
-    approval = check_approval(client, REPO, MERGE, ["alice"])
-    assert not approval.approved
+    approval = review(gh, client, n, ["alice"])
+    assert not approval.approved and approval.rule == "no changes requested"
     assert "changes requested by bob" in approval.reason
     gh.add_review(n, "bob", "APPROVED")  # bob's latest word now approves
-    assert check_approval(client, REPO, MERGE, ["alice"]).approved
+    assert review(gh, client, n, ["alice"]).approved
 
 
 def test_approver_who_later_requests_changes_is_not_an_approval(gh, client):
     n = merged_pr(gh)
     gh.add_review(n, "alice", "APPROVED")
     gh.add_review(n, "alice", "CHANGES_REQUESTED")
-    assert not check_approval(client, REPO, MERGE, ["alice"]).approved
+    assert not review(gh, client, n, ["alice"]).approved
 
 
 def test_dismissed_approval_does_not_count(gh, client):
     n = merged_pr(gh)
     gh.add_review(n, "alice", "DISMISSED")
-    approval = check_approval(client, REPO, MERGE, ["alice"])
+    approval = review(gh, client, n, ["alice"])
     assert not approval.approved and "no approving review" in approval.reason
 
 
 def test_approver_not_allowed(gh, client):
     n = merged_pr(gh)
     gh.add_review(n, "mallory", "APPROVED")
-    approval = check_approval(client, REPO, MERGE, ["alice", "@acme/ml-leads"])
-    assert not approval.approved
+    approval = review(gh, client, n, ["alice", "@acme/ml-leads"])
+    assert not approval.approved and approval.rule == "allowed approver from the base"
     assert "mallory" in approval.reason and "alice" in approval.reason
     assert approval.approver is None
+
+
+def test_self_approval_does_not_count(gh, client):
+    n = gh.add_pr(8, head_sha=HEAD, merge_sha=MERGE, author="alice")["number"]
+    gh.add_review(n, "alice", "APPROVED")
+    approval = review(gh, client, n, ["alice", "bob"])
+    assert not approval.approved and approval.rule == "no self-approval"
+    assert "only by its author alice" in approval.reason
+    gh.add_review(n, "bob", "APPROVED")
+    approval = review(gh, client, n, ["alice", "bob"])
+    assert approval.approved and approval.approver == "bob"
 
 
 def test_team_approver(gh, client):
@@ -118,26 +135,20 @@ def test_team_approver(gh, client):
     gh.set_team("acme", "ml-leads", {"carol": "active", "dave": "pending"})
     gh.add_review(n, "dave", "APPROVED")  # invited, not yet a member
     gh.add_review(n, "erin", "APPROVED")  # not in the team at all (404)
-    assert not check_approval(client, REPO, MERGE, ["@acme/ml-leads"]).approved
+    assert not review(gh, client, n, ["@acme/ml-leads"]).approved
     gh.add_review(n, "carol", "APPROVED")
-    approval = check_approval(client, REPO, MERGE, ["@acme/ml-leads"])
+    approval = review(gh, client, n, ["@acme/ml-leads"])
     assert approval.approved and approval.approver == "carol"
     assert "/orgs/acme/teams/ml-leads/memberships/carol" in [r.path for r in gh.requests]
-
-
-def test_no_merged_pull_request(gh, client):
-    gh.add_pr(3, head_sha=HEAD, merge_sha=None, merged=False)
-    gh.add_review(3, "alice", "APPROVED")
-    approval = check_approval(client, REPO, HEAD, ["alice"])
-    assert not approval.approved and "no merged pull request" in approval.reason
-    assert not check_approval(client, REPO, "f" * 40, ["alice"]).approved
 
 
 def test_no_approvers_configured_is_never_approved(gh, client):
     n = merged_pr(gh)
     gh.add_review(n, "alice", "APPROVED")
-    approval = check_approval(client, REPO, MERGE, [])
-    assert not approval.approved and "approvers" in approval.reason
+    pr = client.get(client.repo_path(f"pulls/{n}"))
+    gh.requests.clear()
+    approval = review_pull_request(client, pr, [])
+    assert not approval.approved and "no approvers are configured at the base" in approval.reason
     assert gh.requests == []  # decided without asking GitHub
 
 
@@ -147,10 +158,22 @@ def test_reviews_are_read_across_pages(gh, client):
     for i in range(150):
         gh.add_review(n, f"user{i}", "COMMENTED")
     gh.add_review(n, "bob", "CHANGES_REQUESTED")  # on page 2 of 100
-    approval = check_approval(client, REPO, MERGE, ["alice"])
+    approval = review(gh, client, n, ["alice"])
     assert not approval.approved and "bob" in approval.reason
     pages = [r for r in gh.requests if r.path.endswith("/reviews")]
     assert [r.query.get("page", ["1"])[0] for r in pages] == ["1", "2"]
+
+
+def test_fake_answers_the_shapes_promotions_read(gh, client):
+    """The endpoints `llmops.gitops.promotion` reads, in GitHub's documented shapes."""
+    gh.default_branch = "trunk"
+    gh.add_pr(4, head_sha=HEAD, merge_sha=MERGE, base_ref="experiment", base_sha="e" * 40, commits=["c" * 40, HEAD])
+    assert client.repository()["default_branch"] == "trunk"
+    (pull,) = client.get_paginated(client.repo_path(f"commits/{'c' * 40}/pulls"))
+    assert (pull["number"], pull["base"]["ref"], pull["base"]["sha"]) == (4, "experiment", "e" * 40)
+    assert pull["merge_commit_sha"] == MERGE and pull["user"]["login"] == "dev"
+    commits = client.get_paginated(client.repo_path("pulls/4/commits"))
+    assert [c["sha"] for c in commits] == ["c" * 40, HEAD]
 
 
 # -- errors and rate limits -----------------------------------------------------------------
@@ -161,7 +184,7 @@ def test_server_error_raises_clear_message_and_never_approves(gh, client):
     gh.add_review(n, "alice", "APPROVED")
     gh.fail("GET", rf"/repos/{REPO}/pulls/{n}/reviews", 502, "Server Error")
     with pytest.raises(GitHubError) as err:
-        check_approval(client, REPO, MERGE, ["alice"])
+        review(gh, client, n, ["alice"])
     msg = str(err.value)
     assert f"GET /repos/{REPO}/pulls/{n}/reviews" in msg and "HTTP 502" in msg and "re-run later" in msg
     assert isinstance(err.value, LlmopsError) and err.value.status == 502
@@ -182,7 +205,7 @@ def test_primary_rate_limit(gh, client):
     merged_pr(gh)
     gh.rate_limit("GET", rf"/repos/{REPO}/commits/\w+/pulls")
     with pytest.raises(GitHubRateLimitError) as err:
-        check_approval(client, REPO, MERGE, ["alice"])
+        client.get_paginated(client.repo_path(f"commits/{MERGE}/pulls"))
     assert "rate limit" in str(err.value) and f"/repos/{REPO}/commits/{MERGE}/pulls" in str(err.value)
     assert "Nothing was approved" in str(err.value)
     assert err.value.retry_after is not None and err.value.retry_after > 60  # reset in an hour
@@ -284,6 +307,36 @@ def test_comment_created_then_updated_in_place(gh, client):
     assert ours[0]["body"] == f"{PLAN_MARKER}\nplan v2"
 
 
+def test_marker_comment_by_another_user_is_left_alone(gh, client):
+    n = merged_pr(gh)
+    theirs = gh.add_comment(n, f"{PLAN_MARKER}\nmy own notes, not a plan", login="mallory")
+    action, ours = upsert_sticky_comment(client, n, "plan v1")
+    assert action == "created" and ours != theirs["id"]
+    action, again = upsert_sticky_comment(client, n, "plan v2")
+    assert (action, again) == ("updated", ours)
+    by_id = {c["id"]: c for c in gh.issue_comments(n)}
+    assert by_id[theirs["id"]]["body"] == f"{PLAN_MARKER}\nmy own notes, not a plan"  # untouched
+    assert by_id[ours]["body"] == f"{PLAN_MARKER}\nplan v2" and by_id[ours]["user"]["login"] == "github-actions[bot]"
+    assert not [r for r in gh.requests if r.method == "PATCH" and r.path.endswith(f"/{theirs['id']}")]
+    # and GitHub itself refuses the edit, as the fake does:
+    with pytest.raises(GitHubError, match="403"):
+        client.patch(client.repo_path(f"issues/comments/{theirs['id']}"), {"body": "hijacked"})
+
+
+def test_token_login(gh):
+    actions = GitHubClient(TOKEN, gh.url, REPO, token_env="GITHUB_TOKEN")
+    assert actions.login({}) == "github-actions[bot]"  # GET /user: 403 for an installation token
+    assert "/user" in [r.path for r in gh.requests]
+    app = GitHubClient(TOKEN, gh.url, REPO, token_env="LLMOPS_GITHUB_TOKEN")
+    with pytest.raises(GitHubError, match="LLMOPS_GITHUB_LOGIN"):
+        app.login({})
+    assert app.login({"LLMOPS_GITHUB_LOGIN": "acme-llmops[bot]"}) == "acme-llmops[bot]"
+    gh.user_endpoint, gh.login = True, "octo-ci"  # a user's token says who it is
+    assert app.login({}) == "octo-ci"
+    _, cid = upsert_sticky_comment(app, merged_pr(gh), "plan")
+    assert next(c for c in gh.issue_comments(7) if c["id"] == cid)["user"]["login"] == "octo-ci"
+
+
 def test_sticky_comment_found_on_a_later_page(gh, client):
     n = merged_pr(gh)
     for i in range(120):
@@ -331,20 +384,47 @@ def test_comment_permission_error_is_clear(gh, client):
         ("/ml/ @ml\n", "llmops.yaml", []),
         ("docs/** @docs\n**/llmops.yaml @deep\n", "a/b/llmops.yaml", ["@deep"]),
         ("llmops.yaml @x\nllmops.yaml\n", "llmops.yaml", []),  # a later line with no owners unsets them
+        # GitHub's documented examples (about-code-owners):
+        ("docs/* @docs\n", "docs/getting-started.md", ["@docs"]),
+        ("docs/* @docs\n", "docs/build-app/troubleshooting.md", []),  # `/*`: direct children only
+        ("/* @top\n", "src/a.py", []),
+        ("/* @top\n", "README.md", ["@top"]),
+        ("apps/ @apps\n", "x/apps/y/z.js", ["@apps"]),  # a folder anywhere, and all below it
+        ("/docs/ @docs\n", "docs/sub/a.md", ["@docs"]),
+        ("**/logs @logs\n", "deeply/nested/logs/x.log", ["@logs"]),
+        ("/apps/ @octo\n/apps/github\n", "apps/github/a.rb", []),
+        ("/apps/ @octo\n/apps/github\n", "apps/other/a.rb", ["@octo"]),
+        ("!llmops.yaml @neg\n", "llmops.yaml", []),  # negation is not supported by GitHub
+        ("llmops.[y]aml @range\n", "llmops.yaml", []),  # nor character ranges
     ],
 )
 def test_parse_codeowners(codeowners, path, owners):
     assert parse_codeowners(codeowners, path) == owners
 
 
+def test_codeowners_lookup_order(tmp_path: Path):
+    read = working_tree_reader(tmp_path)
+    assert find_codeowners(read) is None
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "CODEOWNERS").write_text("* @docs\n")
+    assert find_codeowners(read) == ("docs/CODEOWNERS", "* @docs\n")
+    (tmp_path / "CODEOWNERS").write_text("* @root\n")
+    assert find_codeowners(read)[0] == "CODEOWNERS"
+    (tmp_path / ".github").mkdir()
+    (tmp_path / ".github" / "CODEOWNERS").write_text("* @github\n")
+    assert find_codeowners(read)[0] == ".github/CODEOWNERS"  # first found wins
+    assert CODEOWNERS_LOCATIONS == (".github/CODEOWNERS", "CODEOWNERS", "docs/CODEOWNERS")
+
+
 def test_allowed_approvers_precedence(tmp_path: Path):
     (tmp_path / ".github").mkdir()
-    (tmp_path / ".github" / "CODEOWNERS").write_text("llmops.yaml @acme/ml-leads\n")
-    assert allowed_approvers({}, {}, tmp_path) == ["@acme/ml-leads"]
+    (tmp_path / ".github" / "CODEOWNERS").write_text("/ml/llmops.yaml @acme/ml-leads\n")
+    assert allowed_approvers({}, {}, tmp_path, "ml/llmops.yaml") == ["@acme/ml-leads"]  # repository-relative
+    assert allowed_approvers({}, {}, tmp_path, "llmops.yaml") == []
     assert allowed_approvers({}, {"approvers": ["bob"]}, tmp_path) == ["bob"]
     assert allowed_approvers({"approvers": ["eve"]}, {"approvers": ["bob"]}, tmp_path) == ["eve"]
     (tmp_path / ".github" / "CODEOWNERS").unlink()
-    assert allowed_approvers({}, {}, tmp_path) == []
+    assert allowed_approvers({}, {}, tmp_path, "ml/llmops.yaml") == []
 
 
 def test_local_approval():
@@ -379,10 +459,14 @@ def test_client_from_env():
     assert (client.api_url, client.repo, client.token) == ("https://api.github.com", "o/r", "ghs_secret123")
     assert "ghs_secret123" not in repr(client)
     override = client_from_env(
-        {"GITHUB_TOKEN": "a", "LLMOPS_GITHUB_TOKEN": "b", "GITHUB_REPOSITORY": "o/r"},
+        {"GITHUB_TOKEN": "a", "LLMOPS_GITHUB_TOKEN": "b"},
         {"github": {"repository": "x/y", "api_url": "https://ghe.example/api/v3"}},
     )
     assert (override.token, override.repo, override.api_url) == ("b", "x/y", "https://ghe.example/api/v3")
+    assert (override.token_env, client.token_env) == ("LLMOPS_GITHUB_TOKEN", "GITHUB_TOKEN")
+    # Nor may it have approvals read from a repository whose reviews it controls:
+    env = {"GITHUB_TOKEN": "t", "GITHUB_REPOSITORY": "o/r"}
+    assert client_from_env(env, {"github": {"repository": "attacker/fork"}}).repo == "o/r"
     # A pull request's llmops.yaml must not send the token elsewhere when Actions names the API:
     pr_config = {"github": {"api_url": "https://attacker.example/api"}}
     env = {"GITHUB_TOKEN": "t", "GITHUB_REPOSITORY": "o/r", "GITHUB_API_URL": "https://api.github.com"}

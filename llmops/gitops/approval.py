@@ -1,23 +1,33 @@
-"""Promotion approvals: who may approve (CODEOWNERS / config) and whether they did.
+"""Approvals of one pull request: who may approve (config / CODEOWNERS) and whether they did.
 
-A deployment with `approval: required` is promoted only when the merged pull request that
-introduced the change was approved by an allowed reviewer on its last commit, and no
-reviewer's latest word on it is "changes requested". `check_approval` reads that from the
-GitHub REST API; `check_local_approval` handles `--approved-by` outside GitHub. Both return
-an `Approval` and never approve on doubt: an API failure raises `GitHubError`.
+`review_pull_request` reads a pull request's reviews from the GitHub REST API: approved means
+an allowed reviewer other than the author approved its last commit (review `commit_id` == head
+sha) and no reviewer's latest word is "changes requested". Which commits and pull requests a
+promotion must check, and where the allowed reviewers are read (the base commit), is
+`llmops.gitops.promotion`. `check_local_approval` handles `--approved-by` outside GitHub.
+Nothing here approves on doubt: an API failure raises `GitHubError`.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from llmops.gitops.codeowners import find_codeowners, parse_codeowners, working_tree_reader
 from llmops.gitops.github import GitHubClient, GitHubError
 
-CODEOWNERS_LOCATIONS = (".github/CODEOWNERS", "CODEOWNERS", "docs/CODEOWNERS")
 _DECISIVE = ("APPROVED", "CHANGES_REQUESTED", "DISMISSED")
+
+# The rules a protected promotion must meet; a refusal names one of them.
+RULE_CLEAN_TREE = "clean working tree"
+RULE_HEAD = "HEAD is GITHUB_SHA"
+RULE_MERGED_PR = "merged pull request"
+RULE_DEFAULT_BRANCH = "merged into the default branch"
+RULE_APPROVER = "allowed approver from the base"
+RULE_AFTER_LAST_COMMIT = "approved after the last commit"
+RULE_CHANGES_REQUESTED = "no changes requested"
+RULE_SELF_APPROVAL = "no self-approval"
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,9 @@ class Approval:
     commit: str | None = None
     reason: str = ""
     source: str = "github"
+    rule: str = ""  # the rule that refused it (empty when approved)
+    applied_commit: str | None = None  # the checked-out commit the promotion applies (GitHub only)
+    pull_requests: list[int] = field(default_factory=list)  # every PR checked, newest first
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,68 +57,25 @@ class Approval:
 # -- who may approve ----------------------------------------------------------------------
 
 
-def parse_codeowners(text: str, path: str = "llmops.yaml") -> list[str]:
-    """Owners of `path` in a CODEOWNERS file: the last matching line wins (as on GitHub)."""
-    owners: list[str] = []
-    for raw in text.splitlines():
-        line = _strip_comment(raw).strip()
-        if not line:
-            continue
-        pattern, *line_owners = line.split()
-        if _codeowners_match(pattern.replace("\\#", "#"), path.lstrip("/")):
-            owners = line_owners
-    return owners
-
-
-def _strip_comment(line: str) -> str:
-    if line.lstrip().startswith("#"):
-        return ""
-    return re.split(r"(?<!\\)\s#", line, maxsplit=1)[0]
-
-
-def _codeowners_match(pattern: str, path: str) -> bool:
-    """gitignore-style matching as GitHub applies it to CODEOWNERS patterns."""
-    anchored = pattern.startswith("/") or "/" in pattern.rstrip("/")
-    directory = pattern.endswith("/")
-    body = pattern.strip("/")
-    regex = ""
-    i = 0
-    while i < len(body):
-        if body.startswith("**/", i):
-            regex, i = regex + "(?:.*/)?", i + 3
-        elif body.startswith("**", i):
-            regex, i = regex + ".*", i + 2
-        elif body[i] == "*":
-            regex, i = regex + "[^/]*", i + 1
-        elif body[i] == "?":
-            regex, i = regex + "[^/]", i + 1
-        else:
-            regex, i = regex + re.escape(body[i]), i + 1
-    prefix = "" if anchored else "(?:.*/)?"
-    # a pattern naming a folder also owns everything inside it
-    tail = "/.*" if directory else "(?:/.*)?"
-    return re.fullmatch(prefix + regex + tail, path) is not None
-
-
-def find_codeowners(root: Path) -> Path | None:
-    """The CODEOWNERS file GitHub would use for a repository rooted at `root`."""
-    for rel in CODEOWNERS_LOCATIONS:
-        candidate = root / rel
-        if candidate.is_file():
-            return candidate
-    return None
+def approvers_in(deployment: Any, settings: Any) -> list[str]:
+    """deployments.X.approvers, else settings.approvers (empty when neither names anyone)."""
+    for source in (deployment, settings):
+        if isinstance(source, Mapping) and isinstance(source.get("approvers"), list) and source["approvers"]:
+            return [str(a) for a in source["approvers"]]
+    return []
 
 
 def allowed_approvers(
-    deployment: Mapping[str, Any], settings: Mapping[str, Any], root: Path, config_path: str = "llmops.yaml"
+    deployment: Mapping[str, Any], settings: Mapping[str, Any], repo_root: Path, config_path: str = "llmops.yaml"
 ) -> list[str]:
-    """deployments.X.approvers, else settings.approvers, else CODEOWNERS owners of the config."""
-    if deployment.get("approvers"):
-        return list(deployment["approvers"])
-    if settings.get("approvers"):
-        return list(settings["approvers"])
-    codeowners = find_codeowners(root)
-    return parse_codeowners(codeowners.read_text(), config_path) if codeowners else []
+    """Approvers from the checked-out files: the config's, else the CODEOWNERS owners of the
+    config (`config_path` is repository-relative). Only `--approved-by` uses this; GitHub
+    approvals read the same rules at each pull request's base commit instead."""
+    named = approvers_in(deployment, settings)
+    if named:
+        return named
+    found = find_codeowners(working_tree_reader(repo_root))
+    return parse_codeowners(found[1], config_path) if found else []
 
 
 def _split_allowed(allowed: list[str]) -> tuple[set[str], list[tuple[str, str]]]:
@@ -125,38 +95,44 @@ def _split_allowed(allowed: list[str]) -> tuple[set[str], list[tuple[str, str]]]
 # -- did they approve -----------------------------------------------------------------------
 
 
-def check_approval(client: GitHubClient, repo: str, merge_sha: str, allowed: list[str]) -> Approval:
-    """Was the merged PR behind `merge_sha` approved by one of `allowed` after its last commit?
+def review_pull_request(client: GitHubClient, pr: Mapping[str, Any], allowed: list[str]) -> Approval:
+    """Did one of `allowed`, other than its author, approve pull request `pr` (GitHub's pull
+    object) on its last commit, with no reviewer's latest word being "changes requested"?
 
     Raises GitHubError when GitHub cannot be asked; never returns approved on an error.
     """
+    number, head = int(pr["number"]), str(pr["head"]["sha"])
+    author = str((pr.get("user") or {}).get("login") or "")
     if not allowed:
-        return Approval(
-            False,
-            reason="no approvers are configured: set deployments.NAME.approvers or settings.approvers, "
-            "or add a CODEOWNERS line for llmops.yaml",
-        )
-    pr = _find_pull_request(client, repo, merge_sha)
-    if pr is None:
-        return Approval(
-            False,
-            commit=merge_sha,
-            reason=f"no merged pull request contains commit {merge_sha[:12]}; protected promotions "
-            "need a reviewed pull request (push through a PR, not directly to the branch)",
-        )
-    number = int(pr["number"])
-    head = client.get(f"/repos/{repo}/pulls/{number}")["head"]["sha"]
-    reviews = client.get_paginated(f"/repos/{repo}/pulls/{number}/reviews")
-    return _decide(client, number, head, reviews, allowed)
-
-
-def _find_pull_request(client: GitHubClient, repo: str, sha: str) -> dict[str, Any] | None:
-    pulls = client.get_paginated(f"/repos/{repo}/commits/{sha}/pulls")
-    merged = [p for p in pulls if p.get("merged_at")]
-    for pr in merged:
-        if pr.get("merge_commit_sha") == sha:
-            return pr
-    return merged[0] if merged else None
+        return Approval(False, pr_number=number, commit=head, rule=RULE_APPROVER, reason=(
+            f"no approvers are configured at the base of pull request #{number}: set "
+            "deployments.NAME.approvers or settings.approvers, or add a CODEOWNERS line for llmops.yaml, "
+            "in a reviewed pull request merged before this one"))
+    latest = _latest_decisive(client.get_paginated(client.repo_path(f"pulls/{number}/reviews")))
+    blockers = sorted(r["user"]["login"] for r in latest.values() if r["state"] == "CHANGES_REQUESTED")
+    if blockers:
+        return Approval(False, pr_number=number, commit=head, rule=RULE_CHANGES_REQUESTED, reason=(
+            f"pull request #{number} has changes requested by {', '.join(blockers)}; resolve them and "
+            "get a new approval (or have the request dismissed)"))
+    approvals = sorted((r for r in latest.values() if r["state"] == "APPROVED"),
+                       key=lambda r: r.get("submitted_at") or "", reverse=True)
+    current = [r for r in approvals if r.get("commit_id") == head]
+    users, teams = _split_allowed(allowed)
+    self_approved = False
+    for review in current:
+        login = review["user"]["login"]
+        if login.lower() == author.lower():
+            self_approved = self_approved or login.lower() in users or _in_any_team(client, teams, login)
+            continue
+        if login.lower() in users or _in_any_team(client, teams, login):
+            return Approval(True, approver=login, pr_number=number, commit=head,
+                            reason=f"approved by {login} on pull request #{number} at {head[:12]}")
+    who = ", ".join(allowed)
+    if self_approved:
+        return Approval(False, pr_number=number, commit=head, rule=RULE_SELF_APPROVAL, reason=(
+            f"pull request #{number} was approved only by its author {author}; a promotion needs the "
+            f"approval of someone else: ask one of {who}"))
+    return Approval(False, pr_number=number, commit=head, **_why_not(number, head, current, approvals, who))
 
 
 def _latest_decisive(reviews: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -171,46 +147,19 @@ def _latest_decisive(reviews: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return latest
 
 
-def _decide(client: GitHubClient, number: int, head: str, reviews: list[dict[str, Any]], allowed: list[str]) -> Approval:
-    latest = _latest_decisive(reviews)
-    blockers = sorted(r["user"]["login"] for r in latest.values() if r["state"] == "CHANGES_REQUESTED")
-    if blockers:
-        return Approval(
-            False,
-            pr_number=number,
-            commit=head,
-            reason=f"pull request #{number} has changes requested by {', '.join(blockers)}; "
-            "resolve them and get a new approval",
-        )
-    approvals = [r for r in latest.values() if r["state"] == "APPROVED"]
-    current = [r for r in approvals if r.get("commit_id") == head]
+def _why_not(number: int, head: str, current: list[dict], approvals: list[dict], who: str) -> dict[str, str]:
     stale = [r for r in approvals if r.get("commit_id") != head]
-    users, teams = _split_allowed(allowed)
-    for review in sorted(current, key=lambda r: r.get("submitted_at") or "", reverse=True):
-        login = review["user"]["login"]
-        if login.lower() in users or _in_any_team(client, teams, login):
-            return Approval(
-                True,
-                approver=login,
-                pr_number=number,
-                commit=head,
-                reason=f"approved by {login} on pull request #{number} at {head[:12]}",
-            )
-    return Approval(False, pr_number=number, commit=head, reason=_why_not(number, head, current, stale, allowed))
-
-
-def _why_not(number: int, head: str, current: list[dict], stale: list[dict], allowed: list[str]) -> str:
-    who = ", ".join(allowed)
     if current:
         names = ", ".join(sorted(r["user"]["login"] for r in current))
-        return f"pull request #{number} was approved by {names}, who may not approve this promotion; ask one of: {who}"
+        return {"rule": RULE_APPROVER, "reason": f"pull request #{number} was approved by {names}, who may not "
+                f"approve this promotion (the allowed approvers come from the base of the pull request, "
+                f"not from its changes); ask one of: {who}"}
     if stale:
         names = ", ".join(sorted(r["user"]["login"] for r in stale))
-        return (
-            f"approval of pull request #{number} by {names} was for an older commit; commits were pushed "
-            f"after it (head {head[:12]}): ask one of {who} to approve again"
-        )
-    return f"pull request #{number} has no approving review; ask one of: {who}"
+        return {"rule": RULE_AFTER_LAST_COMMIT, "reason": f"approval of pull request #{number} by {names} was "
+                f"for an older commit; commits were pushed after it (head {head[:12]}): ask one of {who} to "
+                "approve the last commit"}
+    return {"rule": RULE_APPROVER, "reason": f"pull request #{number} has no approving review; ask one of: {who}"}
 
 
 def _in_any_team(client: GitHubClient, teams: list[tuple[str, str]], login: str) -> bool:

@@ -1,7 +1,8 @@
 """The sticky pull-request comment: one comment per PR, found by a hidden marker, updated in place.
 
 `upsert_sticky_comment` lists the PR's issue comments (all pages), PATCHes the one whose
-body starts with the marker, or POSTs a new one. `comment_on_pr` is what `llmops pr
+body starts with the marker *and* whose author is the token's own identity (see
+`GitHubClient.login`), or POSTs a new one: a marker in anybody else's comment is left alone. `comment_on_pr` is what `llmops pr
 comment` calls: it reads the body file and the PR number from the workflow's environment.
 """
 
@@ -44,15 +45,20 @@ def bound_body(body: str, marker: str = PLAN_MARKER, limit: int = MAX_COMMENT_CH
 
 
 def upsert_sticky_comment(
-    client: GitHubClient, pr_number: int, body: str, marker: str = PLAN_MARKER
+    client: GitHubClient, pr_number: int, body: str, marker: str = PLAN_MARKER, login: str | None = None
 ) -> tuple[str, int]:
-    """Update the PR comment that starts with `marker`, or create it: ("updated"|"created", id)."""
+    """Update the PR comment that starts with `marker` and was written by this token's own
+    login (`login`, else `client.login()`), or create one: ("updated"|"created", id)."""
     if not marker.strip():
         raise LlmopsError("The sticky comment marker is empty; pass a marker such as <!-- llmops-plan -->.")
     text = bound_body(body, marker)
+    me = (login or client.login()).lower()
     comments = client.get_paginated(client.repo_path(f"issues/{pr_number}/comments"))
     for comment in comments:
-        if (comment.get("body") or "").startswith(marker):
+        author = str((comment.get("user") or {}).get("login") or "").lower()
+        # Only our own comment is ours to edit: a marker in someone else's is left alone (and
+        # GitHub would refuse the edit with 403).
+        if author == me and (comment.get("body") or "").startswith(marker):
             updated = client.patch(client.repo_path(f"issues/comments/{comment['id']}"), {"body": text})
             return "updated", int(_field(updated, "id", comment["id"]))
     created = client.post(client.repo_path(f"issues/{pr_number}/comments"), {"body": text})
@@ -113,7 +119,7 @@ def post_sticky_comment(
     env = os.environ if env is None else env
     number = pr_number if pr_number is not None else pr_number_from_env(env)
     client = client_from_env(env, settings)
-    action, comment_id = upsert_sticky_comment(client, number, body, marker)
+    action, comment_id = upsert_sticky_comment(client, number, body, marker, login=client.login(env))
     server = env.get("GITHUB_SERVER_URL", "https://github.com").rstrip("/")
     url = f"{server}/{client.repo}/pull/{number}#issuecomment-{comment_id}"
     return StickyComment(action, comment_id, number, url)

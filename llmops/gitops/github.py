@@ -24,6 +24,7 @@ from llmops.errors import LlmopsError
 from llmops.redact import redact_url
 
 DEFAULT_API_URL = "https://api.github.com"
+ACTIONS_BOT_LOGIN = "github-actions[bot]"  # who GITHUB_TOKEN writes as in GitHub Actions
 API_VERSION = "2022-11-28"
 MAX_PAGES = 100  # 100 pages of 100 items: far beyond any real PR's reviews or comments
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a page of 100 items is a few hundred kB
@@ -85,6 +86,7 @@ class GitHubClient:
         deadline: float = DEADLINE_S,
         max_retry_wait: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
+        token_env: str = "",
     ) -> None:
         if not token:
             raise GitHubError(
@@ -100,6 +102,7 @@ class GitHubClient:
         self._ends = time.monotonic() + deadline
         self.max_retry_wait = max_retry_wait
         self.sleep = sleep
+        self.token_env = token_env  # the variable the token came from (GITHUB_TOKEN: Actions' own)
 
     def __repr__(self) -> str:  # never show the token
         return f"GitHubClient(api_url={self.api_url!r}, repo={self.repo!r})"
@@ -133,11 +136,47 @@ class GitHubClient:
             pages += 1
         return items
 
+    def repository(self) -> dict[str, Any]:
+        """`GET /repos/OWNER/NAME` (the repository, with its `default_branch`)."""
+        data = self.get(self.repo_path(""))
+        if not isinstance(data, dict) or not data.get("default_branch"):
+            raise GitHubError(f"GitHub API GET /repos/{self.repo} gave no default_branch; check GITHUB_API_URL "
+                              "and GITHUB_REPOSITORY.", endpoint=f"GET /repos/{self.repo}")
+        return data
+
+    def login(self, env: Mapping[str, str] | None = None) -> str:
+        """The login this token writes as (a comment's `user.login`).
+
+        LLMOPS_GITHUB_LOGIN wins (e.g. `my-app[bot]` for a GitHub App token); else `GET /user`,
+        which answers for a user's token; an installation token (GITHUB_TOKEN in Actions) gets
+        403 there and writes as `github-actions[bot]`.
+        """
+        env = os.environ if env is None else env
+        if env.get("LLMOPS_GITHUB_LOGIN", "").strip():
+            return env["LLMOPS_GITHUB_LOGIN"].strip()
+        try:
+            user = self.get("/user")
+        except GitHubError as err:
+            if err.status != 403 or isinstance(err, GitHubRateLimitError):
+                raise
+            if self.token_env == "GITHUB_TOKEN":
+                return ACTIONS_BOT_LOGIN
+            raise GitHubError(
+                "This token cannot say who it is (GET /user: 403, an app installation token?); set "
+                "LLMOPS_GITHUB_LOGIN to the login its comments show, such as `APP-SLUG[bot]`.",
+                err.status, err.endpoint,
+            ) from None
+        login = user.get("login") if isinstance(user, dict) else None
+        if not login:
+            raise GitHubError("GitHub API GET /user gave no login; check GITHUB_API_URL.", endpoint="GET /user")
+        return str(login)
+
     def repo_path(self, suffix: str) -> str:
         """`pulls/3` -> `/repos/OWNER/NAME/pulls/3` for this client's repository."""
         if not self.repo:
             raise GitHubError("No GitHub repository: set GITHUB_REPOSITORY=OWNER/NAME or settings.github.repository.")
-        return f"/repos/{self.repo}/{suffix.lstrip('/')}"
+        suffix = suffix.lstrip("/")
+        return f"/repos/{self.repo}/{suffix}" if suffix else f"/repos/{self.repo}"
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -286,17 +325,18 @@ def _retry_after(headers: dict[str, str]) -> float | None:
 def client_from_env(env: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None) -> GitHubClient:
     """A client from GITHUB_TOKEN, GITHUB_REPOSITORY and GITHUB_API_URL.
 
-    `settings.github.repository` from llmops.yaml wins over the environment; the API URL
-    is GITHUB_API_URL when set (GitHub Actions always sets it), then `settings.github.api_url`:
-    llmops.yaml is content a pull request can change, and it must not be able to send the
-    token to a server of its choosing. LLMOPS_GITHUB_TOKEN wins over GITHUB_TOKEN (for a
+    The repository is GITHUB_REPOSITORY and the API URL GITHUB_API_URL when set (GitHub
+    Actions always sets both), then `settings.github.repository` / `api_url`: llmops.yaml is
+    content a pull request can change, and it must not be able to send the token to a server
+    of its choosing, nor have approvals read from a repository whose reviews it controls. LLMOPS_GITHUB_TOKEN wins over GITHUB_TOKEN (for a
     token that may read org teams).
     """
     env = os.environ if env is None else env
     gh = dict((settings or {}).get("github") or {})
-    token = env.get("LLMOPS_GITHUB_TOKEN") or env.get("GITHUB_TOKEN") or ""
-    repo = gh.get("repository") or env.get("GITHUB_REPOSITORY") or ""
+    token_env = "LLMOPS_GITHUB_TOKEN" if env.get("LLMOPS_GITHUB_TOKEN") else "GITHUB_TOKEN"
+    token = env.get(token_env) or ""
+    repo = env.get("GITHUB_REPOSITORY") or gh.get("repository") or ""
     api_url = env.get("GITHUB_API_URL") or gh.get("api_url") or DEFAULT_API_URL
     if not repo:
         raise GitHubError("No GitHub repository: set GITHUB_REPOSITORY=OWNER/NAME or settings.github.repository.")
-    return GitHubClient(token, api_url, repo)
+    return GitHubClient(token, api_url, repo, token_env=token_env)
