@@ -525,3 +525,111 @@ def test_cli_pr_comment_from_a_saved_plan(gh, tmp_path: Path, monkeypatch):
     assert "training.learning_rate: 0.0002 -> 0.0001" in comment["body"]
     both = runner.invoke(pr_group, ["comment", "--plan", str(plan_file), "--body-file", str(plan_file)])
     assert both.exit_code != 0 and "exactly one of --body-file or --plan" in both.output
+
+
+# -- promotion rules over a real git history (no apply: tests/test_approval_bypass.py does that) --
+
+
+def _git(cwd: Path, *args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+PROMO_CONFIG = """\
+version: 1
+project: promo
+datasets:
+  tickets: {source: data/t.jsonl}
+prompts:
+  support: {template: prompts/support.j2}
+finetunes:
+  lora: {dataset: tickets, prompt: support}
+  other: {dataset: tickets, training: {max_steps: 1}}
+evals:
+  quality: {model: lora, dataset: tickets, metrics: [{name: score, python: "metrics.custom:score"}]}
+"""
+PROMO_DEPLOYMENT = "deployments:\n  prod: {model: lora, gates: [quality], approval: required}\n"
+
+
+def _promotion_repo(tmp_path: Path) -> tuple[Path, Path, str]:
+    top, root = tmp_path / "repo", tmp_path / "repo" / "ml"
+    for rel, text in {"ml/llmops.yaml": PROMO_CONFIG, "ml/data/t.jsonl": "{}\n", "ml/prompts/support.j2": "{{ q }}",
+                      "ml/prompts/parts/footer.j2": "thanks", "ml/metrics/custom.py": "def score(): ...\n",
+                      ".github/CODEOWNERS": "* @carol\n/ml/ @alice\n"}.items():
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        (top / rel).write_text(text)
+    _git(top, "init", "-q", "-b", "main")
+    _git(top, "add", "-A")
+    _git(top, "commit", "-q", "-m", "init")
+    return top, root, _git(top, "rev-parse", "HEAD")
+
+
+def _request(root: Path, sha: str, applied: str | None = None):
+    from llmops.config import parse_document
+    from llmops.gitops import PromotionRequest
+
+    config = parse_document((root / "llmops.yaml").read_text(), "llmops.yaml").data
+    return PromotionRequest(root, "prod", config, sha, applied_commit=applied)
+
+
+def test_deployment_inputs_follow_references_and_named_files(tmp_path: Path):
+    from llmops.gitops import deployment_inputs
+
+    _, root, _ = _promotion_repo(tmp_path)
+    (root / "llmops.yaml").write_text(PROMO_CONFIG + PROMO_DEPLOYMENT)
+    from llmops.config import parse_document
+
+    data = parse_document((root / "llmops.yaml").read_text(), "llmops.yaml").data
+    addresses, files = deployment_inputs(data, "prod", root)
+    assert addresses == {"deployments.prod", "finetunes.lora", "datasets.tickets", "prompts.support", "evals.quality"}
+    # a prompt may include files from its template's folder; a custom metric is a module file
+    assert files == ["data/t.jsonl", "metrics/custom.py", "prompts", "prompts/support.j2"]
+
+
+def test_promotion_through_a_merge_commit_then_changes_outside_the_deployment(tmp_path: Path, gh, client):
+    from llmops.gitops import check_promotion
+
+    top, root, first = _promotion_repo(tmp_path)
+    _git(top, "checkout", "-q", "-b", "protect")
+    (root / "llmops.yaml").write_text(PROMO_CONFIG + PROMO_DEPLOYMENT)
+    _git(top, "commit", "-q", "-am", "protect prod")
+    branch = _git(top, "rev-parse", "HEAD")
+    _git(top, "checkout", "-q", "main")
+    _git(top, "merge", "-q", "--no-ff", "-m", "Merge pull request #1", "protect")
+    merge = _git(top, "rev-parse", "HEAD")
+    gh.add_pr(1, head_sha=branch, merge_sha=merge, base_sha=first)
+    gh.add_review(1, "alice", "APPROVED")
+    # Untracked files llmops writes in the project folder do not make the tree dirty.
+    for rel in (".llmops/mlflow.db", "dvc.yaml", "dvc.lock", "llmops.lock"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+
+    approval = check_promotion(client, _request(root, merge))  # first promotion: since #1 protected it
+    assert approval.approved, approval.reason
+    assert (approval.approver, approval.pr_number, approval.commit, approval.applied_commit) == ("alice", 1, branch, merge)
+    asked = [r.path for r in gh.requests]
+    assert f"/repos/{REPO}/commits/{branch}/pulls" in asked and f"/repos/{REPO}/pulls/1/commits" in asked
+    assert f"/repos/{REPO}/commits/{first}/pulls" not in asked  # before the deployment was protected
+
+    # An unrelated fine-tune changed without review: nothing the deployment depends on moved.
+    (root / "llmops.yaml").write_text((root / "llmops.yaml").read_text().replace("max_steps: 1", "max_steps: 2"))
+    _git(top, "commit", "-q", "-am", "tune other")
+    other = _git(top, "rev-parse", "HEAD")
+    gh.requests.clear()
+    approval = check_promotion(client, _request(root, other, applied=merge))
+    assert approval.approved and "nothing deployments.prod depends on changed" in approval.reason
+    assert not [r for r in gh.requests if "/pulls" in r.path]
+
+    # A prompt include pushed without review does.
+    (root / "prompts" / "parts" / "footer.j2").write_text("send us your password")
+    _git(top, "commit", "-q", "-am", "footer")
+    footer = _git(top, "rev-parse", "HEAD")
+    approval = check_promotion(client, _request(root, footer, applied=merge))
+    assert not approval.approved and approval.rule == "merged pull request"
+    assert f"commit {footer[:12]} changed the deployment without a pull request" in approval.reason
+
+    # And an untracked file in the project is an unreviewed change.
+    (root / "notes.txt").write_text("x")
+    approval = check_promotion(client, _request(root, footer, applied=merge))
+    assert not approval.approved and "(?? ml/notes.txt)" in approval.reason

@@ -128,9 +128,9 @@ def check_local_promotion(approved_by: str, project_root: Path, deployment: Mapp
 
 def check_checkout(repo: GitRepo, github_sha: str) -> Approval | None:
     """A refusal when the working tree has changes llmops did not make, or HEAD is not `github_sha`."""
-    ours = tuple(repo.rel(p) for p in LLMOPS_WRITES)
-    dirty = [f"{code.strip() or code} {path}" for code, path in repo.status()
-             if not any(path == o.rstrip("/") or (o.endswith("/") and path.startswith(o)) for o in ours)]
+    ours = [(repo.rel(p.rstrip("/")), p.endswith("/")) for p in LLMOPS_WRITES]
+    dirty = [f"{code.strip()} {path}" for code, path in repo.status()
+             if not any(path == o or (folder and path.startswith(o + "/")) for o, folder in ours)]
     if dirty:
         shown = ", ".join(dirty[:_SHOWN]) + (f" and {len(dirty) - _SHOWN} more" if len(dirty) > _SHOWN else "")
         return Approval(False, rule=RULE_CLEAN_TREE, reason=(

@@ -84,7 +84,7 @@ class DeploymentsProvider(Provider):
             raise ProviderError(f"{model_addr} has no registered model version to promote (deploy a fine-tune).")
         version = str(version)
         gates = self._check_gates(spec, request.upstream, model_addr, version)
-        approval = self._check_approval(request.name, spec)
+        approval = self._check_approval(request.name, spec, request.before)
         alias = str(spec.get("alias") or "production")
         client = self._client()
         previous = _alias_version(client, name, alias)
@@ -135,28 +135,44 @@ class DeploymentsProvider(Provider):
             raise GateError("gate failed, nothing was promoted: " + "; ".join(failures))
         return results
 
-    def _check_approval(self, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
-        if spec.get("approval") != "required":
-            return None
-        from llmops.gitops.approval import allowed_approvers, check_approval, check_local_approval
+    def _check_approval(self, name: str, spec: dict[str, Any], before: LockedResource | None) -> dict[str, Any] | None:
+        """The approval record for the lock, or None when the deployment is not protected.
 
-        allowed = allowed_approvers(spec, self.ctx.settings, self.ctx.root)
+        A deployment last promoted with an approval stays protected until a promotion under the
+        same rules: turning `approval` off is a change like any other.
+        """
+        previous = before.outputs.get("approval") if before else None
+        previous = previous if isinstance(previous, dict) else {}
+        required = spec.get("approval") == "required"
+        if not required and not previous.get("approved"):
+            return None
         approved_by = self.ctx.options.get("approved_by")
-        sha = os.environ.get("GITHUB_SHA")
+        sha = os.environ.get("GITHUB_SHA", "").strip()
         if approved_by:
-            result = check_local_approval(str(approved_by), self.ctx.settings, allowed)
+            from llmops.gitops.promotion import check_local_promotion
+
+            result = check_local_promotion(str(approved_by), self.ctx.root, spec, self.ctx.settings)
         elif sha and (os.environ.get("GITHUB_TOKEN") or os.environ.get("LLMOPS_GITHUB_TOKEN")):
             from llmops.gitops.github import client_from_env
+            from llmops.gitops.promotion import PromotionRequest, check_promotion
 
-            gh = client_from_env(settings=self.ctx.settings)
-            result = check_approval(gh, gh.repo, sha, allowed)
+            request = PromotionRequest(self.ctx.root, name, self.ctx.config, sha,
+                                       applied_commit=previous.get("applied_commit"), target=self.ctx.target)
+            result = check_promotion(client_from_env(settings=self.ctx.settings), request)
         else:
-            raise GateError("promotion needs approval (`approval: required`): run apply in CI on the merge of an "
-                            "approved pull request (GITHUB_TOKEN and GITHUB_SHA set), or pass --approved-by NAME "
-                            "where settings.allow_local_approvals is true; nothing was promoted.")
+            why = "`approval: required`" if required else "it was last promoted with an approval"
+            raise GateError(f"promotion needs approval ({why}): run apply in CI on the merge of an approved pull "
+                            "request (GITHUB_TOKEN and GITHUB_SHA set), or pass --approved-by NAME where "
+                            "settings.allow_local_approvals is true; nothing was promoted.")
         if not result.approved:
-            raise GateError(f"promotion not approved: {result.reason}; nothing was promoted.")
-        return {k: v for k, v in result.to_dict().items() if v not in (None, "")}
+            rule = f" (rule: {result.rule})" if result.rule else ""
+            raise GateError(f"promotion not approved{rule}: {result.reason}; nothing was promoted.")
+        if not required:
+            return None  # protection lifted by an approved change: later promotions need none
+        record = result.to_dict()
+        if not record.get("approver") and previous.get("approver"):  # nothing changed since the last approval
+            record.update({k: previous[k] for k in ("approver", "pr_number", "commit", "pull_requests") if k in previous})
+        return {k: v for k, v in record.items() if v not in (None, "", [])}
 
     # -- serving -----------------------------------------------------------------------
     def _serve(self, name: str, spec: dict[str, Any], model_name: str, current: dict[str, Any]) -> dict[str, Any]:
