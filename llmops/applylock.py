@@ -367,9 +367,7 @@ def shared_lease_for(root: Path, settings: dict[str, Any], project: str, ttl: fl
         return None
 
     def check() -> None:
-        tracking.check_store(root, settings)
-        if registry.startswith(("http://", "https://")) and registry != tracking.tracking_uri(root, settings):
-            tracking.check_reachable(registry)
+        tracking.check_store(root, settings)  # both the tracking and the registry URI
 
     return SharedLease(lambda: tracking.client(root, settings), _display(registry), project, ttl=ttl,
                        renew_every=renew_every, check=check)

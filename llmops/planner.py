@@ -42,7 +42,7 @@ def make_plan(
             _unknown_address(addr, list(config.resources))
     scope = graph.ancestors(select) if select else set(order)
 
-    if refresh and project.lock.resources:
+    if refresh:  # also with an empty lock: find_existing asks the shared stores about creates
         for kind in sorted({r.kind for r in config.resources.values()}):
             provider = project.provider(kind)
             if provider is not None:

@@ -99,8 +99,8 @@ def check_store(root: Path, settings: dict[str, Any]) -> None:
     uri = tracking_uri(root, settings)
     if uri in _CHECKED:
         return
-    if uri.startswith(("http://", "https://")):
-        check_reachable(uri)  # MLflow's own client retries for minutes before giving up
+    check_reachable(uri)  # MLflow's own clients retry for minutes before giving up
+    check_reachable(registry_uri(root, settings))
     try:
         client(root, settings).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for an unreachable store
@@ -153,22 +153,36 @@ def lost_model_version(mlflow_client: Any, name: str, version: str, uri: str) ->
     return None
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, naming the server, when an http(s) tracking server does not answer:
-    MLflow's own client retries with backoff for minutes first."""
+    """Fail in seconds, naming the server, when a tracking server or a registry database
+    does not accept connections: MLflow's own clients retry with backoff for minutes first
+    (urllib3 for http(s), SQLAlchemy for `postgresql://`...). Local stores pass."""
     import socket
     from urllib.parse import urlsplit
 
     if uri in _REACHABLE:  # every MLflow-backed kind asks; one connection per process is enough
         return
-    parts = urlsplit(uri)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+        parts = urlsplit(uri)
+        scheme = parts.scheme.split("+", 1)[0].lower()  # postgresql+psycopg -> postgresql
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return  # not a URL MLflow accepts either: its own error names it
+    if port is None or not parts.hostname:
+        return  # sqlite, file, databricks... nothing to connect to here
+    if scheme in ("http", "https"):
+        what = f"MLflow tracking server {parts.scheme}://{parts.hostname}:{port}"
+    else:
+        what = f"{scheme} database of the MLflow store {display_uri(uri)} (port {port})"
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
     except OSError as exc:
         raise ProviderError(
-            f"cannot reach the MLflow tracking server {parts.scheme}://{parts.hostname}:{port} "
-            f"({exc.strerror or exc}); start it or fix settings.tracking_uri or MLFLOW_TRACKING_URI (or drop --target)."
+            f"cannot reach the {what} ({exc.strerror or exc}); "
+            "start it or fix settings.tracking_uri / settings.registry_uri or MLFLOW_TRACKING_URI (or drop --target)."
         ) from None
     _REACHABLE.add(uri)
 

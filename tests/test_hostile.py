@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from hostile.cases import BASE_FILES, CASES, Case
+from hostile.cases import BASE_FILES, CASES, SECRET, Case
 
-SECRET = "ghp_HostileTestFakeToken0123456789abcdef"
 MEMORY_LIMIT = 1536 * 1024 * 1024  # address space: a runaway allocation fails instead of swapping
 MEMORY_BUDGET = 300 * 1024 * 1024  # peak resident memory of any case (the bound)
 TIMEOUT_S = 30

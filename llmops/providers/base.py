@@ -142,11 +142,10 @@ class Provider(ABC):
         when live state cannot be read at all (an unreachable tracking server), rather than
         hang in client retries or report every resource as drifted."""
         if self.uses_tracking:
-            from llmops.tracking import check_reachable, tracking_uri
+            from llmops.tracking import check_reachable, registry_uri, tracking_uri
 
-            uri = tracking_uri(self.ctx.root, self.ctx.settings)
-            if uri.startswith(("http://", "https://")):
-                check_reachable(uri)
+            check_reachable(tracking_uri(self.ctx.root, self.ctx.settings))
+            check_reachable(registry_uri(self.ctx.root, self.ctx.settings))
 
     def __init__(self, ctx: ProviderContext) -> None:
         self.ctx = ctx

@@ -26,6 +26,9 @@ BASE_FILES: dict[str, str | bytes] = {
     "data/d.jsonl": '{"question": "a", "answer": "b"}\n',
 }
 
+# In the environment as GITHUB_TOKEN, and as a password in some cases' URLs: never printed.
+SECRET = "ghp_HostileTestFakeToken0123456789abcdef"
+
 CONFIG_CMDS = (("validate",), ("plan", "--refresh=false"))
 LOCK_CMDS = (("plan", "--refresh=false"), ("apply", "--auto-approve"))
 
@@ -267,4 +270,11 @@ CASES: list[Case] = [
     Case("extends_outside", _prompt("{% extends 'data/d.jsonl' %}"), ("data/d.jsonl", "not under the folder")),
     Case("import_environ", {**_prompt("{% import 'prompts/env.j2' as e %}{{ question }}")},
          ("prompts/env.j2", "outside the project"), links={"prompts/env.j2": "/proc/self/environ"}),
+    # --- unreachable stores: fail in seconds, host named, password hidden ---
+    Case("unreachable_tracking_server", {"llmops.yaml": BASE_CONFIG.replace(
+        "project: hostile\n", f"project: hostile\nsettings:\n  tracking_uri: http://u:{SECRET}@127.0.0.1:9/\n")},
+        ("cannot reach", "127.0.0.1"), commands=(("plan",),)),
+    Case("unreachable_registry_database", {"llmops.yaml": BASE_CONFIG.replace(
+        "project: hostile\n", f"project: hostile\nsettings:\n  registry_uri: postgresql://u:{SECRET}@127.0.0.1:9/r\n")},
+        ("cannot reach", "127.0.0.1"), commands=(("plan",),)),
 ]
