@@ -585,6 +585,10 @@ def test_deployment_inputs_follow_references_and_named_files(tmp_path: Path):
     assert addresses == {"deployments.prod", "finetunes.lora", "datasets.tickets", "prompts.support", "evals.quality"}
     # a prompt may include files from its template's folder; a custom metric is a module file
     assert files == ["data/t.jsonl", "metrics/custom.py", "prompts", "prompts/support.j2"]
+    # data that DVC tracks: git holds the pointer (the file itself may not even be pulled)
+    (root / "data" / "t.jsonl").unlink()
+    (root / "data" / "t.jsonl.dvc").write_text("outs: [{md5: 0, path: t.jsonl}]\n")
+    assert deployment_inputs(data, "prod", root)[1][:2] == ["data/t.jsonl", "data/t.jsonl.dvc"]
 
 
 def test_promotion_through_a_merge_commit_then_changes_outside_the_deployment(tmp_path: Path, gh, client):

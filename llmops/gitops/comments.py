@@ -2,8 +2,9 @@
 
 `upsert_sticky_comment` lists the PR's issue comments (all pages), PATCHes the one whose
 body starts with the marker *and* whose author is the token's own identity (see
-`GitHubClient.login`), or POSTs a new one: a marker in anybody else's comment is left alone. `comment_on_pr` is what `llmops pr
-comment` calls: it reads the body file and the PR number from the workflow's environment.
+`GitHubClient.login`), or POSTs a new one: a marker in anybody else's comment is left alone.
+`comment_on_pr` is what `llmops pr comment` calls: it reads the body file and the PR number
+from the workflow's environment.
 """
 
 from __future__ import annotations

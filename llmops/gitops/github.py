@@ -328,8 +328,8 @@ def client_from_env(env: Mapping[str, str] | None = None, settings: Mapping[str,
     The repository is GITHUB_REPOSITORY and the API URL GITHUB_API_URL when set (GitHub
     Actions always sets both), then `settings.github.repository` / `api_url`: llmops.yaml is
     content a pull request can change, and it must not be able to send the token to a server
-    of its choosing, nor have approvals read from a repository whose reviews it controls. LLMOPS_GITHUB_TOKEN wins over GITHUB_TOKEN (for a
-    token that may read org teams).
+    of its choosing, nor have approvals read from a repository whose reviews it controls.
+    LLMOPS_GITHUB_TOKEN wins over GITHUB_TOKEN (for a token that may read org teams).
     """
     env = os.environ if env is None else env
     gh = dict((settings or {}).get("github") or {})

@@ -78,8 +78,8 @@ def check_promotion(client: GitHubClient, request: PromotionRequest) -> Approval
     since = _since(repo, request, head)
     commits = _changes(repo, since, head, addresses, files)
     if not commits:
-        return Approval(True, applied_commit=head, reason=(
-            f"nothing deployments.{request.name} depends on changed since the approved commit {str(since)[:12]}"))
+        when = f"since the approved commit {since[:12]}" if since else "in its history"
+        return Approval(True, applied_commit=head, reason=f"nothing deployments.{request.name} depends on changed {when}")
     default_branch = str(client.repository()["default_branch"])
     checked: dict[int, Approval] = {}
     for sha in commits:
@@ -187,8 +187,9 @@ def _strings(value: Any, key: str = "") -> list[tuple[str, str]]:
 
 
 def _named_paths(root: Path, kind: str, key: str, value: str) -> list[str]:
-    """Project files a spec string names: a file or folder, a custom metric's module, and for a
-    prompt template the folder it may include from."""
+    """Project files a spec string names: a file or folder (and its `.dvc` pointer when DVC
+    tracks it: git then holds only the pointer), a custom metric's module, and for a prompt
+    template the folder it may include from."""
     candidates = [value]
     if _MODULE_RE.fullmatch(value):
         module = value.partition(":")[0].replace(".", "/")
@@ -199,11 +200,13 @@ def _named_paths(root: Path, kind: str, key: str, value: str) -> list[str]:
         if pure.is_absolute() or ".." in pure.parts or not rel.strip() or "\n" in rel:
             continue
         try:
-            exists = (root / rel).exists()
+            exists, pointer = (root / rel).exists(), (root / f"{rel}.dvc").is_file()
         except (OSError, ValueError):
             continue
-        if exists:
+        if exists or pointer:
             found.append(pure.as_posix())
+            if pointer:
+                found.append(f"{pure.as_posix()}.dvc")
             if kind == "prompts" and key == "template" and str(pure.parent) != ".":
                 found.append(pure.parent.as_posix())
     return found

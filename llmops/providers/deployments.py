@@ -171,7 +171,8 @@ class DeploymentsProvider(Provider):
             return None  # protection lifted by an approved change: later promotions need none
         record = result.to_dict()
         if not record.get("approver") and previous.get("approver"):  # nothing changed since the last approval
-            record.update({k: previous[k] for k in ("approver", "pr_number", "commit", "pull_requests") if k in previous})
+            kept = ("approver", "pr_number", "commit", "pull_requests")
+            record.update({k: previous[k] for k in kept if k in previous})
         return {k: v for k, v in record.items() if v not in (None, "", [])}
 
     # -- serving -----------------------------------------------------------------------
