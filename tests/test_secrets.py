@@ -126,3 +126,29 @@ def test_planted_secrets_reach_no_output_and_no_file(pg_cluster, tmp_path: Path)
     for rel in ("llmops.lock", "dvc.yaml", "dvc.lock", ".dvc/config"):
         if project.path(rel).is_file():
             assert str(tmp_path) not in project.read(rel), rel
+
+
+def test_a_dvc_remote_password_goes_to_the_local_config_only(project) -> None:
+    """`.dvc/config` is committed: the remote's URL goes there, its user and password into
+    `.dvc/config.local` (DVC's per-machine file), and no output shows the password."""
+    password = "PlantedDvcRemotePassword66"
+    project.copy_example()
+    project.write({"llmops.yaml": f"""\
+        version: 1
+        project: dvcsecret
+        settings:
+          dvc_remote: "https://bob:{password}@127.0.0.1:{_free_port()}/store"
+        datasets:
+          tickets: {{source: data/tickets.jsonl}}
+        """})
+    res = project.run("apply", "--auto-approve", timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1 and "127.0.0.1" in out, out  # nothing listens there
+    assert password not in out
+    committed = project.read(".dvc/config")
+    assert password not in committed and "bob" not in committed and "https://127.0.0.1:" in committed
+    local = project.read(".dvc/config.local")
+    assert f"password = {password}" in local and "user = bob" in local and "auth = basic" in local
+    for path in _files(project.root):
+        if path.name not in ("llmops.yaml", "config.local"):
+            assert password.encode() not in path.read_bytes(), path

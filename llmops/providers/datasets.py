@@ -567,10 +567,13 @@ class DatasetsProvider(Provider):
         from llmops.extras import DVC_REMOTE, require_store_support
 
         require_store_support(remote, DVC_REMOTE)
-        proc = _dvc(root, ["remote", "add", "--default", "--force", REMOTE_NAME, remote], log)
+        url, credentials = _split_credentials(address, remote)
+        proc = _dvc(root, ["remote", "add", "--default", "--force", REMOTE_NAME, url], log)
         if proc.returncode != 0:
             raise ProviderError(f"{address}: cannot configure the DVC remote {redact_url(remote)!r}: "
                                 f"{_dvc_error(proc)}; check settings.dvc_remote.")
+        for option, value in credentials.items():  # .dvc/config.local: never committed
+            _dvc(root, ["remote", "modify", "--local", REMOTE_NAME, option, value], log)
         if not remote.startswith(_TIMEOUT_SCHEMES):
             return
         # Short per-request timeouts, once per machine (.dvc/config.local survives `remote add
@@ -677,3 +680,29 @@ class DatasetsProvider(Provider):
                     atomic_write_text(lock_file, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
             for rel in (data_dir(name), report_dir(name)):
                 shutil.rmtree(root / rel, ignore_errors=True)
+
+
+_CREDENTIAL_SCHEMES = ("http", "https", "ssh", "webdav", "webdavs")
+
+
+def _split_credentials(address: str, remote: str) -> tuple[str, dict[str, str]]:
+    """(URL without user and password, DVC options holding them): the URL goes into the
+    committed .dvc/config, the credentials into .dvc/config.local (DVC's `user`/`password`)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    if "://" not in remote or "@" not in remote.split("://", 1)[1].split("/", 1)[0]:
+        return remote, {}
+    parts = urlsplit(remote)
+    scheme = parts.scheme.lower()
+    if scheme not in _CREDENTIAL_SCHEMES:
+        raise ProviderError(f"{address}: settings.dvc_remote {redact_url(remote)!r} carries credentials in its URL, "
+                            f"which a {scheme}:// remote cannot take from there; drop them from the URL and set them "
+                            "in the environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).")
+    host = parts.netloc.rsplit("@", 1)[1]
+    options = {"user": unquote(parts.username or "")} if parts.username else {}
+    if parts.password is not None:
+        options["password"] = unquote(parts.password)
+        if scheme in ("http", "https"):
+            options["auth"] = "basic"
+    return urlunsplit(parts._replace(netloc=host)), options
+
