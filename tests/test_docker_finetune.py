@@ -19,7 +19,7 @@ from dockerd import ensure_base_image, ensure_docker, skip_reason, tiny_project
 from llmops.errors import ProviderError
 from llmops.runners.select import get_runner, parse_mount
 
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "llmops.schema.json"
+SCHEMA = Path(__file__).resolve().parents[1] / "llmops" / "schemas" / "llmops.schema.json"
 NAME = "dock-lora"
 ADDR = f"finetunes.{NAME}"
 

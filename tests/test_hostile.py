@@ -89,7 +89,7 @@ def test_hostile_input_fails_clearly_and_safely(case: Case, tmp_path: Path) -> N
         out = ran.output
         print(f"{case.name}: llmops {' '.join(args)}: rc={ran.returncode} {ran.seconds:.2f}s "
               f"{ran.peak_rss / 2**20:.0f} MiB")
-        assert ran.returncode != 0, out
+        assert (ran.returncode == 0) == case.succeeds, out
         assert ran.peak_rss < MEMORY_BUDGET, f"peak RSS {ran.peak_rss / 2**20:.0f} MiB, budget {MEMORY_BUDGET / 2**20:.0f}"
         for bad in ("Traceback", "This is a bug", "unexpected", SECRET):
             assert bad not in out, (bad, out)

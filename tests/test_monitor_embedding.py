@@ -154,7 +154,7 @@ def test_a_missing_embedding_model_is_one_clear_error(tmp_path: Path) -> None:
     ({"embedding_models": "models/emb"}, False),
 ])
 def test_schema_accepts_the_embedding_keys(drift: dict, valid: bool) -> None:
-    schema = json.loads((REPO / "schemas" / "llmops.schema.json").read_text())
+    schema = json.loads((REPO / "llmops" / "schemas" / "llmops.schema.json").read_text())
     doc = yaml.safe_load((REPO / "example-project" / "llmops.yaml").read_text())
     doc["monitors"] = {"support-prod": {"log_text": True, "drift": drift}}
     errors = list(Draft202012Validator(schema).iter_errors(doc))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from llmops.providers.base import ApplyRequest, ApplyResult, Drift, ProgressEven
 
 SOURCES: tuple[str, ...] = ("hf", "path", "build")
 HASH_CACHE_NAME = "file-hashes.json"
+MAX_MODEL_FILES = 100_000  # a model folder holds tens of files; a whole disk does not fit
 # A file modified this recently may change again within the same mtime tick; such files are
 # hashed every time instead of being remembered (git's "racily clean" problem).
 RACY_WINDOW_NS = 2_000_000_000
@@ -74,21 +76,34 @@ class FileHashCache:
                 self._entries = {}  # a missing or broken cache is only slower
         return self._entries
 
-    def hash_folder(self, folder: Path) -> dict[str, str]:
-        """{relative posix path: sha256} of the files under `folder` (hidden ones skipped)."""
+    def hash_folder(self, folder: Path, within: Path | None = None) -> dict[str, str]:
+        """{relative posix path: sha256} of the files under `folder` (hidden ones skipped).
+
+        Bounded: at most MAX_MODEL_FILES files; a file that is a symlink must resolve to a
+        regular file inside `within` (default: `folder`), so a link to /proc/kcore or
+        /dev/zero planted in a model folder is refused instead of read."""
         from llmops.train.build import sha256_file
 
         folder = Path(folder).resolve()
+        inside = Path(within).resolve() if within is not None else folder
         result: dict[str, str] = {}
         with self._lock:
             entries = self._load()
             changed = False
             seen: set[str] = set()
             now = time.time_ns()
-            for path in sorted(folder.rglob("*")):
+            for count, path in enumerate(sorted(folder.rglob("*"))):
+                if count >= MAX_MODEL_FILES:
+                    raise ProviderError(f"model folder {folder} has more than {MAX_MODEL_FILES:,} entries; "
+                                        "point the base model at the model's own folder")
                 rel = path.relative_to(folder)
                 if any(part.startswith(".") for part in rel.parts) or not path.is_file():
                     continue
+                if path.is_symlink():
+                    real = path.resolve()
+                    if not real.is_relative_to(inside) or not stat.S_ISREG(real.stat().st_mode):
+                        raise ProviderError(f"{path} in a model folder links to {real}, outside {inside}; "
+                                            "replace the link by the file")
                 key = str(path)
                 seen.add(key)
                 st = path.stat()
@@ -246,13 +261,17 @@ def model_folder(root: Path, outputs: dict[str, Any], inputs: dict[str, Any] | N
         repo = (inputs or {}).get("hf")
         commit = outputs.get("commit")
         found = find_hf_snapshot(repo, commit) if repo and commit else None
-        if found is not None:
-            return found.path
-        locked_path = Path(outputs.get("path") or "")
-        return locked_path if outputs.get("path") and locked_path.is_dir() else None
+        # Never the locked absolute path itself: the lock is content a pull request can
+        # write, and `path: /` would have plan hash the whole filesystem.
+        return found.path if found is not None else None
     rel = outputs.get("path")
-    folder = root / rel if rel else None
-    return folder if folder is not None and folder.is_dir() else None
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        return None
+    base = Path(root).resolve()
+    folder = (base / rel).resolve()
+    if folder == base or not folder.is_relative_to(base):
+        return None  # a lock naming a folder outside the project (or the project itself)
+    return folder if folder.is_dir() else None
 
 
 # --- provider -------------------------------------------------------------------------------
@@ -303,7 +322,7 @@ class BaseModelsProvider(Provider):
                 folder = self._path_folder(name, spec)
             except ProviderError as exc:
                 raise ProviderError(f"base_models.{name}: {exc.message}") from exc
-            return _sha256_json({"files": self.hashes.hash_folder(folder)})
+            return _sha256_json({"files": self.hashes.hash_folder(folder, self.ctx.root)})
         if source == "hf":
             revision = str(spec.get("revision") or "main")
             if _is_commit(revision):
@@ -323,11 +342,11 @@ class BaseModelsProvider(Provider):
             return self._apply_build(request)
         if source == "path":
             folder = self._path_folder(request.name, request.spec)
-            files = self.hashes.hash_folder(folder)
+            files = self.hashes.hash_folder(folder, self.ctx.root)
             return ApplyResult(outputs={"source": "path", "path": request.spec["path"], "files": files})
         revision = str(request.spec.get("revision") or "main")
         snap = resolve_hf_snapshot(request.spec["hf"], revision)
-        files = self.hashes.hash_folder(snap.path)
+        files = self.hashes.hash_folder(snap.path, _hf_repo_dir(snap.path))
         return ApplyResult(
             outputs={"source": "hf", "path": str(snap.path), "files": files, "commit": snap.commit},
             inputs={"hf": snap.repo_id, "revision": revision, "commit": snap.commit},
@@ -377,7 +396,8 @@ class BaseModelsProvider(Provider):
                 return [Drift(f"model folder {out.get('path')} is missing; the build is deterministic: it will be "
                               "built again and verified against the locked sha256 of every file", "restore")]
             return [Drift(f"model folder {out.get('path')} is missing")]
-        drifts = _files_drift(out.get("files", {}), self.hashes.hash_folder(folder))
+        within = _hf_repo_dir(folder) if out.get("source") == "hf" else self.ctx.root
+        drifts = _files_drift(out.get("files", {}), self.hashes.hash_folder(folder, within))
         if drifts and out.get("source") == "build":
             return [Drift(drifts[0].reason + "; it will be built again and verified", "restore")]
         return drifts
@@ -394,7 +414,8 @@ class BaseModelsProvider(Provider):
         elif source == "hf":
             snap = resolve_hf_snapshot(str(before.inputs.get("hf")), str(before.outputs.get("commit")))
             result = ApplyResult(outputs={**before.outputs, "path": str(snap.path),
-                                          "files": self.hashes.hash_folder(snap.path)}, inputs=dict(before.inputs))
+                                          "files": self.hashes.hash_folder(snap.path, _hf_repo_dir(snap.path))},
+                                 inputs=dict(before.inputs))
         else:
             raise ProviderError(f"{request.address}: model folder {before.outputs.get('path')} is missing; "
                                 "put it back (it is yours, llmops does not copy `path:` models).")
@@ -410,6 +431,11 @@ class BaseModelsProvider(Provider):
         folder = self.build_dir(name)
         if folder.is_dir():
             shutil.rmtree(folder)
+
+
+def _hf_repo_dir(snapshot: Path) -> Path:
+    """`models--ORG--NAME/` of a snapshot folder `.../snapshots/COMMIT`: its files link to `blobs/`."""
+    return Path(snapshot).parent.parent
 
 
 def _files_drift(locked_files: dict[str, str], live: dict[str, str]) -> list[Drift]:

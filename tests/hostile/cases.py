@@ -40,6 +40,7 @@ class Case:
     needles: tuple[str, ...]  # each must appear in the output (the file named, the problem)
     links: dict[str, str] = field(default_factory=dict)  # project path -> target
     commands: tuple[tuple[str, ...], ...] = CONFIG_CMDS
+    succeeds: bool = False  # the input is harmless once handled safely: exit 0 is right
 
 
 def _config(extra: str) -> dict[str, str | bytes]:
@@ -277,4 +278,16 @@ CASES: list[Case] = [
     Case("unreachable_registry_database", {"llmops.yaml": BASE_CONFIG.replace(
         "project: hostile\n", f"project: hostile\nsettings:\n  registry_uri: postgresql://u:{SECRET}@127.0.0.1:9/r\n")},
         ("cannot reach", "127.0.0.1"), commands=(("plan",),)),
+    # --- a model folder or a lock that points at the whole machine ---
+    Case("model_file_links_outside", {**_config("base_models:\n  m: {path: models/m}\n"),
+                                       "models/m/config.json": "{}"},
+         ("models/m/weights.bin", "outside"), links={"models/m/weights.bin": "{outside}"},
+         commands=(("plan", "--refresh=false"),)),
+    Case("lock_hf_path_is_root", {**_config("base_models:\n  m: {hf: org/model}\n"),
+                                  **_lock("  base_models.m: {fingerprint: a, inputs: {hf: org/model, commit: abc},"
+                                          " outputs: {source: hf, path: /, commit: abc}}\n")},
+         ("base_models.m",), commands=(("plan",),), succeeds=True),
+    Case("lock_build_path_escapes", {**_config("base_models:\n  m: {path: models/m}\n"), "models/m/x": "1",
+                                     **_lock("  base_models.m: {fingerprint: a, outputs: {source: path, path: ../..}}\n")},
+         ("base_models.m",), commands=(("plan",),), succeeds=True),
 ]
