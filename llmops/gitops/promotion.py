@@ -82,8 +82,9 @@ def check_promotion(client: GitHubClient, request: PromotionRequest) -> Approval
         return Approval(True, applied_commit=head, reason=f"nothing deployments.{request.name} depends on changed {when}")
     default_branch = str(client.repository()["default_branch"])
     checked: dict[int, Approval] = {}
+    pr_commits: dict[int, set[str]] = {}
     for sha in commits:
-        pr = _pull_request_of(client, sha, default_branch)
+        pr = _pull_request_of(client, sha, default_branch, pr_commits)
         if isinstance(pr, Approval):
             return pr
         number = int(pr["number"])
@@ -286,9 +287,11 @@ def _config_changed(repo: GitRepo, sha: str, config_path: str, addresses: set[st
 # -- rules 2-3: the pull request behind each commit, and its reviews -----------------------------
 
 
-def _pull_request_of(client: GitHubClient, sha: str, default_branch: str) -> dict[str, Any] | Approval:
+def _pull_request_of(client: GitHubClient, sha: str, default_branch: str,
+                     pr_commits: dict[int, set[str]]) -> dict[str, Any] | Approval:
     """The pull request merged into the default branch that brought commit `sha` in: the one
-    whose merge commit it is, or whose commits include it. A refusal otherwise."""
+    whose merge commit it is, or whose commits include it (`pr_commits` caches those lists).
+    A refusal otherwise."""
     pulls = client.get_paginated(client.repo_path(f"commits/{sha}/pulls"))
     merged = [p for p in pulls if p.get("merged_at")]
     into_default = [p for p in merged if (p.get("base") or {}).get("ref") == default_branch]
@@ -296,8 +299,11 @@ def _pull_request_of(client: GitHubClient, sha: str, default_branch: str) -> dic
         if pr.get("merge_commit_sha") == sha:
             return pr
     for pr in into_default:
-        commits = client.get_paginated(client.repo_path(f"pulls/{pr['number']}/commits"))
-        if any(c.get("sha") == sha for c in commits):
+        number = int(pr["number"])
+        if number not in pr_commits:
+            listed = client.get_paginated(client.repo_path(f"pulls/{number}/commits"))
+            pr_commits[number] = {str(c.get("sha")) for c in listed if isinstance(c, dict)}
+        if sha in pr_commits[number]:
             return pr
     short = sha[:12]
     if into_default:
