@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from llmops.cli.main import EXIT_CHANGES, EXIT_ERROR, EXIT_INTERRUPTED
+from llmops.errors import LlmopsError
 
 project_dir = click.option("-C", "--chdir", "root", type=click.Path(file_okay=False, path_type=Path),
                            default=".", show_default=True, help="Project folder (holding llmops.yaml).")
@@ -32,12 +33,15 @@ def _open(root: Path, target: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable diagnostics.")
 def validate_cmd(root: Path, target: str | None, as_json: bool) -> int:
     """Check llmops.yaml: syntax, schema, references, cycles, files, prompt examples."""
+    from llmops.cli.github_actions import ActionsEnv
     from llmops.errors import ValidationError
     from llmops.validate import load_config
 
+    gha = ActionsEnv.detect()
     try:
         config = load_config(root.resolve(), target=target)
     except ValidationError as exc:
+        _report_to_actions(gha, "validate", exc, root, {"valid": "false", "errors": len(exc.diagnostics)})
         if as_json:
             click.echo(json.dumps({"valid": False, "diagnostics": [d.to_dict() for d in exc.diagnostics]}, indent=2))
         else:
@@ -46,11 +50,34 @@ def validate_cmd(root: Path, target: str | None, as_json: bool) -> int:
             n = len(exc.diagnostics)
             click.echo(f"{n} error{'s' if n != 1 else ''} found.", err=True)
         return EXIT_ERROR
+    except LlmopsError as exc:
+        _report_to_actions(gha, "validate", exc, root, {"valid": "false"})
+        raise
+    if gha:
+        gha.write_outputs({"valid": "true", "errors": 0, "resources": len(config.resources)})
     if as_json:
         click.echo(json.dumps({"valid": True, "diagnostics": [], "resources": list(config.resources)}, indent=2))
     else:
         click.echo(f"llmops.yaml is valid: {len(config.resources)} resources.")
     return 0
+
+
+def _report_to_actions(gha, command: str, exc: LlmopsError, root: Path, outputs: dict) -> None:
+    """In GitHub Actions: annotations (at the source line when known), the job summary, step outputs."""
+    if gha is None:
+        return
+    from llmops.cli import github_actions as actions
+    from llmops.errors import ValidationError
+
+    root = root.resolve()
+    if isinstance(exc, ValidationError):
+        for line in actions.annotations(exc.diagnostics, root, gha.workspace):
+            click.echo(line, err=True)
+        gha.write_summary(actions.diagnostics_markdown(command, exc.diagnostics, root, gha.workspace))
+    else:
+        click.echo(actions.error_annotation(f"llmops {command}", exc.message), err=True)
+        gha.write_summary(actions.error_markdown(command, exc.message))
+    gha.write_outputs(outputs)
 
 
 def _plan_options(f):
@@ -73,22 +100,32 @@ def _plan_options(f):
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 0: no changes, 1: error, 2: changes present.")
 def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, detailed_exitcode) -> int:
     """Compare llmops.yaml with llmops.lock and live state; show what apply would do."""
+    from llmops.cli.github_actions import ActionsEnv, plan_outputs
+    from llmops.plan_markdown import plan_to_markdown
     from llmops.planner import make_plan
 
-    project = _open(root, target)
-    plan = make_plan(project, refresh=refresh, select=select, replace=replace)
+    gha = ActionsEnv.detect()
+    try:
+        project = _open(root, target)
+        plan = make_plan(project, refresh=refresh, select=select, replace=replace)
+    except LlmopsError as exc:
+        _report_to_actions(gha, "plan", exc, root, {"error": "true"})
+        raise
     if out:
         from llmops.planfile import save_plan
 
         save_plan(plan, out)
+    markdown = plan_to_markdown(plan, project_name=str(project.config.data.get("project", ""))) \
+        if gha or as_markdown else ""
+    if gha:
+        gha.write_summary(markdown)
+        gha.write_outputs(plan_outputs(plan))
     if as_json:
         from llmops.planfile import plan_to_json
 
         click.echo(plan_to_json(plan), nl=False)
     elif as_markdown:
-        from llmops.plan_markdown import plan_to_markdown
-
-        click.echo(plan_to_markdown(plan, project_name=str(project.config.data.get("project", ""))))
+        click.echo(markdown)
     else:
         from llmops.cli.render import render_plan
 
