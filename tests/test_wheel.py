@@ -1,5 +1,6 @@
 """The wheel as a user gets it: built from the source tree, installed into a fresh venv, and
-`llmops init`, `validate` and `plan` run from there in a folder outside the checkout.
+`llmops init`, `validate` and `plan` run from there in a folder outside the checkout; `init` in
+an existing repository on `master`, whose workflows then pass actionlint with shellcheck.
 
 Offline: pip builds without build isolation (setuptools comes from .venv) and installs the
 wheel alone with --no-index. The fresh venv reaches the dependencies already in .venv through
@@ -21,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 import llmops
 
@@ -85,7 +87,7 @@ def test_wheel_is_the_renamed_distribution_with_schema_and_templates(wheel: Path
         if p.is_file() and "__pycache__" not in p.parts
     ]
     assert "llmops/schemas/llmops.schema.json" in data and "llmops/templates/project/gitignore" in data
-    assert "llmops/templates/project/data/tickets.jsonl" in data and "llmops/templates/project/prompts/support.j2" in data
+    assert {"llmops/templates/project/data/tickets.jsonl", "llmops/templates/project/prompts/support.j2"} <= set(data)
     assert sorted(set(data) - names) == []  # every schema, template and probe file ships
 
 
@@ -109,3 +111,24 @@ def test_installed_wheel_inits_validates_and_plans(venv: Path, tmp_path: Path):
     _run([cli, "validate"], cwd=project, env=env)
     plan = _run([cli, "plan", "--refresh=false"], cwd=project, env=env)
     assert "datasets.tickets" in plan.stdout
+
+
+def test_installed_wheel_inits_a_repository_whose_workflows_pass_actionlint(venv: Path, tmp_path: Path):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed: actionlint would skip the run: steps (apt-get install shellcheck)")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q", "-b", "master"], ["commit", "-q", "--allow-empty", "-m", "first"]):
+        _run(["git", *args], cwd=repo)
+    env = _env(venv)
+    _run([str(venv / "bin" / "llmops"), "init"], cwd=repo, env=env)
+    apply_workflow = yaml.safe_load((repo / ".github/workflows/llmops-apply.yml").read_text())
+    # the repository's branch, not main (PyYAML reads the key `on` as True)
+    assert apply_workflow[True]["push"]["branches"] == ["master"]
+    workflows = sorted(str(p) for p in (repo / ".github/workflows").glob("*.yml"))
+    assert len(workflows) == 2
+    actionlint = Path(sys.executable).parent / "actionlint"
+    lint = subprocess.run([str(actionlint), "-no-color", f"-shellcheck={shellcheck}", *workflows],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
