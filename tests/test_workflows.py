@@ -320,29 +320,58 @@ def test_plan_step_exit_codes(plan_wf, tmp_path: Path, code: int, changes_or_err
         assert "::error file=llmops.yaml,line=3::boom" in proc.stderr  # the runner still reads the annotation
 
 
-@pytest.mark.parametrize(("resources", "select"), [
-    (["datasets.d", "prompts.p", "base_models.b", "finetunes.f", "evals.e", "deployments.prod", "monitors.prod"],
+EXAMPLE_GRAPH = [("datasets.d", "base_models.b"), ("datasets.d", "finetunes.f"), ("prompts.p", "finetunes.f"),
+                 ("base_models.b", "finetunes.f"), ("finetunes.f", "evals.e"), ("finetunes.f", "deployments.prod"),
+                 ("evals.e", "deployments.prod"), ("deployments.prod", "monitors.prod"),
+                 ("deployments.prod", "evals.served"), ("evals.served", "evals.after")]
+
+
+def _dot(nodes: list[str], edges: list[tuple[str, str]]) -> str:
+    """`llmops graph --format dot`, as it prints it."""
+    body = [f'  "{n}";' for n in nodes] + [f'  "{a}" -> "{b}";' for a, b in edges]
+    return "\n".join(["digraph llmops {", "  rankdir=LR;", *body, "}"]) + "\n"
+
+
+@pytest.mark.parametrize(("nodes", "edges", "select"), [
+    (["datasets.d", "prompts.p", "base_models.b", "finetunes.f", "evals.e", "deployments.prod", "monitors.prod",
+      "evals.served", "evals.after"], EXAMPLE_GRAPH,
      "--select datasets.d --select prompts.p --select base_models.b --select finetunes.f --select evals.e"),
-    (["deployments.prod"], ""),
-])
-def test_the_gpu_job_applies_everything_but_promotion(plan_wf, tmp_path: Path, resources, select):
+    (["deployments.prod"], [], ""),
+], ids=["a-whole-project", "only-a-deployment"])
+def test_the_gpu_job_applies_everything_but_promotion(plan_wf, tmp_path: Path, nodes, edges, select):
+    """Deployments, monitors and whatever needs a deployment (an eval of what it serves) stay out:
+    `--select` would bring them in as what a selected resource needs."""
     work, temp, bin_dir = tmp_path / "work", tmp_path / "temp", tmp_path / "bin"
     work.mkdir()
     temp.mkdir()
     calls = tmp_path / "calls"
-    _stub(bin_dir, "llmops", f'echo "$*" >> {calls}\n'
-                             f"echo '{json.dumps({'valid': True, 'diagnostics': [], 'resources': resources})}'\n")
+    (tmp_path / "graph.dot").write_text(_dot(nodes, edges))
+    _stub(bin_dir, "llmops", f'echo "$*" >> {calls}\nif [ "$1" = graph ]; then cat {tmp_path / "graph.dot"}; fi\n')
     out = tmp_path / "github_output"
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "GITHUB_OUTPUT": str(out), "RUNNER_TEMP": str(temp),
            "LLMOPS_TARGET": "ci"}
     proc = _run_step(_step(plan_wf, "train-and-evaluate", "Choose what to train and evaluate")["run"], work, env)
     assert proc.returncode == 0, proc.stderr
     assert _outputs(out) == {"select": select}
-    assert calls.read_text() == "validate --target ci --json\n"
+    assert calls.read_text() == "graph --target ci --format dot\n"
     if select:  # the train step runs only with a selection (its `if`); the addresses arrive as words
         train = _step(plan_wf, "train-and-evaluate", "Train and evaluate the candidate (nothing is promoted)")
         assert _run_step(train["run"], work, {**env, "SELECT": select}).returncode == 0
         assert calls.read_text().splitlines()[-1] == f"apply --target ci --auto-approve {select}"
+
+
+def test_the_gpu_job_reads_the_real_graph_output(plan_wf, tmp_path: Path):
+    """The selection script parses what `llmops graph --format dot` really prints (the example project)."""
+    work, temp = tmp_path / "work", tmp_path / "temp"
+    shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns(".llmops", ".github"))
+    temp.mkdir()
+    out = tmp_path / "github_output"
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GITHUB_OUTPUT": str(out),
+           "RUNNER_TEMP": str(temp), "LLMOPS_TARGET": ""}
+    proc = _run_step(_step(plan_wf, "train-and-evaluate", "Choose what to train and evaluate")["run"], work, env)
+    assert proc.returncode == 0, proc.stderr
+    assert _outputs(out)["select"] == ("--select datasets.tickets --select prompts.support --select base_models.tiny "
+                                       "--select finetunes.support-lora --select evals.support-quality")
 
 
 def _git(cwd: Path, *args: str) -> str:
