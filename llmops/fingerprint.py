@@ -1,8 +1,9 @@
 """Fingerprints: what a resource *is*, as one hash.
 
-fingerprint = sha256(kind + canonical spec without cosmetic fields + md5 of every file it
-reads + provider content fingerprint + fingerprints of its upstreams). Change anything
-upstream and every downstream fingerprint changes with it.
+fingerprint = sha256(kind + canonical spec without cosmetic fields and documented defaults +
+md5 of every file it reads + provider content fingerprint + fingerprints of its upstreams).
+Change anything upstream and every downstream fingerprint changes with it; write out a
+default and nothing changes.
 
 File md5s are cached by (size, mtime_ns) in `.llmops/cache/file-md5.json`, as DVC does,
 so a plan does not re-read unchanged files.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.redact import redact_spec
+from llmops.schema import without_defaults
 
 # Fields that never change what a resource is: not part of the fingerprint.
 COSMETIC_FIELDS = frozenset({"description"})
@@ -28,15 +30,16 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def locked_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as recorded in the lock and shown in plans: cosmetic fields removed, secrets
-    redacted (`llmops.redact.redact_spec`)."""
-    return redact_spec({k: v for k, v in spec.items() if k not in COSMETIC_FIELDS})
+def locked_spec(spec: dict[str, Any], kind: str = "") -> dict[str, Any]:
+    """The spec as recorded in the lock and shown in plans: documented defaults and cosmetic
+    fields removed (`llmops.schema.without_defaults`), secrets redacted (`llmops.redact`)."""
+    return redact_spec({k: v for k, v in without_defaults(kind, spec).items() if k not in COSMETIC_FIELDS})
 
 
-def fingerprint_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """What a fingerprint covers: the redacted spec, so a new password rebuilds nothing."""
-    return redact_spec({k: v for k, v in spec.items() if k not in COSMETIC_FIELDS and k not in LOCK_ONLY_FIELDS})
+def fingerprint_spec(spec: dict[str, Any], kind: str = "") -> dict[str, Any]:
+    """What a fingerprint covers: the normalised, redacted spec, so writing out a default or
+    changing a password rebuilds nothing."""
+    return {k: v for k, v in locked_spec(spec, kind).items() if k not in LOCK_ONLY_FIELDS}
 
 
 def fingerprint(
@@ -48,7 +51,7 @@ def fingerprint(
 ) -> str:
     payload = {
         "kind": kind,
-        "spec": fingerprint_spec(spec),
+        "spec": fingerprint_spec(spec, kind),
         "files": files,
         "upstreams": upstreams,
         "content": content,

@@ -67,7 +67,7 @@ def make_plan(
             continue
         locked = project.lock.get(addr)
         after = {
-            "spec": locked_spec(res.spec),
+            "spec": locked_spec(res.spec, res.kind),
             "fingerprint": fp,
             "files": files,
             "upstreams": ups,
@@ -140,7 +140,7 @@ def _decide(project, provider, kind, name, spec, locked, after, planned, refresh
         return ResourceChange(addr, "create", ["new resource (not in llmops.lock)"], None, after)
     before = locked.to_dict()
     reasons: list[str] = []
-    changed_fields = _field_diffs(locked.spec, after["spec"], reasons)
+    changed_fields = _field_diffs(locked.spec, after["spec"], reasons, kind)
     files_changed = _file_diffs(locked.files, after["files"], reasons)
     if after.get("content") is not None and locked.inputs.get("content") not in (None, after["content"]):
         reasons.append("content changed (model files or resolved revision)")
@@ -202,14 +202,25 @@ def _fmt(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _field_diffs(old: dict, new: dict, reasons: list[str]) -> set[str]:
-    """Add `path: old -> new` reasons; return the changed top-level fields."""
+def _field_diffs(old: dict, new: dict, reasons: list[str], kind: str = "") -> set[str]:
+    """Add `path: old -> new` reasons; return the changed top-level fields. A side left out
+    shows its documented default (`0.0002 (default)`): specs are compared without them."""
+    from llmops.schema import defaults_by_path
+
     a, b = _flatten(old), _flatten(new)
+    defaults = defaults_by_path(kind) if kind else {}
+
+    def side(values: dict[str, Any], path: str) -> str:
+        if path in values:
+            return _fmt(values[path])
+        default = defaults.get(".".join("0" if part.isdigit() else part for part in path.split(".")))
+        return _fmt(None) if default is None else f"{_fmt(default)} (default)"
+
     top: set[str] = set()
     for path in sorted(set(a) | set(b)):
         if path in a and path in b and canonical_json(a[path]) == canonical_json(b[path]):
             continue
-        reasons.append(f"{path}: {_fmt(a.get(path))} -> {_fmt(b.get(path))}")
+        reasons.append(f"{path}: {side(a, path)} -> {side(b, path)}")
         top.add(path.split(".")[0])
     return top
 

@@ -21,8 +21,8 @@ from llmops.config import CONFIG_NAME, Document, apply_target, load_document, re
 from llmops.errors import Diagnostic, ValidationError
 from llmops.graph import Graph
 from llmops.refs import references, resolve
+from llmops.schema import SCHEMA_PATH, load_schema
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "llmops.schema.json"
 
 
 @dataclass
@@ -85,7 +85,7 @@ def load_config(root: Path, target: str | None = None, config_name: str = CONFIG
 def _validator():
     from jsonschema import Draft202012Validator
 
-    schema = json.loads(SCHEMA_PATH.read_text())
+    schema = load_schema()
     return Draft202012Validator(schema)
 
 

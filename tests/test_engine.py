@@ -90,7 +90,7 @@ def test_hyperparameter_change_replaces_finetune_and_reruns_downstream(proj):
     plan = plan_of(proj)
     acts = actions(plan)
     assert acts["finetunes.f"] == "replace"
-    assert "training.learning_rate: 0.0002 -> 0.0001" in plan.get("finetunes.f").reasons
+    assert "training.learning_rate: 0.0002 (default) -> 0.0001" in plan.get("finetunes.f").reasons
     assert acts["evals.e"] == "replace"
     assert "upstream finetunes.f changed" in plan.get("evals.e").reasons
     assert acts["deployments.d"] == "update"  # deployments re-check their gates in place
