@@ -85,6 +85,6 @@ def require_store_support(url: str, purpose: str, where: str | None = None) -> N
     label = where or _WHERE[purpose]
     raise LlmopsError(
         f"{label} {redact_url(url)} needs the `{requirement.extra}` extra ({requirement.distribution}) "
-        f"which is not installed; run `pip install 'llmops[{requirement.extra}]'` "
+        f"which is not installed; run `pip install 'llmops-gitops[{requirement.extra}]'` "
         f"(or `pip install '{requirement.distribution}'`)."
     )

@@ -230,7 +230,7 @@ def _from_data(path: Path, data: Any, digest: str) -> Lock:
     if version > LOCK_VERSION:
         raise LockfileError(
             f"{path}: written by a newer llmops (lock_version {version}; this llmops reads up to "
-            f"{LOCK_VERSION}). Upgrade llmops (`pip install -U llmops`) to use this project."
+            f"{LOCK_VERSION}). Upgrade llmops (`pip install -U llmops-gitops`) to use this project."
         )
     resources = data.get("resources") or {}
     if not isinstance(resources, dict):

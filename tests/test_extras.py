@@ -31,17 +31,17 @@ def missing(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 CASES = [
     ("s3://bucket/x", DVC_REMOTE, "dvc_s3",
      ["settings.dvc_remote s3://bucket/x needs the `s3` extra (dvc-s3) which is not installed",
-      "pip install 'llmops[s3]'"]),
+      "pip install 'llmops-gitops[s3]'"]),
     ("S3://bucket/x", DVC_REMOTE, "dvc_s3", ["`s3` extra (dvc-s3)"]),
     ("s3://bucket/x", DVC_REMOTE, "boto3", None),  # DVC reads S3 through dvc-s3, not boto3 directly
     ("s3://bucket/mlflow", MLFLOW_ARTIFACTS, "boto3", ["the MLflow artifact location", "`s3` extra (boto3)"]),
     ("s3://bucket/mlflow", MLFLOW_ARTIFACTS, "dvc_s3", None),
-    ("gs://bucket/x", DVC_REMOTE, "dvc_gs", ["`gcs` extra (dvc-gs)", "pip install 'llmops[gcs]'"]),
+    ("gs://bucket/x", DVC_REMOTE, "dvc_gs", ["`gcs` extra (dvc-gs)", "pip install 'llmops-gitops[gcs]'"]),
     ("gs://bucket/x", MLFLOW_ARTIFACTS, "google.cloud.storage", ["`gcs` extra (google-cloud-storage)"]),
     ("gs://bucket/x", MLFLOW_ARTIFACTS, "google", ["`gcs` extra"]),  # the parent package is missing
     ("azure://container/x", DVC_REMOTE, "dvc_azure", ["`azure` extra (dvc-azure)"]),
     ("wasbs://c@acct.blob.core.windows.net/x", MLFLOW_ARTIFACTS, "azure.storage.blob",
-     ["`azure` extra (azure-storage-blob)", "pip install 'llmops[azure]'"]),
+     ["`azure` extra (azure-storage-blob)", "pip install 'llmops-gitops[azure]'"]),
     ("postgresql://mon:SECRET@db:5432/requests", MONITOR_STORE, "psycopg",
      ["the monitor store postgresql://mon:***@db:5432/requests needs the `postgres` extra (psycopg[binary])"]),
     ("postgresql+psycopg://db/requests", MONITOR_STORE, "psycopg", ["`postgres` extra"]),
