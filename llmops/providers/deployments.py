@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from llmops.errors import GateError, LlmopsError, ProviderError
 from llmops.lockfile import LockedResource
@@ -273,7 +273,8 @@ class DeploymentsProvider(Provider):
         self._stop(name)
         out = locked.outputs
         if out.get("model_name") and out.get("alias"):
-            _delete_alias(self._client(), out["model_name"], out["alias"])
+            _delete_alias(self._client(), str(out["model_name"]), str(out["alias"]), out.get("version"),
+                          lambda msg: self.ctx.log(f"deployments.{name}", msg))
 
 
 def _alias_version(client, model_name: str, alias: str) -> str | None:
@@ -287,10 +288,22 @@ def _alias_version(client, model_name: str, alias: str) -> str | None:
         raise ProviderError(f"cannot read alias {alias} of {model_name}: {exc}") from exc
 
 
-def _delete_alias(client, model_name: str, alias: str) -> None:
+def _delete_alias(client, model_name: str, alias: str, version: Any, log: Callable[[str], None]) -> None:
+    """Remove the alias only while it still points at the version this deployment promoted,
+    a version llmops registered: the lock naming the model and alias is content a pull
+    request can write, and must not unset another model's `production`."""
+    try:
+        current = client.get_model_version_by_alias(model_name, alias)
+    except Exception:  # noqa: BLE001 - already gone
+        return
+    ours = "llmops.fingerprint" in (getattr(current, "tags", None) or {})
+    if not ours or (version is not None and str(current.version) != str(version)):
+        log(f"left alias {alias} of {model_name} in place: it points at version {current.version}, "
+            f"not the version {version} this deployment promoted")
+        return
     try:
         client.delete_registered_model_alias(model_name, alias)
-    except Exception:  # noqa: BLE001 - already gone
+    except Exception:  # noqa: BLE001 - removed meanwhile
         pass
 
 
