@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-# Tests never touch the network or send telemetry.
+# Tests never touch the network or send telemetry, and run as outside GitHub Actions even
+# when CI is GitHub Actions (validate/plan would annotate and write the job's summary).
+for _var in ("GITHUB_ACTIONS", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY", "GITHUB_ENV"):
+    os.environ.pop(_var, None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
