@@ -57,3 +57,18 @@ def test_broken_example_fails_validation_before_any_work(project):
     assert "prompts.support" in res.stderr and "Answer:" in res.stderr
     res = project.run("apply", "--auto-approve")
     assert res.returncode == 1 and not project.path("llmops.lock").exists()
+
+
+def test_a_pull_requests_job_moves_only_its_own_prompt_alias(project):
+    """The PR's CI job applies with LLMOPS_PROMPT_ALIAS=pr-N: the new version is registered,
+    the alias applications read (`default`) stays; main's apply then finds that version."""
+    project.write({"llmops.yaml": CONFIG, "prompts/support.j2": "Q: {{ question }}\nA:"})
+    assert project.run("apply", "--auto-approve").returncode == 0
+    project.write({"prompts/support.j2": "Question: {{ question }}\nAnswer:"})
+    res = project.run("apply", "--auto-approve", env={"LLMOPS_PROMPT_ALIAS": "pr-7"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    c = _client(project)
+    assert int(c.get_prompt_version_by_alias("support", "pr-7").version) == 2
+    assert int(c.get_prompt_version_by_alias("support", "default").version) == 1
+    bad = project.run("apply", "--auto-approve", env={"LLMOPS_PROMPT_ALIAS": "PR 7; rm"})
+    assert bad.returncode == 1 and "LLMOPS_PROMPT_ALIAS" in bad.stdout + bad.stderr

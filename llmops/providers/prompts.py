@@ -3,7 +3,7 @@
 A prompt's fingerprint covers its template files (and static includes); apply registers
 the template as a new prompt version only when its content digest differs from the latest
 registered one, then points the alias of the current target (`--target NAME`, or
-`default`) at it. Refresh reads the alias back: moved by hand, it is drift.
+`default`; `LLMOPS_PROMPT_ALIAS` overrides both, for a pull request's CI job) at it. Refresh reads the alias back: moved by hand, it is drift.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 from llmops.errors import ProviderError
 from llmops.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
+
+PROMPT_ALIAS_ENV = "LLMOPS_PROMPT_ALIAS"
 
 
 class PromptsProvider(Provider):
@@ -30,7 +32,16 @@ class PromptsProvider(Provider):
             return [rel] if isinstance(rel, str) else []
 
     def _alias(self) -> str:
-        return self.ctx.target or "default"
+        """`LLMOPS_PROMPT_ALIAS` (a pull request's CI job sets `pr-N`, so a candidate never moves
+        an alias anyone reads), else the target's name, else `default`."""
+        import os
+        import re
+
+        alias = os.environ.get(PROMPT_ALIAS_ENV, "").strip()
+        if alias and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", alias):
+            raise ProviderError(f"{PROMPT_ALIAS_ENV}={alias[:80]!r} is not a prompt alias: use lower-case letters, "
+                                "digits, '-' and '_' (e.g. pr-42).")
+        return alias or self.ctx.target or "default"
 
     def _client(self):
         from llmops.tracking import client
