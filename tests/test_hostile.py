@@ -4,7 +4,7 @@ Each case of tests/hostile/cases.py runs through the real CLI in a fresh interpr
 planted secret in its environment, under a memory cap and a generous timeout. It must fail
 with a clear message that names the file, without a traceback, an "unexpected" error or
 the secret, delete nothing outside the project, and stay under 300 MiB of resident memory
-(its own peak, from wait4). Timings are printed, not asserted (bench/hostile_corpus.py
+(its own peak: VmHWM, see hostile/measured.py). Timings are printed, not asserted (bench/hostile_corpus.py
 measures them against the 5 s budget); a hang is killed after TIMEOUT_S and fails.
 """
 
@@ -15,7 +15,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,33 +51,32 @@ def _write_case(case: Case, tmp: Path) -> tuple[Path, Path]:
     return root, victim
 
 
+MEASURED = Path(__file__).resolve().parent / "hostile" / "measured.py"
+
+
 @dataclass
 class Ran:
     returncode: int
     output: str
     seconds: float
-    peak_rss: int  # bytes: the child's own high-water mark (wait4), not the test process's
+    peak_rss: int  # bytes: the command's own high-water mark (see hostile/measured.py)
 
 
 def _run(root: Path, args: tuple[str, ...]) -> Ran:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOPS_")}
     env["GITHUB_TOKEN"] = SECRET
     start = time.monotonic()
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llmops", *args], cwd=root, stdout=out,
-                                stderr=subprocess.STDOUT, env=env, preexec_fn=_limit_memory, stdin=subprocess.DEVNULL)
-        timer = threading.Timer(TIMEOUT_S, proc.kill)
-        timer.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        env["LLMOPS_PEAK_RSS_FILE"] = str(peak_file)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-        out.seek(0)
-        text = out.read().decode("utf-8", errors="replace")
-    took = time.monotonic() - start
-    assert took < TIMEOUT_S, f"llmops {' '.join(args)} hung (killed after {TIMEOUT_S}s)"
-    return Ran(proc.returncode, text, took, usage.ru_maxrss * 1024)
+            proc = subprocess.run([sys.executable, str(MEASURED), *args], cwd=root, capture_output=True, env=env,
+                                  timeout=TIMEOUT_S, preexec_fn=_limit_memory, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"llmops {' '.join(args)} hung (killed after {TIMEOUT_S}s)") from None
+        peak = int(peak_file.read_text()) if peak_file.is_file() else 0
+    text = (proc.stdout + proc.stderr).decode("utf-8", errors="replace")
+    return Ran(proc.returncode, text, time.monotonic() - start, peak)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -90,7 +88,7 @@ def test_hostile_input_fails_clearly_and_safely(case: Case, tmp_path: Path) -> N
         print(f"{case.name}: llmops {' '.join(args)}: rc={ran.returncode} {ran.seconds:.2f}s "
               f"{ran.peak_rss / 2**20:.0f} MiB")
         assert (ran.returncode == 0) == case.succeeds, out
-        assert ran.peak_rss < MEMORY_BUDGET, f"peak RSS {ran.peak_rss / 2**20:.0f} MiB, budget {MEMORY_BUDGET / 2**20:.0f}"
+        assert 0 < ran.peak_rss < MEMORY_BUDGET, f"peak RSS {ran.peak_rss / 2**20:.0f} MiB, budget {MEMORY_BUDGET / 2**20:.0f}"
         for bad in ("Traceback", "This is a bug", "unexpected", SECRET):
             assert bad not in out, (bad, out)
         for needle in case.needles:
