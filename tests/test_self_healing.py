@@ -223,7 +223,8 @@ def test_a_remote_that_never_answers_is_given_up_at_the_deadline_without_its_pas
     data_project(project, f'{{dvc_remote: "https://alice:s3cret@127.0.0.1:{blackhole}/dvc"}}')
     res = project.run("apply", "--auto-approve", env={"LLMOPS_DVC_REMOTE_TIMEOUT": "3"}, timeout=60)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert (f"the DVC remote https://***@127.0.0.1:{blackhole}/dvc did not answer `dvc status` within 3s; check "
+    assert "s3cret" not in res.stdout + res.stderr  # its user and password live in .dvc/config.local
+    assert (f"the DVC remote https://127.0.0.1:{blackhole}/dvc did not answer `dvc status` within 3s; check "
             "that it is reachable (network, endpoint, credentials) or give it longer with "
             "LLMOPS_DVC_REMOTE_TIMEOUT=SECONDS.") in res.stdout, res.stdout + res.stderr
     assert "s3cret" not in res.stdout + res.stderr

@@ -92,7 +92,9 @@ class DeploymentsProvider(Provider):
             client.set_registered_model_alias(name, alias, version)
         before = request.before.outputs if request.before else {}
         if before.get("alias") and before.get("alias") != alias and before.get("model_name") == name:
-            _delete_alias(client, name, before["alias"])  # the alias was renamed in llmops.yaml
+            # the alias was renamed in llmops.yaml: the old one goes if it still names our version
+            _delete_alias(client, name, str(before["alias"]), before.get("version"),
+                          lambda msg: self.ctx.log(request.address, msg))
         current = {"version": version, "adapter": model.get("adapter", {}).get("path"),
                    "base_model": model.get("base_model", {}).get("path")}
         outputs: dict[str, Any] = {
