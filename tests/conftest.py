@@ -144,3 +144,17 @@ def s3_server():
             yield url
     except ServiceUnavailable as exc:
         pytest.skip(exc.reason)
+
+
+# The longest files first: with `--dist loadfile` (scripts/test.sh) each file runs on one
+# worker, so a long file collected last would run alone at the end. Order within a file stays.
+SLOW_FIRST = ("test_shared_state.py", "test_deploy_flow.py", "test_secrets.py", "test_self_healing.py",
+              "test_serve_identity.py", "test_docker_serve.py", "test_mlflow_server.py", "test_init_apply.py",
+              "test_approval_bypass.py", "test_monitor_flow.py", "test_apply_lock.py", "test_docker_finetune.py",
+              "test_prompts_provider.py", "test_s3_stores.py", "test_mlflow_model.py", "test_finetunes_provider.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+

@@ -251,7 +251,8 @@ def test_sigkill_mid_apply_leaves_a_valid_lock_and_the_next_apply_resumes(projec
 
 
 _INTERRUPT_SCRIPT = r"""
-import json, sys
+import json, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
 sys.path.insert(0, {tests!r})
 import engine_providers as ep
 from llmops.apply import apply_plan
