@@ -104,15 +104,17 @@ def request_head(method: str, path: str, length: int | None = None, token: str |
 # --- many clients at once ------------------------------------------------------------------
 
 
-def test_200_concurrent_clients_are_all_answered_by_a_bounded_number_of_threads(guarded: dict) -> None:
+def test_200_concurrent_clients_are_all_answered_by_a_bounded_number_of_threads_and_memory(guarded: dict) -> None:
     clients, generating = 200, 20
     start = threading.Barrier(clients + 1)
     results: list[Any] = [None] * clients
     peak, sampling = [0], threading.Event()
+    rss_before, rss_peak = _rss(), [0]
 
     def sample() -> None:
         while not sampling.is_set():
             peak[0] = max(peak[0], handler_threads(guarded))
+            rss_peak[0] = max(rss_peak[0], _rss())
             time.sleep(0.002)
 
     def client(i: int) -> None:
@@ -157,6 +159,18 @@ def test_200_concurrent_clients_are_all_answered_by_a_bounded_number_of_threads(
     print(f"\n{clients} clients x 2 requests in {elapsed:.2f}s (slowest client {slowest:.2f}s), "
           f"peak handler threads {peak[0]} (bound {MAX_CONNECTIONS})")
     assert 1 <= peak[0] <= MAX_CONNECTIONS + 1  # +1: a finishing thread may overlap the next one's start
+    grown = (rss_peak[0] - rss_before) / 2**20  # server and 200 client threads share this process
+    print(f"resident memory grew by {grown:.0f} MiB at most")
+    assert grown < 256
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (VmRSS)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 # --- slow clients ---------------------------------------------------------------------------
