@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The test suite: offline, CPU only. With no arguments, the whole suite runs on
 # LLMOPS_TEST_WORKERS pytest-xdist workers (default 2), one test file per worker at a time
-# (--dist loadfile: a file's tests share module fixtures and some build on each other);
+# (--dist loadfile: a file's tests share module fixtures and some build on each other), in
+# collection order (tests/conftest.py puts the longest files first; xdist would sort by test count);
 # the slowest tests are listed at the end. With arguments, pytest gets exactly those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
 if [ "$#" -eq 0 ]; then
-  exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${LLMOPS_TEST_WORKERS:-2}" --dist loadfile \
+  exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${LLMOPS_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
     --durations=25 tests
 fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
