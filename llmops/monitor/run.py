@@ -8,10 +8,9 @@
 - `training_rows(project, deployment)`: that reference, followed through llmops.lock:
   deployment outputs -> model address -> the fine-tune's dataset upstream -> its outputs.
 - `export_project_feedback`: rated requests of a monitor's store as JSONL.
-- `public_url`: a store URL with its password redacted (for the lock, state files, output).
 
-Only the standard library is imported at module level (the server's process manager uses
-`public_url`); numpy and the monitor runner are imported when a monitor runs.
+Only the standard library is imported at module level; numpy and the monitor runner are
+imported when a monitor runs.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from llmops.monitor.errors import MonitorError
-from llmops.redact import redact_url
 
 if TYPE_CHECKING:
     from llmops.lockfile import LockedResource
@@ -32,11 +30,6 @@ if TYPE_CHECKING:
 REPORTS_DIR = Path(".llmops") / "reports" / "monitor"
 BASE_MODEL = "base_model"  # `drift.embedding_model: base_model` (as in llmops.monitor.embedding, numpy-free here)
 Log = Callable[[str], None]
-
-
-def public_url(url: str) -> str:
-    """`url` as it may be shown and recorded: its password redacted (`llmops.redact.redact_url`)."""
-    return redact_url(url)
 
 
 @dataclass

@@ -49,22 +49,22 @@ def serving_monitor(ctx: ProviderContext, deployment: str) -> ServedMonitor | No
 
 
 def _wanted(monitor: ServedMonitor | None) -> dict[str, Any] | None:
-    from llmops.monitor.run import public_url
+    from llmops.redact import redact_url
 
-    return None if monitor is None else {"store": public_url(monitor.store), "log_text": monitor.log_text}
+    return None if monitor is None else {"store": redact_url(monitor.store), "log_text": monitor.log_text}
 
 
 def _recorded_store(root: Path, url: str) -> str:
     """The store as llmops.lock records it: no password, and a SQLite file inside the project
     relative to it (`sqlite:///.llmops/monitor/NAME.db`), so the lock holds no machine's path."""
-    from llmops.monitor.run import public_url
+    from llmops.redact import redact_url
 
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         base = root.resolve()
         if path.is_absolute() and path.is_relative_to(base):
             return "sqlite:///" + path.relative_to(base).as_posix()
-    return public_url(url)
+    return redact_url(url)
 
 
 class MonitorsProvider(Provider):

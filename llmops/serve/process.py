@@ -181,14 +181,14 @@ def server_args(model_dir, adapter_dir, model_name: str, request_log, monitor_st
         args += ["--request-log", str(request_log)]
     monitor = None
     if monitor_store:
-        from llmops.monitor.run import public_url
+        from llmops.redact import redact_url
 
-        if public_url(monitor_store) != monitor_store:
+        if redact_url(monitor_store) != monitor_store:
             env[MONITOR_STORE_ENV] = monitor_store
             args += ["--monitor-store-env", MONITOR_STORE_ENV]
         else:
             args += ["--monitor-store", monitor_store]
-        monitor = {"store": public_url(monitor_store), "log_text": bool(log_text)}
+        monitor = {"store": redact_url(monitor_store), "log_text": bool(log_text)}
     if log_text:
         args += ["--log-text"]
     return args, monitor
