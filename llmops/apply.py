@@ -1,20 +1,26 @@
 """apply_plan: run a plan's changes in dependency order, recording each success in the lock.
 
 Independent resources run in parallel (threads; the heavy work happens in subprocesses or
-native code). Only the calling thread touches the lock: each success is written
-atomically as soon as it is known, so an interrupted apply resumes where it stopped.
+native code). Only the calling thread touches the lock: each success is recorded as soon as
+it is known (an fsynced line of the lock's journal, folded into llmops.lock when the apply
+ends), so an interrupted or killed apply resumes where it stopped.
 A failure skips everything downstream of it; by default nothing new starts after it.
 Ctrl-C stops launching work, asks running work to stop, and keeps the lock consistent.
+
+Scheduling costs the same per resource however big the project: each change waits on a count
+of its unfinished upstreams, a completion decrements its dependents' counts, and changes whose
+count reaches zero join a ready queue in plan order.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from llmops.errors import LlmopsError, ProviderError
-from llmops.lockfile import LockedResource, save_lock
+from llmops.lockfile import LockedResource, LockJournal
 from llmops.plan import Plan, ResourceChange
 from llmops.project import Project
 from llmops.providers.base import ApplyRequest, ApplyResult, ProgressEvent
@@ -67,16 +73,19 @@ def apply_plan(
         if provider is not None:
             provider.warm_up()
 
+    journal = LockJournal(project.lock, project.lock_path)
     try:
         for change in [c for c in work if c.action == "delete"]:
             if cancel.is_set() or (report.failed and not keep_going):
                 report.skipped[change.address] = "apply stopped before it started"
                 continue
-            _run_one(project, change, hooks, report, lambda: _delete(project, change))
-        _run_graph(project, [c for c in work if c.action != "delete"], hooks, report,
+            _run_one(project, change, hooks, report, lambda: _delete(project, journal, change))
+        _run_graph(project, journal, [c for c in work if c.action != "delete"], hooks, report,
                    parallelism, keep_going, cancel)
     except KeyboardInterrupt:
         report.interrupted = True
+    finally:
+        journal.close()
     return report
 
 
@@ -103,15 +112,14 @@ def _message(exc: BaseException) -> str:
     return f"unexpected {type(exc).__name__}: {exc}{where}; please report it with the apply log."
 
 
-def _delete(project: Project, change: ResourceChange) -> None:
+def _delete(project: Project, journal: LockJournal, change: ResourceChange) -> None:
     locked = project.lock.get(change.address)
     provider = project.provider(change.kind)
     if provider is None:
         raise ProviderError(_no_provider(change.kind, change.address))
     if locked is not None:
         provider.delete(change.name, locked)
-    project.lock.remove(change.address)
-    save_lock(project.lock, project.lock_path)
+    journal.remove(change.address)
 
 
 def _no_provider(kind: str, address: str) -> str:
@@ -120,22 +128,34 @@ def _no_provider(kind: str, address: str) -> str:
             f"--select to apply other resources.")
 
 
-def _run_graph(project, changes, hooks, report, parallelism, keep_going, cancel) -> None:
+def _run_graph(project, journal, changes, hooks, report, parallelism, keep_going, cancel) -> None:
     pending = {c.address: c for c in changes}
-    in_work = set(pending)
-    done: set[str] = set()
+    order = {c.address: i for i, c in enumerate(changes)}
+    waiting: dict[str, int] = {}  # address -> upstreams in this apply not yet applied
+    dependents: dict[str, list[ResourceChange]] = {a: [] for a in pending}
+    ready: list[tuple[int, str]] = []  # heap by plan position: launches keep the plan's order
+    for c in changes:
+        ups = {d for d in c.depends_on if d in pending}
+        waiting[c.address] = len(ups)
+        for d in ups:
+            dependents[d].append(c)
+        if not ups:
+            ready.append((order[c.address], c.address))
+    heapq.heapify(ready)
     running: dict[Future, ResourceChange] = {}
     stop = False
 
-    def ready(c: ResourceChange) -> bool:
-        return all(d not in in_work or d in done for d in c.depends_on)
+    def finished_ok(addr: str) -> None:
+        for c in dependents[addr]:
+            waiting[c.address] -= 1
+            if waiting[c.address] == 0 and c.address in pending:
+                heapq.heappush(ready, (order[c.address], c.address))
 
     def skip_downstream(addr: str, why: str) -> None:
         todo = [addr]
         while todo:
-            a = todo.pop()
-            for c in list(pending.values()):
-                if a in c.depends_on and c.address not in report.skipped:
+            for c in dependents[todo.pop()]:
+                if c.address in pending and c.address not in report.skipped:
                     report.skipped[c.address] = why
                     hooks.skipped(c.address, why)
                     del pending[c.address]
@@ -144,13 +164,12 @@ def _run_graph(project, changes, hooks, report, parallelism, keep_going, cancel)
     with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="llmops-apply") as pool:
         try:
             while pending or running:
-                if not stop:
-                    for c in [c for c in pending.values() if ready(c)]:
-                        if len(running) >= parallelism:
-                            break
-                        del pending[c.address]
-                        hooks.pre_apply(c)
-                        running[pool.submit(_apply_change, project, c, hooks, cancel)] = c
+                while not stop and ready and len(running) < parallelism:
+                    c = pending.pop(heapq.heappop(ready)[1], None)
+                    if c is None:
+                        continue  # skipped since it became ready
+                    hooks.pre_apply(c)
+                    running[pool.submit(_apply_change, project, c, hooks, cancel)] = c
                 if not running:
                     break
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -158,11 +177,11 @@ def _run_graph(project, changes, hooks, report, parallelism, keep_going, cancel)
                     c = running.pop(fut)
                     exc = fut.exception()
                     if exc is None:
-                        _record(project, c, fut.result())
-                        done.add(c.address)
+                        _record(journal, c, fut.result())
                         report.applied.append(c.address)
                         hooks.post_apply(c, None)
                         hooks.recorded(c, project.lock.get(c.address).outputs)
+                        finished_ok(c.address)
                     else:
                         report.failed[c.address] = _message(exc)
                         hooks.post_apply(c, exc)
@@ -181,7 +200,7 @@ def _run_graph(project, changes, hooks, report, parallelism, keep_going, cancel)
                     report.failed[c.address] = _message(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted"
                     hooks.post_apply(c, exc)
                 else:
-                    _record(project, c, result)
+                    _record(journal, c, result)
                     report.applied.append(c.address)
                     hooks.post_apply(c, None)
             running.clear()
@@ -221,9 +240,9 @@ def _apply_change(project: Project, change: ResourceChange, hooks: ApplyHooks, c
     return result
 
 
-def _record(project: Project, change: ResourceChange, result: ApplyResult | None) -> None:
+def _record(journal: LockJournal, change: ResourceChange, result: ApplyResult | None) -> None:
     after = change.after or {}
-    previous = project.lock.get(change.address)
+    previous = journal.lock.get(change.address)
     if result is None:  # lock-only update: keep what was recorded, refresh the spec
         inputs = previous.inputs if previous else {}
         outputs = previous.outputs if previous else {}
@@ -232,7 +251,7 @@ def _record(project: Project, change: ResourceChange, result: ApplyResult | None
         outputs = dict(result.outputs)
     if after.get("content") is not None:
         inputs["content"] = after["content"]
-    project.lock.set(LockedResource(
+    journal.set(LockedResource(
         address=change.address,
         fingerprint=after["fingerprint"],
         spec=after.get("spec", {}),
@@ -241,4 +260,3 @@ def _record(project: Project, change: ResourceChange, result: ApplyResult | None
         inputs=inputs,
         outputs=outputs,
     ))
-    save_lock(project.lock, project.lock_path)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from llmops.errors import ApplyLockedError, LlmopsError
+from llmops.lockfile import compact_journal
 
 if TYPE_CHECKING:
     from llmops.project import Project
@@ -387,11 +388,14 @@ class ApplyLock:
     lease when `shared` is given, both under one lock ID. `timeout` (seconds) retries until the
     lock is free, then refuses as timeout 0 does. `took_over` names a previous holder that died
     holding it (its info was still in the file, or its lease had expired); `lost` says when the
-    shared lease was taken away while held."""
+    shared lease was taken away while held. With `lock_path`, the journal a killed apply left
+    beside that llmops.lock is folded into it once the lock is held, so the file to commit is
+    complete even when this apply has nothing to do."""
 
     def __init__(self, state_dir: Path, command: str = "apply", timeout: float = 0.0,
-                 shared: SharedLease | None = None) -> None:
+                 shared: SharedLease | None = None, lock_path: Path | None = None) -> None:
         self.state_dir = state_dir
+        self.lock_path = lock_path
         self.command = command
         self.timeout = max(0.0, timeout)
         self.shared = shared
@@ -406,7 +410,8 @@ class ApplyLock:
         config = project.config
         shared = shared_lease_for(project.root, config.settings, str(config.data.get("project", "")),
                                   ttl=lease_ttl, renew_every=renew_every)
-        return cls(project.state_dir, command=command, timeout=timeout, shared=shared)
+        return cls(project.state_dir, command=command, timeout=timeout, shared=shared,
+                   lock_path=project.lock_path)
 
     @property
     def lost(self) -> str | None:
@@ -430,6 +435,12 @@ class ApplyLock:
                 raise ApplyLockedError(self._shared_refusal(other))
             self.took_over = self.took_over or other
         self.info = info
+        if self.lock_path is not None:
+            try:
+                compact_journal(self.lock_path)
+            except BaseException:
+                self.release()
+                raise
         return info
 
     def release(self) -> None:

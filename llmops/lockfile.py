@@ -9,14 +9,30 @@ Invariants:
 - Each resource is one block separated by a blank line, so two branches that change
   different resources merge without conflict in git.
 
-Serialisation is cached per resource block, so writing the lock after every resource of
-a big apply costs a string join, not a re-dump of every entry.
+Serialisation is cached per resource block and the sorted address order is kept as entries
+come and go (bisect), so a dump costs a string join, not a sort and a re-dump of every entry.
+
+During an apply, each finished resource is recorded in a journal beside the lock instead of
+rewriting the whole file (`LockJournal`): one fsynced JSON line per change, so the cost of
+recording does not grow with the project. Journal invariants:
+- It lives at `.llmops/llmops.lock.journal`; its first line names the sha256 of the
+  llmops.lock text it extends (`base`), each later line is one change, written and fsynced
+  before that change counts as recorded. A kill loses at most a line still being written.
+- `load_lock` replays it onto the lock when `base` is the lock's digest, so `plan`,
+  `lock --check` and the next apply see what a killed apply finished. A journal that extends
+  another lock (the file changed since, e.g. by a git checkout) is refused with what to do,
+  never applied to the wrong lock.
+- `save_lock` writes the whole state, so it supersedes the journal: it appends a
+  `compacted` line naming the digest it is about to write, replaces the lock, then deletes the
+  journal. A kill in between leaves a journal that `load_lock` knows is already folded in.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +45,8 @@ from llmops.fsutil import atomic_write_text
 
 LOCK_VERSION = 1
 LOCK_NAME = "llmops.lock"
+JOURNAL_NAME = "llmops.lock.journal"
+JOURNAL_VERSION = 1
 HEADER = (
     "# llmops.lock: maintained by llmops; do not edit by hand.\n"
     "# It records what `llmops apply` last did. Commit it with llmops.yaml.\n"
@@ -99,21 +117,40 @@ class Lock:
 
     resources: dict[str, LockedResource] = field(default_factory=dict)
     _blocks: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
-    # Digest of the text this lock was loaded from, while unmodified (saves a re-dump).
+    # Digest of the lock file's text while this lock is exactly that file (loaded or saved,
+    # unmodified since, no journal replayed on top): saves a re-dump.
     _loaded_digest: str | None = field(default=None, repr=False, compare=False)
+    # Addresses in output order and their sort keys, kept by set/remove once built.
+    _order: list[str] | None = field(default=None, repr=False, compare=False)
+    _keys: list[tuple[int, str]] = field(default_factory=list, repr=False, compare=False)
 
     def get(self, address: str) -> LockedResource | None:
         return self.resources.get(address)
 
     def set(self, entry: LockedResource) -> None:
+        if entry.address not in self.resources and self._order is not None:
+            key = address_sort_key(entry.address)
+            i = bisect.bisect_left(self._keys, key)
+            self._keys.insert(i, key)
+            self._order.insert(i, entry.address)
         self.resources[entry.address] = entry
         self._blocks.pop(entry.address, None)
         self._loaded_digest = None
 
     def remove(self, address: str) -> None:
+        if address in self.resources and self._order is not None:
+            i = bisect.bisect_left(self._keys, address_sort_key(address))
+            del self._keys[i], self._order[i]
         self.resources.pop(address, None)
         self._blocks.pop(address, None)
         self._loaded_digest = None
+
+    def addresses(self) -> list[str]:
+        """Addresses in lock order (kind order, then name); the list is the lock's own, do not change it."""
+        if self._order is None or len(self._order) != len(self.resources):
+            self._order = sorted(self.resources, key=address_sort_key)
+            self._keys = [address_sort_key(a) for a in self._order]
+        return self._order
 
     def dumps(self) -> str:
         parts = [HEADER, f"lock_version: {LOCK_VERSION}\n"]
@@ -121,7 +158,7 @@ class Lock:
             parts.append("resources: {}\n")
             return "".join(parts)
         parts.append("resources:\n")
-        for addr in sorted(self.resources, key=address_sort_key):
+        for addr in self.addresses():
             block = self._blocks.get(addr)
             if block is None:
                 block = _dump_block(self.resources[addr])
@@ -153,7 +190,22 @@ def lock_path(root: Path) -> Path:
 
 
 def load_lock(path: Path) -> Lock:
-    """Load and validate a lockfile; a missing file is an empty lock."""
+    """Load and validate a lockfile, with the journal of an unfinished apply replayed onto it;
+    a missing file is an empty lock."""
+    # The journal is opened before the lock is read: if an apply compacts it meanwhile, this
+    # open file still ends with the `compacted` line naming the lock that was then read.
+    journal = _open_journal(path)
+    try:
+        lock = _load_file(path)
+        if journal is not None:
+            _replay(lock, path, _read_all(journal))
+    finally:
+        if journal is not None:
+            os.close(journal)
+    return lock
+
+
+def _load_file(path: Path) -> Lock:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -237,40 +289,45 @@ def _from_data(path: Path, data: Any, digest: str) -> Lock:
         raise LockfileError(f"{path}: `resources` must be a mapping of address to entry. {recover}")
     lock = Lock()
     for addr, raw in resources.items():
-        problem = address_problem(addr)
-        if problem:
-            raise LockfileError(
-                f"{path}: entry {str(addr)[:120]!r} is not a resource address ({problem}); a crafted or "
-                f"corrupt lock could make llmops act on files outside the project. {recover}")
-        if not isinstance(raw, dict) or not isinstance(raw.get("fingerprint"), str):
-            raise LockfileError(f"{path}: entry {addr!r} has no fingerprint (a string). {recover}")
-        unknown = set(map(str, raw)) - set(_ENTRY_KEYS)
-        if unknown:
-            raise LockfileError(f"{path}: entry {addr!r} has unknown keys {sorted(unknown)}. {recover}")
-        for key in ("spec", "files", "upstreams", "inputs", "outputs"):
-            if not isinstance(raw.get(key) or {}, dict):
-                raise LockfileError(f"{path}: entry {addr!r}: `{key}` must be a mapping. {recover}")
-        for key in ("files", "upstreams"):
-            for k, v in (raw.get(key) or {}).items():
-                if not isinstance(k, str) or not isinstance(v, str):
-                    raise LockfileError(f"{path}: entry {addr!r}: `{key}` must map strings to strings "
-                                        f"(found {str(k)[:60]!r}: {str(v)[:60]!r}). {recover}")
-        for up in raw.get("upstreams") or {}:
-            problem = address_problem(up)
-            if problem:
-                raise LockfileError(f"{path}: entry {addr!r}: upstream {up[:120]!r} is not a resource address "
-                                    f"({problem}). {recover}")
-        lock.resources[addr] = LockedResource(
-            address=addr,
-            fingerprint=raw["fingerprint"],
-            spec=raw.get("spec") or {},
-            files=raw.get("files") or {},
-            upstreams=raw.get("upstreams") or {},
-            inputs=raw.get("inputs") or {},
-            outputs=raw.get("outputs") or {},
-        )
+        lock.resources[addr] = _entry(path, addr, raw, recover)
     lock._loaded_digest = digest
     return lock
+
+
+def _entry(path: Path, addr: Any, raw: Any, recover: str) -> LockedResource:
+    """One validated entry (of the lock or of its journal)."""
+    problem = address_problem(addr)
+    if problem:
+        raise LockfileError(
+            f"{path}: entry {str(addr)[:120]!r} is not a resource address ({problem}); a crafted or "
+            f"corrupt lock could make llmops act on files outside the project. {recover}")
+    if not isinstance(raw, dict) or not isinstance(raw.get("fingerprint"), str):
+        raise LockfileError(f"{path}: entry {addr!r} has no fingerprint (a string). {recover}")
+    unknown = set(map(str, raw)) - set(_ENTRY_KEYS)
+    if unknown:
+        raise LockfileError(f"{path}: entry {addr!r} has unknown keys {sorted(unknown)}. {recover}")
+    for key in ("spec", "files", "upstreams", "inputs", "outputs"):
+        if not isinstance(raw.get(key) or {}, dict):
+            raise LockfileError(f"{path}: entry {addr!r}: `{key}` must be a mapping. {recover}")
+    for key in ("files", "upstreams"):
+        for k, v in (raw.get(key) or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise LockfileError(f"{path}: entry {addr!r}: `{key}` must map strings to strings "
+                                    f"(found {str(k)[:60]!r}: {str(v)[:60]!r}). {recover}")
+    for up in raw.get("upstreams") or {}:
+        problem = address_problem(up)
+        if problem:
+            raise LockfileError(f"{path}: entry {addr!r}: upstream {up[:120]!r} is not a resource address "
+                                f"({problem}). {recover}")
+    return LockedResource(
+        address=addr,
+        fingerprint=raw["fingerprint"],
+        spec=raw.get("spec") or {},
+        files=raw.get("files") or {},
+        upstreams=raw.get("upstreams") or {},
+        inputs=raw.get("inputs") or {},
+        outputs=raw.get("outputs") or {},
+    )
 
 
 # Parsing YAML in pure Python dominates plan time on big projects, so the parsed lock is
@@ -297,5 +354,184 @@ def _write_parse_cache(path: Path, digest: str, data: Any) -> None:
 
 
 def save_lock(lock: Lock, path: Path) -> None:
-    """Write the lock atomically (temp file, fsync, rename)."""
-    atomic_write_text(path, lock.dumps())
+    """Write the whole lock atomically (temp file, fsync, rename); it supersedes a journal."""
+    text = lock.dumps()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    journal = journal_path(path)
+    if journal.exists():
+        # Named before the replace: a kill between the two leaves a journal known to be folded in.
+        fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            _append(fd, json.dumps({"op": "compacted", "digest": digest}))
+        finally:
+            os.close(fd)
+        atomic_write_text(path, text)
+        journal.unlink(missing_ok=True)
+    else:
+        atomic_write_text(path, text)
+    lock._loaded_digest = digest
+
+
+def journal_path(path: Path) -> Path:
+    """Where the journal of lock file `path` lives (in the project's state folder)."""
+    return path.parent / ".llmops" / JOURNAL_NAME
+
+
+class LockJournal:
+    """Records an apply's changes to `lock` (saved at `path`) as they happen, at a cost that
+    does not grow with the lock: one fsynced journal line per change (see the module docstring).
+
+    The first change is a whole-lock write (the lock file then exists and holds everything up
+    to it, as before journals) and starts a journal extending that file; so does a change whose
+    value JSON cannot carry exactly. `close` folds the journal into llmops.lock. Used by one
+    thread.
+    """
+
+    def __init__(self, lock: Lock, path: Path) -> None:
+        self.lock = lock
+        self.path = path
+        self.pending = 0  # changes in the journal, not yet in llmops.lock
+        self._fd: int | None = None
+
+    def set(self, entry: LockedResource) -> None:
+        self.lock.set(entry)
+        self._record({"op": "set", "address": entry.address, "entry": entry.to_dict()})
+
+    def remove(self, address: str) -> None:
+        self.lock.remove(address)
+        self._record({"op": "remove", "address": address})
+
+    def close(self) -> None:
+        """Write llmops.lock with every change (when the journal holds some) and drop the journal."""
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        if self.pending:
+            save_lock(self.lock, self.path)
+        else:
+            journal_path(self.path).unlink(missing_ok=True)  # header only: the lock holds everything
+        self.pending = 0
+
+    def _record(self, record: dict[str, Any]) -> None:
+        line = _exact_json(record)
+        if self._fd is not None and line is not None:
+            _append(self._fd, line)
+            self.pending += 1
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        save_lock(self.lock, self.path)  # folds in (and drops) the journal so far
+        self._start()
+
+    def _start(self) -> None:
+        journal = journal_path(self.path)
+        header = {"llmops_lock_journal": JOURNAL_VERSION, "base": self.lock._loaded_digest}
+        atomic_write_text(journal, json.dumps(header, sort_keys=True) + "\n")  # all of the header or none
+        self._fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        _fsync_dir(journal.parent)
+        self.pending = 0
+
+
+def _exact_json(record: dict[str, Any]) -> str | None:
+    """The record as one JSON line, or None when reading it back would not give the same values
+    (tuples, non-string keys, dates, NaN): those are written into the lock whole instead."""
+    try:
+        line = json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return line if json.loads(line) == record else None
+
+
+def _append(fd: int, line: str) -> None:
+    """Append one line and sync it: once this returns, a kill of this process cannot lose it."""
+    data = (line + "\n").encode()
+    while data:
+        data = data[os.write(fd, data):]
+    os.fdatasync(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the file itself is synced
+    finally:
+        os.close(fd)
+
+
+def compact_journal(path: Path) -> bool:
+    """Fold the journal a killed apply left into llmops.lock at `path`, when there is one (call it
+    holding the apply lock). True when it wrote the lock."""
+    if not journal_path(path).exists():
+        return False
+    save_lock(load_lock(path), path)
+    return True
+
+
+def _open_journal(path: Path) -> int | None:
+    try:
+        return os.open(journal_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise LockfileError(f"{journal_path(path)}: cannot read the apply journal ({exc.strerror}). Check that "
+                            "it is a readable file.") from exc
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _replay(lock: Lock, path: Path, data: bytes) -> None:
+    """Apply the journal's changes onto `lock` (read from `path`) when it extends that very file."""
+    journal = journal_path(path)
+    drop = (f"Delete it (`rm {journal}`) to drop what it recorded (`llmops plan` then plans those "
+            "resources again), or restore the llmops.lock it extends.")
+    # What follows the last newline is a line still being written (or cut short by a kill):
+    # its change had not been recorded yet.
+    lines = data.split(b"\n")[:-1]
+    if not lines:
+        return
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except (UnicodeDecodeError, ValueError):
+            record = None
+        if not isinstance(record, dict) or (number > 1 and record.get("op") not in ("set", "remove", "compacted")):
+            raise LockfileError(f"{journal}:{number}: the apply journal is corrupt. {drop}")
+        records.append(record)
+    header, changes = records[0], records[1:]
+    if header.get("llmops_lock_journal") != JOURNAL_VERSION:
+        raise LockfileError(f"{journal}: not an apply journal this llmops reads (header {lines[0][:80]!r}). "
+                            f"{drop}")
+    digest = lock._loaded_digest
+    if header.get("base") != digest:
+        if any(r["op"] == "compacted" and r.get("digest") == digest for r in changes):
+            return  # the lock was written from this journal; only its deletion was cut short
+        addrs = sorted({str(r.get("address")) for r in changes if r["op"] != "compacted"})
+        shown = ", ".join(addrs[:3]) + (f" and {len(addrs) - 3} more" if len(addrs) > 3 else "")
+        raise LockfileError(
+            f"{journal}: an apply that did not finish recorded changes to {len(addrs)} resource(s)"
+            f"{' (' + shown + ')' if shown else ''} on top of another llmops.lock than the one at {path} "
+            f"(it changed since, e.g. by a git checkout or pull); llmops does not apply them to this lock. "
+            f"{drop}")
+    for number, record in enumerate(changes, 2):
+        if record["op"] == "compacted":
+            break  # the lock was being replaced by one with all of the above
+        if record["op"] == "remove":
+            problem = address_problem(record.get("address"))
+            if problem:
+                raise LockfileError(f"{journal}:{number}: {problem}. {drop}")
+            lock.remove(record["address"])
+        else:
+            lock.set(_entry(journal, record.get("address"), record.get("entry"), drop))
