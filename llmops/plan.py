@@ -79,6 +79,13 @@ class Plan:
                 return c
         return None
 
+    def cost(self) -> dict[str, Any] | None:
+        """The estimated cost of every training and eval action in the plan (llmops.cost.total)."""
+        from llmops.cost import total
+
+        return total([c.details["cost"] for c in self.changes
+                      if c.action in ("create", "replace") and isinstance((c.details or {}).get("cost"), dict)])
+
     def summary_line(self) -> str:
         s = self.summary()
         # `restore` is named only when there is one, so plans without shared stores read as before.

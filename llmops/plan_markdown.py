@@ -17,18 +17,29 @@ def _cell(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _num(value: Any, signed: bool = False) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "—"
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
 def _metric_rows(c: ResourceChange) -> list[str]:
     """An eval's last applied metrics against the thresholds in this change."""
     table: dict[str, Any] = (c.details or {}).get("metrics") or {}
     if not table:
         return []
     rerun = c.action in ("create", "replace")
-    rows = ["| metric | last applied | threshold | last value passes? |", "|---|---:|---|---|"]
+    other = (c.details or {}).get("compared_to")
+    if other:
+        rows = [f"| metric | last applied | `{other}` | delta | threshold | last value passes? |",
+                "|---|---:|---:|---:|---|---|"]
+    else:
+        rows = ["| metric | last applied | threshold | last value passes? |", "|---|---:|---|---|"]
     for metric, row in table.items():
-        last = row.get("last")
-        value = f"{last:.4g}" if isinstance(last, (int, float)) else "—"
+        value = _num(row.get("last"))
         passes = {True: "✅", False: "❌"}.get(row.get("passes"), "")
-        rows.append(f"| {metric} | {value} | {row.get('threshold', '')} | {passes} |")
+        side = f" {_num(row.get('compared'))} | {_num(row.get('delta'), signed=True)} |" if other else ""
+        rows.append(f"| {metric} | {value} |{side} {row.get('threshold', '')} | {passes} |")
     if rerun:
         rows.append("")
         rows.append("_The model changed: these are the last applied values; apply runs the eval again._")
@@ -44,7 +55,13 @@ def plan_to_markdown(plan: Plan, project_name: str = "", limit: int = MAX_CHARS)
         head.append("")
     if not plan.has_changes:
         return "\n".join(head + ["**No changes.** llmops.yaml, llmops.lock and live state agree.", ""])
-    head += [f"**{plan.summary_line()}**", "", "| resource | action | why |", "|---|---|---|"]
+    head += [f"**{plan.summary_line()}**", ""]
+    total = plan.cost()
+    if total:
+        from llmops.cost import describe_total
+
+        head += [describe_total(total), ""]
+    head += ["| resource | action | why |", "|---|---|---|"]
     changes = [c for c in plan.changes if c.action != "no-op"]
     for c in changes:
         why = "; ".join(c.reasons[:3]) + (f" (+{len(c.reasons) - 3} more)" if len(c.reasons) > 3 else "")
@@ -57,6 +74,11 @@ def plan_to_markdown(plan: Plan, project_name: str = "", limit: int = MAX_CHARS)
     for i, c in enumerate(changes):
         block = [f"#### `{c.address}`: {c.action}", ""]
         block += [f"- {_cell(r, 500)}" for r in c.reasons]
+        cost = (c.details or {}).get("cost")
+        if isinstance(cost, dict) and c.action in ("create", "replace"):
+            from llmops.cost import describe
+
+            block.append(f"- cost: {_cell(describe(cost), 500)}")
         metrics = _metric_rows(c)
         if metrics:
             block += ["", *metrics]

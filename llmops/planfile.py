@@ -46,6 +46,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "digests": {"lock": plan.lock_digest, "config": plan.config_digest, "live": plan.live_digest},
         "summary": plan.summary(),
         "has_changes": plan.has_changes,
+        "cost": plan.cost(),
         "resource_changes": [change_to_dict(c) for c in plan.changes],
     }
 

@@ -95,6 +95,11 @@ def make_plan(
                 change.private["found"] = found.private
         if provider:
             change.details = provider.describe(res.name, res.spec, locked)
+            if change.action in ("create", "replace"):
+                cost = provider.estimate(res.name, res.spec, locked,
+                                         {u: project.lock.get(u) for u in config.deps.get(addr, [])})
+                if cost:
+                    change.details["cost"] = cost
             if refresh and locked is not None:
                 change.alerts = provider.alerts(res.name, res.spec, locked)
         planned[addr] = change

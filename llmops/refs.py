@@ -51,6 +51,11 @@ def references(kind: str, name: str, spec: Any) -> Iterator[Reference]:
             refs.append(_ref(("baseline", "deployment"), baseline.get("deployment"), ["deployments"], edge=False))
         else:
             refs.append(_ref(("baseline",), baseline, ["deployments"], edge=False))
+        compare = spec.get("compare_to")
+        if isinstance(compare, dict):
+            refs.append(_ref(("compare_to", "eval"), compare.get("eval"), ["evals"]))
+        else:
+            refs.append(_ref(("compare_to",), compare, ["evals"]))
     elif kind == "deployments":
         refs.append(_ref(("model",), spec.get("model"), ["finetunes", "base_models"]))
         gates = spec.get("gates")

@@ -244,6 +244,50 @@ def register_version(
     return str(version.version)
 
 
+_APPLY_WRITES = ("llmops.lock", "dvc.yaml", "dvc.lock", ".dvc", ".dvcignore")
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """Lineage tags of the checkout holding `root`: `llmops.git_commit` (HEAD), `llmops.git_dirty`
+    ("true" when the project folder has uncommitted changes, untracked files included, ignored
+    ones not) and, when dirty, `llmops.git_diff_sha256`: the sha256 of `git diff HEAD` of the
+    folder plus each untracked file's path and sha256, so two dirty trees can be told apart.
+    What llmops itself writes while applying (llmops.lock, dvc.yaml, dvc.lock, .dvc/) does not
+    count: the lock records it. Empty outside git or before a first commit."""
+    import hashlib
+    import subprocess
+
+    commit = git_commit(root)
+    if commit is None:
+        return {}
+
+    def git(*args: str) -> bytes | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, timeout=30, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    tags = {"llmops.git_commit": commit}
+    where = ["--", ".", *(f":(exclude){p}" for p in _APPLY_WRITES)]
+    status = git("status", "--porcelain", "--untracked-files=all", "-z", *where)
+    if status is None:
+        return tags
+    tags["llmops.git_dirty"] = "true" if status else "false"
+    if status:
+        h = hashlib.sha256(git("diff", "HEAD", "--binary", *where) or b"")
+        untracked = git("ls-files", "--others", "--exclude-standard", "-z", *where) or b""
+        for rel in sorted(p for p in untracked.split(b"\0") if p):
+            path = Path(root) / rel.decode("utf-8", "surrogateescape")
+            h.update(b"\0untracked\0" + rel + b"\0")
+            try:
+                h.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"")
+            except OSError:
+                pass
+        tags["llmops.git_diff_sha256"] = h.hexdigest()
+    return tags
+
+
 def git_commit(root: Path) -> str | None:
     """HEAD of the git repository holding `root`, or None outside git / before a first commit."""
     import subprocess

@@ -309,6 +309,7 @@ def _check_combinations(config: Config) -> list[Diagnostic]:
         if r.kind == "evals":
             diags += _check_custom_metrics(config, r)
             diags += _check_gated_metrics(config, r)
+            diags += _check_compare_to(config, r)
         if r.kind == "deployments" and isinstance(spec.get("serve"), dict):
             serve = spec["serve"]
             host = serve.get("host", "127.0.0.1")
@@ -369,9 +370,38 @@ def _check_gated_metrics(config: Config, r: Resource) -> list[Diagnostic]:
         for limit in ("max_drop", "max_rise"):
             if isinstance(baseline.get(limit), dict):
                 gated += [(("baseline", limit, name), name) for name in baseline[limit]]
+    compare = r.spec.get("compare_to")
+    if isinstance(compare, dict) and isinstance(compare.get("min_gain"), dict):
+        gated += [(("compare_to", "min_gain", name), name) for name in compare["min_gain"]]
     return [config.doc.diagnostic((r.kind, r.name, *where), f"gate on metric '{name}', which this eval does not compute",
                                   f"add {name} to metrics, or remove the gate (metrics: {shown})")
             for where, name in gated if name not in measured]
+
+
+def _check_compare_to(config: Config, r: Resource) -> list[Diagnostic]:
+    """`compare_to` names another eval of the same rows that computes the compared metrics."""
+    compare = r.spec.get("compare_to")
+    name = compare.get("eval") if isinstance(compare, dict) else compare
+    if not isinstance(name, str):
+        return []
+    where = ("compare_to", "eval") if isinstance(compare, dict) else ("compare_to",)
+    other = config.resources.get(name if name.startswith("evals.") else f"evals.{name}")
+    if other is None:
+        return []  # an unknown name is reported with the other references
+    if other.name == r.name:
+        return [config.doc.diagnostic((r.kind, r.name, *where), "an eval cannot be compared to itself",
+                                      "name the eval of the base model (or another model) to compare with")]
+    if other.spec.get("dataset") != r.spec.get("dataset"):
+        return [config.doc.diagnostic(
+            (r.kind, r.name, *where), f"evals.{other.name} scores dataset '{other.spec.get('dataset')}', this eval "
+            f"'{r.spec.get('dataset')}': their metrics are not comparable", "compare two evals of the same dataset")]
+    gains = compare.get("min_gain") if isinstance(compare, dict) else None
+    metrics = other.spec.get("metrics") if isinstance(other.spec.get("metrics"), list) else []
+    measured = {m if isinstance(m, str) else m.get("name") for m in metrics if isinstance(m, (str, dict))}
+    return [config.doc.diagnostic((r.kind, r.name, "compare_to", "min_gain", metric),
+                                  f"gain gate on '{metric}', which evals.{other.name} does not compute",
+                                  f"add {metric} to evals.{other.name}.metrics")
+            for metric in (gains if isinstance(gains, dict) else {}) if metric not in measured]
 
 
 def _find_module(module: str, root: Path) -> bool:

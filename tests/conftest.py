@@ -148,7 +148,7 @@ def s3_server():
 
 # The longest files first: with `--dist loadfile` (scripts/test.sh) each file runs on one
 # worker, so a long file collected last would run alone at the end. Order within a file stays.
-SLOW_FIRST = ("test_shared_state.py", "test_deploy_flow.py", "test_secrets.py", "test_self_healing.py",
+SLOW_FIRST = ("test_shared_state.py", "test_deploy_flow.py", "test_example.py", "test_secrets.py", "test_self_healing.py",
               "test_serve_identity.py", "test_docker_serve.py", "test_mlflow_server.py", "test_init_apply.py",
               "test_approval_bypass.py", "test_monitor_flow.py", "test_apply_lock.py", "test_docker_finetune.py",
               "test_prompts_provider.py", "test_s3_stores.py", "test_mlflow_model.py", "test_finetunes_provider.py")

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmops.apply import ApplyHooks, ApplyReport
+from llmops.cost import describe as describe_cost
+from llmops.cost import describe_total
 from llmops.plan import Plan, ResourceChange
 from llmops.providers.base import ProgressEvent
 
@@ -39,18 +41,27 @@ def render_plan(console: Console, plan: Plan, show_noop: bool = False) -> None:
         console.print(f"[{style}]{sym:>3} {escape(c.address):<{width}}  {label}[/]{extra}")
         for reason in c.reasons:
             console.print(f"        [dim]{escape(reason)}[/]")
+        cost = (c.details or {}).get("cost")
+        if isinstance(cost, dict) and c.action in ("create", "replace"):
+            console.print(f"        [cyan]cost: {escape(describe_cost(cost))}[/]")
         _metric_table(console, c)
     console.print()
     console.print(f"[bold]{plan.summary_line()}[/]")
+    total = plan.cost()
+    if total:
+        console.print(f"[cyan]{escape(describe_total(total))}[/]")
 
 
 def _metric_table(console: Console, c: ResourceChange) -> None:
     table = (c.details or {}).get("metrics")
     if not table or c.action == "no-op":
         return
+    other = (c.details or {}).get("compared_to")
     for metric, row in table.items():
         last = row.get("last")
         value = f"{last:.4g}" if isinstance(last, (int, float)) else "-"
+        if other and isinstance(row.get("compared"), (int, float)) and isinstance(row.get("delta"), (int, float)):
+            value += f" (vs {row['compared']:.4g} for {escape(other)}: {row['delta']:+.4g})"
         check = ""
         if "threshold" in row:
             verdict = {True: "[green]passes[/]", False: "[red]fails[/]"}.get(row.get("passes"), "")
@@ -168,8 +179,15 @@ def outcome_summary(kind: str, out: dict[str, Any]) -> str:
         for metric, value in out["metrics"].items():
             g = gates.get(metric)
             check = f" ({g['op']} {_num(g['threshold'])} {'passed' if g['passed'] else 'FAILED'})" if g and g.get("op") else ""
-            parts.append(f"{metric} {_num(value)}{check}")
-        return ", ".join(parts)
+            delta = ((out.get("comparison") or {}).get("metrics") or {}).get(metric, {}).get("delta")
+            vs = f" [{delta:+.4g} vs {out['comparison']['eval'].split('.', 1)[1]}]" if isinstance(delta, (int, float)) else ""
+            spread = out.get("latency") or {}
+            if metric.startswith("latency_") and spread.get("requests"):
+                vs += (f" (n={spread['requests']} from {spread['timed']} timings, "
+                       f"{_num(spread['min_ms'])}-{_num(spread['max_ms'])} ms)")
+            parts.append(f"{metric} {_num(value)}{check}{vs}")
+        failed_gains = [k for k, g in gates.items() if k not in out["metrics"] and not g.get("passed")]
+        return ", ".join(parts) + (f"; FAILED: {', '.join(failed_gains)}" if failed_gains else "")
     if kind == "deployments" and out.get("alias"):
         line = f"{out.get('model_name')} v{out.get('version')} -> alias {out['alias']}"
         return line + (f"; serving {out['endpoint']}" if out.get("endpoint") else "")

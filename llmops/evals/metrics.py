@@ -393,3 +393,34 @@ def check_regression(
             higher_is_better = METRICS[metric].higher_is_better if metric in METRICS else True
         checks.append(_gate(metric, float(new), ">=" if higher_is_better else "<=", float(baseline), baseline))
     return min(checks, key=lambda g: (g.passed, g.margin))
+
+
+def check_gain(metric: str, value: float, other: float, min_gain: float, higher_is_better: bool | None = None) -> GateResult:
+    """`value` must improve on `other` (another model's score on the same rows) by at least
+    `min_gain`, upwards for a higher-is-better metric, downwards otherwise (default: from
+    `METRICS`, else higher is better). `baseline` of the result is `other`."""
+    if higher_is_better is None:
+        higher_is_better = METRICS[metric].higher_is_better if metric in METRICS else True
+    if higher_is_better:
+        return _gate(metric, float(value), ">=", float(other) + float(min_gain), float(other))
+    return _gate(metric, float(value), "<=", float(other) - float(min_gain), float(other))
+
+
+def latency_spread(latency_ms: Sequence[float], timed: int) -> dict[str, Any]:
+    """How much to trust a latency figure: the sample size (`requests`, and `timed`, the
+    separate timings they came from: a batch's rows share one), the spread (min, quartiles,
+    max) and the p95. A p95 from 3 timings on a shared machine is noise; gate on it only on
+    dedicated hardware."""
+    values = [float(v) for v in latency_ms]
+    if not values:
+        return {"requests": 0, "timed": 0}
+    return {
+        "requests": len(values),
+        "timed": int(timed),
+        "min_ms": round(min(values), 3),
+        "p25_ms": round(percentile(values, 25), 3),
+        "p50_ms": round(percentile(values, 50), 3),
+        "p75_ms": round(percentile(values, 75), 3),
+        "p95_ms": round(percentile(values, 95), 3),
+        "max_ms": round(max(values), 3),
+    }

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llmops.errors import ProviderError
-from llmops.evals.metrics import Metric, aggregate_repeats, compute_metrics, resolve_metrics
+from llmops.evals.metrics import Metric, aggregate_repeats, compute_metrics, latency_spread, resolve_metrics
 from llmops.evals.safety import SAFETY_METRICS, default_render
 from llmops.prompts import PromptTemplate, has_chat_template, load_prompt, messages_to_text
 
@@ -53,6 +53,7 @@ class EvalResult:
     repeats: int = 1
     probe_sets: dict[str, str] = field(default_factory=dict)  # safety metric -> "NAME/VERSION"
     safety: dict[str, dict[str, Any]] = field(default_factory=dict)  # safety metric -> per-probe details
+    latency: dict[str, Any] = field(default_factory=dict)  # sample size and spread (metrics.latency_spread)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,17 +154,27 @@ def evaluate(
         extras["render"], probe_special = _local_probe_render(lm.tokenizer)
         extras["generate"] = _local_generate(lm, settings, batch_size, probe_special)
     runs = _repeat_count(settings, repeats)
-    results, samples, skipped, safety = [], [], {}, {}
+    timed = _wants_latency(metric_objs)
+    if timed and prompts:
+        # Untimed warm-up: the first generation pays for lazy allocation and kernel selection.
+        from llmops.serve.model import generate_batch
+
+        generate_batch(lm, prompts[:1], max_new_tokens=1, temperature=0.0, top_p=1.0, add_special_tokens=add_special)
+    results, samples, skipped, safety, latencies = [], [], {}, {}, []
     for r in range(runs):
         torch.manual_seed(int(settings["seed"]) + r)
         preds, lat, toks, seconds = _local_pass(lm, prompts, settings, batch_size, add_special, progress, r, runs)
+        latencies += lat
         run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=seconds, safety={})
         values, skipped = compute_metrics(metric_objs, preds, refs, run_extras)
         results.append(values)
         if r == 0:
             samples, safety = _samples(prompts, preds, refs, lat, toks), run_extras["safety"]
     mean, std = aggregate_repeats(results)
-    return _result(mean, std, samples, settings, skipped, runs, safety)
+    result = _result(mean, std, samples, settings, skipped, runs, safety)
+    if timed:
+        result.latency = latency_spread(latencies, runs * -(-len(prompts) // batch_size))
+    return result
 
 
 def _result(mean: dict[str, float], std: dict[str, float], samples: list[dict[str, Any]], settings: dict[str, Any],
@@ -171,6 +182,10 @@ def _result(mean: dict[str, float], std: dict[str, float], samples: list[dict[st
     return EvalResult(mean, std, samples, settings, skipped, runs,
                       probe_sets={k: label for k, (label, _) in sorted(safety.items())},
                       safety={k: details for k, (_, details) in sorted(safety.items())})
+
+
+def _wants_latency(metrics: Sequence[Metric]) -> bool:
+    return any(m.name.startswith("latency_") for m in metrics)
 
 
 def _wants_safety(metrics: Sequence[Metric]) -> bool:
@@ -350,9 +365,10 @@ def evaluate_endpoint(
             except _EndpointHTTPError as exc:
                 skipped_nll = f"metric perplexity: the endpoint cannot score text ({exc.message})"
     runs = _repeat_count(settings, repeats)
-    results, samples, skipped, safety = [], [], {}, {}
+    results, samples, skipped, safety, latencies = [], [], {}, {}, []
     for r in range(runs):
         preds, lat, toks = _endpoint_pass(ep, model_name, prompt, inputs, texts, settings, r, progress, runs)
+        latencies += lat
         run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=sum(lat) / 1000.0,
                           safety={})
         if _wants_safety(metric_objs):
@@ -366,7 +382,10 @@ def evaluate_endpoint(
     if skipped_nll:
         skipped["perplexity"] = skipped_nll
     mean, std = aggregate_repeats(results)
-    return _result(mean, std, samples, settings, skipped, runs, safety)
+    result = _result(mean, std, samples, settings, skipped, runs, safety)
+    if _wants_latency(metric_objs):
+        result.latency = latency_spread(latencies, len(latencies))  # one request, one timing
+    return result
 
 
 def _chat_probe_render(system: str, user: str) -> str:

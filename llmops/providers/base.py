@@ -188,6 +188,13 @@ class Provider(ABC):
         """Extra facts shown by plan (e.g. number of sweep trials); JSON-serialisable."""
         return {}
 
+    def estimate(self, name: str, spec: dict[str, Any], locked: LockedResource | None,
+                 upstream: dict[str, LockedResource | None]) -> dict[str, Any] | None:
+        """What creating or replacing the resource will cost (`llmops.cost`: tokens, wall_s,
+        gpu_hours, basis), scaled from its last recorded run; None for kinds that cost nothing
+        worth showing. `upstream` maps each upstream address to its lock entry as it is now."""
+        return None
+
     @abstractmethod
     def apply(self, request: ApplyRequest) -> ApplyResult:
         """Create, update or replace the resource; raise ProviderError on failure."""

@@ -5,7 +5,7 @@ Three sources, exactly one per resource:
   (downloaded into that cache when online); the lock pins the commit and the files' sha256.
   The cache is never copied or modified.
 - `path: DIR`: a project-relative model folder, used where it is.
-- `build: {...}`: a tiny random-init llama built by `llmops.train.build` into
+- `build: {...}`: a small llama (random init, optionally pre-trained) built by `llmops.train.build` into
   `.llmops/models/NAME/`, its tokenizer trained on the train split of `tokenizer_from`.
 
 Folder hashes are remembered by (size, mtime) in `.llmops/cache/file-hashes.json`, so a plan
@@ -374,13 +374,20 @@ class BaseModelsProvider(Provider):
             ) from exc
         except ProviderError as exc:
             raise ProviderError(f"datasets.{dataset}: {exc.message}") from exc
-        request.progress(ProgressEvent(message=f"building tiny model from {len(texts)} texts of datasets.{dataset}"))
+        what = "building and pre-training" if build.get("pretrain") is not None else "building"
+        request.progress(ProgressEvent(message=f"{what} a model from {len(texts)} texts of datasets.{dataset}"))
         out_dir = self.build_dir(request.name)
         built = build_tiny_model(build, texts, out_dir)
         rel = out_dir.relative_to(self.ctx.root).as_posix()
         texts_digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+        outputs: dict[str, Any] = {"source": "build", "path": rel, "files": built["files"]}
+        if "pretrain" in built:
+            stats = built["pretrain"]
+            outputs["pretrain"] = stats
+            self.ctx.log(request.address, f"pre-trained {stats['steps']} steps on {stats['tokens']:,} tokens in {stats['seconds']:.1f} s "
+                        f"(loss {stats['first_loss']} -> {stats['last_loss']})")
         return ApplyResult(
-            outputs={"source": "build", "path": rel, "files": built["files"]},
+            outputs=outputs,
             inputs={"tokenizer_from": f"datasets.{dataset}", "texts": len(texts), "texts_sha256": texts_digest},
         )
 

@@ -4,6 +4,8 @@ An eval's apply always records its metrics and gate results, passing or not; it 
 deployments that refuse to promote on a failed gate. Changing only `thresholds` is an
 `update`: the recorded metrics are re-checked without running the model again.
 A `baseline` deployment is read live (what it serves *now*, before this apply).
+`compare_to` names another eval of the same rows (say, of the base model): a dependency whose
+recorded metrics are put beside this eval's, with the delta and optional `min_gain` gates.
 """
 
 from __future__ import annotations
@@ -48,16 +50,21 @@ class EvalsProvider(Provider):
     kind = "evals"
     heavy_modules = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "mlflow")
     uses_tracking = True
-    in_place_fields = frozenset({"thresholds"})
+    in_place_fields = frozenset({"thresholds", "compare_to"})
 
     def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
         """The last applied metrics, checked against the thresholds now in llmops.yaml."""
         metrics = (locked.outputs.get("metrics") if locked else None) or {}
         if not metrics:
             return {}
+        compared = locked.outputs.get("comparison") or {}
+        theirs = compared.get("metrics") or {}
         table = {}
         for metric in sorted(set(metrics) | set(spec.get("thresholds") or {})):
             row: dict[str, Any] = {"last": metrics.get(metric)}
+            if metric in theirs:
+                row["compared"] = theirs[metric].get("value")
+                row["delta"] = theirs[metric].get("delta")
             expr = (spec.get("thresholds") or {}).get(metric)
             if expr is not None:
                 row["threshold"] = str(expr)
@@ -66,6 +73,8 @@ class EvalsProvider(Provider):
 
                     row["passes"] = check_gate(metric, float(metrics[metric]), str(expr)).passed
             table[metric] = row
+        if theirs:
+            return {"metrics": table, "compared_to": compared.get("eval")}
         return {"metrics": table}
 
     def apply(self, request: ApplyRequest) -> ApplyResult:
@@ -74,20 +83,28 @@ class EvalsProvider(Provider):
         model_addr = model_address(spec, request.upstream)
         model_out = request.upstream[model_addr].outputs
         if request.action == "update" and before.get("metrics") and before.get("model") == model_addr:
-            # Only thresholds changed: re-check the recorded metrics, do not run the model.
+            # Only thresholds or compare_to changed: re-check the recorded metrics, do not run the model.
             metrics, std, run_id = before["metrics"], before.get("std", {}), before.get("run_id")
             decoding, rows, skipped = before.get("decoding", {}), before.get("rows"), before.get("skipped", {})
             probe_sets = before.get("probe_sets")
+            cost, latency = before.get("cost"), before.get("latency")
         else:
+            import time
+
+            started = time.monotonic()
             result, rows = self._run(request, model_addr, model_out)
+            cost = self._actual_cost(time.monotonic() - started, rows, result.decoding, int(getattr(result, "repeats", 1) or 1))
             metrics = {k: _round(v) for k, v in result.metrics.items()}
             std = {k: _round(v) for k, v in result.per_metric_std.items()}
             decoding, skipped = result.decoding, result.skipped
             probe_sets = getattr(result, "probe_sets", None)
+            latency = getattr(result, "latency", None) or None
             run_id = None
         gates = self._gates(spec, metrics)
         baseline = self._baseline(request, metrics)
         gates.update(baseline.pop("gates", {}))
+        comparison = self._compare(request, metrics)
+        gates.update(comparison.pop("gates", {}))
         passed = all(g["passed"] for g in gates.values())
         outputs = {
             "model": model_addr,
@@ -100,15 +117,47 @@ class EvalsProvider(Provider):
             "decoding": decoding,
             "rows": rows,
             "probe_sets": probe_sets or None,  # versions of the shipped safety probe sets used
+            "latency": latency,  # sample size and spread of the latency metrics
+            "cost": cost,
         }
         if skipped:
             outputs["skipped"] = skipped
         if baseline:
             outputs["baseline"] = baseline
+        if comparison:
+            outputs["comparison"] = comparison
         outputs = {k: v for k, v in outputs.items() if v is not None}
         if run_id is None:
             run_id = self._log_run(request, model_addr, model_out, outputs)
         return ApplyResult(outputs={**outputs, "run_id": run_id})
+
+    def _actual_cost(self, wall: float, rows: int, decoding: dict[str, Any], repeats: int) -> dict[str, Any]:
+        from llmops.cost import actual
+
+        try:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            device = "cpu"
+        return actual(device, wall, tokens=rows * repeats * int((decoding or {}).get("max_new_tokens") or 0) or None,
+                      rows=rows, repeats=repeats)
+
+    def estimate(self, name: str, spec: dict[str, Any], locked: LockedResource | None,
+                 upstream: dict[str, LockedResource | None]) -> dict[str, Any] | None:
+        from llmops.cost import estimate_eval
+        from llmops.evals.runner import EvalError, decoding_settings
+
+        try:
+            decoding = decoding_settings(spec.get("decoding"))
+        except EvalError:
+            return None  # apply reports the bad setting
+        dataset = upstream.get(f"datasets.{spec.get('dataset')}")
+        rows = ((dataset.outputs.get("eval") or {}).get("rows") if dataset else None)
+        if isinstance(rows, int) and spec.get("limit"):
+            rows = min(rows, int(spec["limit"]))
+        return estimate_eval(rows if isinstance(rows, int) else None, int(spec.get("repeats", 1)),
+                             int(decoding["max_new_tokens"]), locked.outputs if locked else None)
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         """The eval run the lock names must still be in the tracking store: it holds the results
@@ -179,7 +228,12 @@ class EvalsProvider(Provider):
                                 f"v{recorded.get('model_version')}, not {model_addr} v{version}; run "
                                 f"`llmops apply --replace {request.address}` to evaluate this version.")
         gates = self._gates(request.spec, recorded.get("metrics") or {})
-        outputs = {**recorded, "gates": gates, "passed": all(g["passed"] for g in gates.values()), "run_id": run_id}
+        comparison = self._compare(request, recorded.get("metrics") or {})
+        gates.update(comparison.pop("gates", {}))
+        outputs = {**{k: v for k, v in recorded.items() if k != "comparison"}, "gates": gates,
+                   "passed": all(g["passed"] for g in gates.values()), "run_id": run_id}
+        if comparison:
+            outputs["comparison"] = comparison
         self.ctx.log(request.address, f"results fetched from eval run {run_id}, not run again")
         return ApplyResult(outputs=outputs)
 
@@ -241,6 +295,38 @@ class EvalsProvider(Provider):
             gates[metric] = check_gate(metric, float(metrics[metric]), str(expr)).to_dict()
         return gates
 
+    def _compare(self, request: ApplyRequest, metrics: dict[str, float]) -> dict[str, Any]:
+        """This eval's metrics beside those the `compare_to` eval recorded (an upstream, applied
+        first): each metric's other value and delta (this minus other), and `min_gain` gates."""
+        spec = request.spec.get("compare_to")
+        if not spec:
+            return {}
+        name = str(spec if isinstance(spec, str) else spec.get("eval", ""))
+        addr = name if name.startswith("evals.") else f"evals.{name}"
+        other = request.upstream.get(addr)
+        if other is None or not other.outputs.get("metrics"):
+            raise ProviderError(f"compare_to: {addr} has no recorded metrics; apply it first "
+                                f"(`llmops apply --target {addr}`).")
+        from llmops.evals.metrics import check_gain
+
+        theirs = other.outputs["metrics"]
+        rows = {m: {"value": theirs[m], "delta": _round(float(metrics[m]) - float(theirs[m]))}
+                for m in sorted(metrics) if m in theirs and isinstance(theirs[m], (int, float))}
+        gates: dict[str, dict[str, Any]] = {}
+        short = addr.split(".", 1)[1]
+        for metric, gain in ((spec.get("min_gain") if isinstance(spec, dict) else None) or {}).items():
+            key = f"{metric} gain vs {short}"
+            if metric not in rows:
+                gates[key] = {"metric": metric, "passed": False, "value": metrics.get(metric), "threshold": gain,
+                              "reason": f"{metric} is not measured by both evals; add it to both `metrics:`"}
+                continue
+            gate = check_gain(metric, float(metrics[metric]), float(theirs[metric]), float(gain)).to_dict()
+            gates[key] = {**gate, "min_gain": gain}
+        out: dict[str, Any] = {"eval": addr, "model": other.outputs.get("model"), "metrics": rows, "gates": gates}
+        if other.outputs.get("model_version") is not None:
+            out["model_version"] = other.outputs["model_version"]
+        return out
+
     def _baseline(self, request: ApplyRequest, metrics: dict[str, float]) -> dict[str, Any]:
         """Regression limits against what the baseline deployment serves now (read live)."""
         spec = request.spec.get("baseline")
@@ -278,8 +364,10 @@ class EvalsProvider(Provider):
         uri = tracking_uri(self.ctx.root, self.ctx.settings)
         project = str(self.ctx.config.get("project") or "llmops")
         exp = ensure_experiment(c, f"{project}-evals", artifact_location(self.ctx.root) if is_local(uri) else None)
+        from llmops.tracking import git_state
+
         tags = {"llmops.address": request.address, "llmops.model": model_addr,
-                "llmops.fingerprint": request.fingerprint}
+                "llmops.fingerprint": request.fingerprint, **git_state(self.ctx.root)}
         if model_out.get("model_name"):
             tags["llmops.model_name"] = str(model_out["model_name"])
             tags["llmops.model_version"] = str(model_out.get("model_version"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,22 @@ class FinetunesProvider(Provider):
 
     def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
         return {"trials": len(specs.expand_sweep(spec.get("sweep")))}
+
+    def estimate(self, name: str, spec: dict[str, Any], locked: LockedResource | None,
+                 upstream: dict[str, LockedResource | None]) -> dict[str, Any] | None:
+        from llmops.cost import estimate_finetune
+
+        dataset = upstream.get(f"datasets.{spec.get('dataset')}")
+        source = ((self.ctx.config.get("datasets") or {}).get(str(spec.get("dataset"))) or {}).get("source")
+        try:
+            training = specs.resolve_training(spec.get("training"))
+            then = specs.resolve_training((locked.spec or {}).get("training")) if locked else None
+        except ProviderError:
+            return None  # apply reports the bad setting
+        gpus = int((spec.get("resources") or {}).get("gpus") or 0)
+        return estimate_finetune(self.ctx.root, training, len(specs.expand_sweep(spec.get("sweep"))), gpus,
+                                 locked.outputs if locked else None, then,
+                                 dataset.outputs if dataset else None, source if isinstance(source, str) else None)
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         """The run and the registered version the lock names must still be in the stores (a
@@ -154,7 +171,9 @@ class FinetunesProvider(Provider):
         watcher = _ProgressWatcher(request)
         runner = get_runner(self.ctx.settings, spec, root=self.ctx.root)
         self.ctx.log(addr, f"training with {type(runner).__name__}; log: {self._rel(job.log_path)}")
+        started = time.monotonic()
         result = runner.run(job, watcher.on_line, request.cancelled)
+        wall = time.monotonic() - started
         if result.exit_code != 0 or watcher.done is None:
             why = "was cancelled" if request.cancelled() else f"failed (exit code {result.exit_code})"
             raise ProviderError(
@@ -163,7 +182,24 @@ class FinetunesProvider(Provider):
             )
         if result.image_digest:
             inputs["image_digest"] = result.image_digest
-        return ApplyResult(outputs=self._outputs(watcher.done, base), inputs=inputs)
+        outputs = self._outputs(watcher.done, base)
+        outputs["cost"] = self._actual_cost(watcher, wall, job.gpus, dataset)
+        return ApplyResult(outputs=outputs, inputs=inputs)
+
+    @staticmethod
+    def _actual_cost(watcher: "_ProgressWatcher", wall: float, gpus: int, dataset: dict[str, Any]) -> dict[str, Any]:
+        """What the training job cost: every trial's tokens and training seconds, the job's wall
+        time (start, imports and registering included), what `estimate` scales next time."""
+        from llmops.cost import actual
+
+        done = watcher.done or {}
+        trials = int(done.get("trials") or 1)  # a sweep reports its best trial: the others ran alike
+        m = done.get("metrics") or {}
+        tokens = int(m.get("tokens") or 0) * trials
+        train_s = float(m.get("train_runtime_s") or 0) * trials
+        return actual(watcher.device, wall, tokens=tokens or None, train_s=train_s or None, gpus=gpus,
+                      train_rows=(dataset.get("train") or {}).get("rows"), trials=trials,
+                      steps=int(m.get("steps") or 0) or None)
 
     def restore(self, request: ApplyRequest) -> ApplyResult:
         """Fetch the adapter and tokenizer from the MLflow run that trained them (the lock's,
@@ -299,12 +335,18 @@ class FinetunesProvider(Provider):
         for key in ("base_model_commit", "base_model_files_sha"):
             if key in inputs:
                 tags[f"llmops.{key}"] = inputs[key]
-        commit = tracking.git_commit(root)
-        if commit:
-            tags["llmops.git_commit"] = commit
+        base_entry = request.upstream.get(f"base_models.{spec['base_model']}")
+        if base_entry is not None:
+            tags["llmops.base_model.source"] = str(base.get("source") or "")
+            tags["llmops.base_model.fingerprint"] = base_entry.fingerprint
+        prompt_entry = request.upstream.get(f"prompts.{spec['prompt']}")
+        if prompt_entry is not None:  # the registered prompt version the model was trained with
+            for key in ("version", "digest", "uri"):
+                if prompt_entry.outputs.get(key) is not None:
+                    tags[f"llmops.prompt.{key}"] = str(prompt_entry.outputs[key])
+        tags.update(tracking.git_state(root))
         eval_split = dataset.get("eval") or {}
         job: dict[str, Any] = {}
-        base_entry = request.upstream.get(f"base_models.{spec['base_model']}")
         if base.get("source") == "hf" and base.get("commit") and base_entry is not None:
             # The registered MLflow model names its base portably (repo + commit), not by folder.
             job["base_model_ref"] = {"hf": str(base_entry.inputs.get("hf")), "commit": str(base["commit"])}
@@ -378,6 +420,7 @@ class _ProgressWatcher:
         self.done: dict[str, Any] | None = None
         self.trials = 1
         self.trial = 0
+        self.device = "cpu"
 
     def on_line(self, line: str) -> None:
         if not line.startswith("{"):
@@ -389,6 +432,7 @@ class _ProgressWatcher:
         kind = event.get("event")
         if kind == "start":
             self.trials = int(event.get("trials") or 1)
+            self.device = str(event.get("device") or "cpu")
         elif kind == "trial":
             self.trial = int(event.get("trial") or 0)
         elif kind == "step":

@@ -1,8 +1,15 @@
-"""Tiny base models built from a config: random init + a tokenizer trained on project text.
+"""Small base models built from a config: a tokenizer trained on project text, a seeded
+random init and, with `pretrain:`, a short full-weight pre-training on that same text.
 
 `build_tiny_model` is deterministic: the same build spec and the same texts give the same
-files, bit for bit (weights come from a seeded init, the tokenizer from a deterministic BPE
-trainer). Everything a test needs is built here, never downloaded.
+files, bit for bit (weights come from a seeded init and a pre-training whose batch order,
+dropout-free model and single CPU thread fix every floating-point sum; the tokenizer comes
+from a deterministic BPE trainer). Everything a test needs is built here, never downloaded.
+
+Pre-training is what makes the base worth fine-tuning: it learns the project's words (and
+their spelling, so sampled answers read as words) from every text field of the train split,
+each field a document on its own. It never sees a prompt template, so question -> answer is
+left for the fine-tune to teach.
 
 The saved folder loads with `AutoModelForCausalLM.from_pretrained(folder)` and
 `AutoTokenizer.from_pretrained(folder)`. The tokenizer prepends `<|bos|>` to every encoded
@@ -37,6 +44,14 @@ BUILD_DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 512,
     "seed": 0,
 }
+# `pretrain:` is off when absent; these fill in what a given `pretrain:` leaves out.
+PRETRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 20,
+    "learning_rate": 3.0e-3,
+    "batch_size": 8,
+    "max_seq_length": 128,
+    "warmup_steps": 10,
+}
 # torch's init draws from the process-global RNG: two builds seeding it at once from two
 # threads (parallel apply) would interleave draws and lose determinism.
 _INIT_LOCK = threading.Lock()
@@ -67,7 +82,29 @@ def resolve_build_spec(build_spec: dict[str, Any]) -> dict[str, Any]:
         )
     if isinstance(spec["seed"], bool) or not isinstance(spec["seed"], int):
         raise ProviderError(f"{where}.seed: must be an integer, got {spec['seed']!r}; fix llmops.yaml.")
+    if spec.get("pretrain") is not None:
+        spec["pretrain"] = resolve_pretrain(spec["pretrain"])
     return spec
+
+
+def resolve_pretrain(pretrain: Any) -> dict[str, Any]:
+    """The `pretrain:` block with defaults filled in; raises ProviderError on bad values."""
+    where = "build.pretrain"
+    if not isinstance(pretrain, dict):
+        raise ProviderError(f"{where}: must be a mapping such as {{epochs: 20}}, got {pretrain!r}; fix llmops.yaml.")
+    unknown = sorted(set(pretrain) - set(PRETRAIN_DEFAULTS))
+    if unknown:
+        raise ProviderError(f"{where}: unknown field {unknown[0]!r}; use {', '.join(PRETRAIN_DEFAULTS)}.")
+    out = {**PRETRAIN_DEFAULTS, **{k: v for k, v in pretrain.items() if v is not None}}
+    for key in ("epochs", "batch_size", "max_seq_length"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
+            raise ProviderError(f"{where}.{key}: must be a positive integer, got {out[key]!r}; fix llmops.yaml.")
+    if isinstance(out["warmup_steps"], bool) or not isinstance(out["warmup_steps"], int) or out["warmup_steps"] < 0:
+        raise ProviderError(f"{where}.warmup_steps: must be an integer >= 0, got {out['warmup_steps']!r}.")
+    lr = out["learning_rate"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        raise ProviderError(f"{where}.learning_rate: must be a number between 0 and 1, got {lr!r}; fix llmops.yaml.")
+    return out
 
 
 def build_tiny_model(build_spec: dict[str, Any], texts: Iterable[str], out_dir: Path) -> dict[str, Any]:
@@ -75,7 +112,8 @@ def build_tiny_model(build_spec: dict[str, Any], texts: Iterable[str], out_dir: 
 
     `out_dir` is replaced as a whole: the files are written to a temporary sibling folder
     first, so a failed build never leaves a half-written model. Returns
-    `{"files": {relative posix path: sha256}, "spec": resolved spec}`.
+    `{"files": {relative posix path: sha256}, "spec": resolved spec}`, plus `"pretrain"`
+    (steps, tokens, seconds, first and last loss) when the spec pre-trains.
     """
     spec = resolve_build_spec(build_spec)
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
@@ -94,9 +132,10 @@ def build_tiny_model(build_spec: dict[str, Any], texts: Iterable[str], out_dir: 
             tokenizer.save_pretrained(str(tmp))
             _portable_tokenizer_class(tmp)
             model = _init_model(spec, tokenizer)
+            stats = _pretrain(model, tokenizer, texts, spec) if spec.get("pretrain") else None
             model.save_pretrained(str(tmp))
             files = hash_folder(tmp)
-    return {"files": files, "spec": spec}
+    return {"files": files, "spec": spec, **({"pretrain": stats} if stats else {})}
 
 
 # --- temp folders of killed builds --------------------------------------------------------
@@ -217,6 +256,66 @@ def _init_model(spec: dict[str, Any], tokenizer):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
+
+
+def _pretrain(model: Any, tokenizer: Any, texts: list[str], spec: dict[str, Any]) -> dict[str, Any]:
+    """Full-weight causal-LM training of `model` on `texts` (each `BOS text EOS`, packed).
+
+    Deterministic on a CPU: one torch thread (a thread count changes how sums are split),
+    a seeded batch order, no dropout, torch's global RNG forked. Leaves the model in eval mode.
+    """
+    import math
+    import time
+
+    import torch
+
+    from llmops.train.data import IGNORE, Example, collate, epoch_batches, make_rows
+
+    cfg = spec["pretrain"]
+    max_len = min(cfg["max_seq_length"], spec["max_position_embeddings"])
+    examples = []
+    for text in texts:
+        ids = (list(tokenizer(text)["input_ids"]) + [tokenizer.eos_token_id])[:max_len]
+        if len(ids) > 1:
+            examples.append(Example(ids, [IGNORE] + ids[1:]))
+    rows = make_rows(examples, max_len, packing=True)
+    steps_per_epoch = math.ceil(len(rows) / cfg["batch_size"])
+    total = max(1, cfg["epochs"] * steps_per_epoch)
+    warmup = cfg["warmup_steps"]
+
+    def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
+        return min(1.0, (step + 1) / (warmup + 1)) * max(0.0, 1.0 - step / total)
+
+    losses: list[float] = []
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.set_num_threads(1)
+        try:
+            torch.manual_seed(spec["seed"])
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            for epoch in range(cfg["epochs"]):
+                for batch in epoch_batches(rows, cfg["batch_size"], spec["seed"], epoch):
+                    t = collate(batch, tokenizer.pad_token_id, packed=True)
+                    loss = model(input_ids=t["input_ids"], position_ids=t["position_ids"], labels=t["labels"]).loss
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(float(loss.detach()))
+        finally:
+            torch.set_num_threads(threads)
+            model.eval()
+    return {
+        "steps": len(losses),
+        "tokens": cfg["epochs"] * sum(len(ex) for ex in examples),
+        "seconds": round(time.perf_counter() - start, 3),
+        "first_loss": round(losses[0], 4) if losses else None,
+        "last_loss": round(losses[-1], 4) if losses else None,
+    }
 
 
 def _portable_tokenizer_class(folder: Path) -> None:

@@ -195,6 +195,7 @@ class TrainingJob:
             "eval_loss": eval_loss,
             "steps": result.steps,
             "tokens_per_s": result.tokens_per_s,
+            "tokens": result.tokens,
             "peak_memory_mb": result.peak_memory_mb,
             "train_runtime_s": runtime,
         }

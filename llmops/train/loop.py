@@ -107,6 +107,7 @@ class LoopResult:
     resumed_from: int
     tokens_per_s: float
     peak_memory_mb: float
+    tokens: int = 0  # every token of every step this process ran (padding included)
 
 
 class _Dist:
@@ -216,6 +217,7 @@ def train(model: Any, spec: LoopSpec, emit: Emit, tag: dict[str, Any] | None = N
     losses: list[float] = []
     rate = 0.0
     timed = [0.0, 0.0]  # tokens, seconds of every step but this process's first (compile, warm-up)
+    seen = 0
     while pos.step < total:
         batches = dist.shard(epoch_batches(spec.rows, bs, seed, pos.epoch))
         while pos.micro < len(batches) and pos.step < total:
@@ -225,6 +227,7 @@ def train(model: Any, spec: LoopSpec, emit: Emit, tag: dict[str, Any] | None = N
             elapsed = max(time.perf_counter() - start, 1e-9)
             n_tokens = sum(b["n_tokens"] for b in window) * dist.world
             rate = n_tokens / elapsed
+            seen += n_tokens
             if losses:
                 timed[0], timed[1] = timed[0] + n_tokens, timed[1] + elapsed
             losses.append(loss)
@@ -239,7 +242,7 @@ def train(model: Any, spec: LoopSpec, emit: Emit, tag: dict[str, Any] | None = N
                 step = {"step": pos.step, "total": total, "epoch": pos.epoch, "loss": loss, "lr": lr}
                 emit({"event": "step", **step, "tokens_per_s": rate, "tokens": n_tokens, **tag})
     mean_rate = timed[0] / timed[1] if timed[1] else rate
-    return LoopResult(pos.step, losses, per_epoch, resumed_from, mean_rate, peak_memory_mb(spec.device))
+    return LoopResult(pos.step, losses, per_epoch, resumed_from, mean_rate, peak_memory_mb(spec.device), seen)
 
 
 def evaluate(model: Any, rows: list[Row], training: dict[str, Any], device: str, pad_id: int) -> float | None:

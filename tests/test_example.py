@@ -1,0 +1,171 @@
+"""The example project itself, as the quick start applies it: fine-tuning beats the base by a
+real margin, answers sampled at temperature 1 read as words, the plan and `llmops show` put
+the fine-tune beside the base, versions carry their lineage, and the plan prices a retrain.
+
+One apply of example-project/ (its llmops.yaml unchanged but for the port), then a retrain
+of the fine-tune alone with a new learning rate. Real DVC, MLflow, training and server."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _git(root, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    """example-project/ copied and committed (a clean tree), applied once; its server stopped after."""
+    from conftest import Project
+
+    root = tmp_path_factory.mktemp("example") / "example-project"
+    shutil.copytree(REPO / "example-project", root, ignore=shutil.ignore_patterns(".llmops", "llmops.lock", "dvc.*"))
+    port = _free_port()
+    config = (root / "llmops.yaml").read_text()
+    assert "serve: {port: 8765}" in config
+    (root / "llmops.yaml").write_text(config.replace("serve: {port: 8765}", f"serve: {{port: {port}}}"))
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "example")
+    project = Project(root)
+    res = project.run("apply", "--auto-approve")
+    try:
+        assert res.returncode == 0, res.stdout + res.stderr
+        yield project, port, res.stdout
+    finally:
+        project.run("down", "deployments.support-prod")
+
+
+@pytest.mark.slow
+def test_fine_tuning_beats_the_base_and_the_gates_ask_for_it(example):
+    project, _, out = example
+    lock = project.locked()
+    tuned, base = lock["evals.support-quality"]["outputs"], lock["evals.support-base"]["outputs"]
+    assert base["model"] == "base_models.tiny" and tuned["model"] == "finetunes.support-lora"
+    assert tuned["metrics"]["rougeL"] >= 0.40
+    assert tuned["metrics"]["rougeL"] >= base["metrics"]["rougeL"] + 0.20
+    assert tuned["metrics"]["exact_match"] > 0
+    compared = tuned["comparison"]
+    assert compared["eval"] == "evals.support-base"
+    assert compared["metrics"]["rougeL"] == {
+        "value": base["metrics"]["rougeL"],
+        "delta": pytest.approx(tuned["metrics"]["rougeL"] - base["metrics"]["rougeL"], abs=1e-6),
+    }
+    gain = tuned["gates"]["rougeL gain vs support-base"]
+    assert gain["passed"] and gain["op"] == ">=" and gain["baseline"] == base["metrics"]["rougeL"]
+    assert tuned["passed"] and lock["deployments.support-prod"]["outputs"]["alias"] == "production"
+    # The base was pre-trained on the project's text: it knows the words (low perplexity on
+    # the answers) but not question -> answer.
+    pre = lock["base_models.tiny"]["outputs"]["pretrain"]
+    assert pre["last_loss"] < pre["first_loss"] / 5
+    assert "[+" in out and "vs support-base]" in out
+    # The latency figure says what it rests on.
+    spread = tuned["latency"]
+    assert spread["requests"] == tuned["rows"] and 1 <= spread["timed"] <= spread["requests"]
+    assert spread["min_ms"] <= spread["p50_ms"] <= spread["p95_ms"] <= spread["max_ms"]
+
+
+@pytest.mark.slow
+def test_answers_sampled_at_temperature_one_read_as_words(example):
+    from openai import OpenAI
+
+    project, port, _ = example
+    vocabulary = set()
+    for line in (project.root / "data" / "tickets.jsonl").read_text().splitlines():
+        vocabulary |= set(re.findall(r"[A-Za-z]+", json.loads(line)["answer"]))
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    questions = ["How do I reset my password on my laptop?", "Can I return the keyboard for a refund?",
+                 "Do you ship the backpack to Japan?"]
+    for question in questions:
+        answer = client.completions.create(model="support-lora", prompt=f"### Question:\n{question}\n### Answer:\n",
+                                           max_tokens=32, temperature=1.0).choices[0].text
+        assert "\ufffd" not in answer and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", answer), answer
+        words = re.findall(r"[A-Za-z]+", answer)
+        assert len(words) >= 3, answer
+        known = sum(w in vocabulary for w in words)
+        assert known / len(words) >= 0.8, (answer, [w for w in words if w not in vocabulary])
+
+
+@pytest.mark.slow
+def test_plan_and_show_put_the_fine_tune_beside_the_base(example):
+    project, _, _ = example
+    res = project.run("plan", "--detailed-exitcode")
+    assert res.returncode == 0, res.stdout + res.stderr
+    # A documented default written out changes nothing.
+    config = project.read("llmops.yaml")
+    project.path("llmops.yaml").write_text(config.replace("      seed: 13\n\nevals:", "      seed: 13\n"
+                                                          "      lr_scheduler: linear\n\nevals:"))
+    try:
+        assert "lr_scheduler: linear" in project.read("llmops.yaml")
+        res = project.run("plan", "--detailed-exitcode")
+        assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        project.path("llmops.yaml").write_text(config)
+    shown = project.run("show")
+    assert shown.returncode == 0
+    assert "evals.support-quality vs evals.support-base" in shown.stdout
+    row = next(line for line in shown.stdout.splitlines() if line.strip().startswith("rougeL"))
+    tuned, base, delta = (float(x) for x in row.split()[1:4])
+    assert delta == pytest.approx(tuned - base, abs=2e-3) and delta >= 0.2
+    # A pull request that changes the eval's gate shows the comparison in its comment.
+    project.path("llmops.yaml").write_text(config.replace('rougeL: ">= 0.40"', 'rougeL: ">= 0.45"'))
+    try:
+        md = project.run("plan", "--markdown").stdout
+    finally:
+        project.path("llmops.yaml").write_text(config)
+    assert "| metric | last applied | `evals.support-base` | delta | threshold | last value passes? |" in md
+    assert re.search(r"\| rougeL \| [0-9.]+ \| [0-9.]+ \| \+[0-9.]+ \| >= 0.45 \| ✅ \|", md), md
+
+
+@pytest.mark.slow
+def test_versions_carry_lineage_and_a_retrain_is_priced_then_recorded(example):
+    from llmops.tracking import client
+
+    project, _, _ = example
+    mlflow = client(project.root, {})
+    v1 = mlflow.get_model_version("support-lora", "1").tags
+    prompt = project.locked()["prompts.support"]["outputs"]
+    assert v1["llmops.prompt.version"] == str(prompt["version"]) and v1["llmops.prompt.digest"] == prompt["digest"]
+    assert v1["llmops.git_dirty"] == "false" and "llmops.git_diff_sha256" not in v1
+    assert v1["llmops.base_model.source"] == "build"
+    assert v1["llmops.dataset.train_md5"] == project.locked()["datasets.tickets"]["outputs"]["train"]["md5"]
+    before = project.locked()["finetunes.support-lora"]["outputs"]["cost"]
+    assert before["device"] == "cpu" and before["tokens"] > 0 and before["wall_s"] > before["train_s"] > 0
+
+    config = project.read("llmops.yaml")
+    project.path("llmops.yaml").write_text(config.replace("learning_rate: 1.0e-2 ", "learning_rate: 8.0e-3 "))
+    plan = json.loads(project.run("plan", "--json").stdout)
+    change = next(c for c in plan["resource_changes"] if c["address"] == "finetunes.support-lora")
+    assert change["action"] == "replace"
+    estimate = change["details"]["cost"]
+    assert estimate["basis"].startswith("from the last run")
+    assert estimate["tokens"] == before["tokens"]  # same rows, same epochs
+    assert estimate["wall_s"] == pytest.approx(before["wall_s"], rel=0.01)
+    assert plan["cost"]["actions"] == 2 and plan["cost"]["tokens"] >= estimate["tokens"]
+    text = project.run("plan").stdout
+    assert f"cost: ~{before['tokens']:,} tokens" in text and "Estimated cost:" in text
+
+    res = project.run("apply", "--auto-approve", "--select", "finetunes.support-lora")
+    assert res.returncode == 0, res.stdout + res.stderr
+    after = project.locked()["finetunes.support-lora"]["outputs"]
+    assert after["model_version"] == "2" and after["cost"]["tokens"] == estimate["tokens"]
+    v2 = mlflow.get_model_version("support-lora", "2").tags
+    assert v2["llmops.git_dirty"] == "true" and len(v2["llmops.git_diff_sha256"]) == 64
+    assert v2["llmops.git_commit"] == v1["llmops.git_commit"]
+    project.path("llmops.yaml").write_text(config)
