@@ -121,7 +121,7 @@ def estimate_eval(rows_now: int | None, repeats: int, max_new_tokens: int,
 def describe(cost: dict[str, Any]) -> str:
     """`~150,000 tokens, ~12 s, 0 GPU-hours (from the last run: ...)`."""
     if "wall_s" not in cost:
-        return f"cost {cost.get('basis', 'unknown')}"
+        return str(cost.get("basis") or "unknown")
     gpu = f"{cost['gpu_hours']:.3g} GPU-hours" if cost.get("gpu_hours") else "0 GPU-hours"
     return f"~{cost['tokens']:,} tokens, ~{duration(cost['wall_s'])}, {gpu} ({cost.get('basis', '')})"
 

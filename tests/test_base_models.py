@@ -104,6 +104,52 @@ def test_build_is_bit_for_bit_deterministic(tmp_path: Path, built: Path) -> None
     assert other_texts["tokenizer.json"] != again["files"]["tokenizer.json"]
 
 
+PRETRAIN = {**TINY, "pretrain": {"epochs": 12, "learning_rate": 1.0e-2, "batch_size": 2, "warmup_steps": 2}}
+
+
+def _text_loss(folder: Path, texts: list[str]) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        losses = [float(model(**(ids := tok(t, return_tensors="pt")), labels=ids["input_ids"]).loss) for t in texts]
+    return sum(losses) / len(losses)
+
+
+def test_pretraining_learns_the_texts_and_stays_bit_for_bit_reproducible(tmp_path: Path, built: Path) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    first = build_tiny_model(PRETRAIN, TEXTS, tmp_path / "pre")
+    assert torch.get_num_threads() == threads  # the one-thread pin is undone
+    stats = first["pretrain"]
+    assert 12 <= stats["steps"] <= 12 * len(TEXTS) and stats["tokens"] > 0
+    assert stats["last_loss"] < stats["first_loss"]
+    # Same spec, same texts: the same bytes, so a second checkout's rebuild verifies.
+    again = build_tiny_model(PRETRAIN, TEXTS, tmp_path / "again")
+    assert again["files"] == first["files"] == sha256_tree(tmp_path / "pre")
+    # The tokenizer is the random build's; the weights are not, and they know the texts better.
+    plain = sha256_tree(built)
+    assert first["files"]["tokenizer.json"] == plain["tokenizer.json"]
+    assert first["files"]["model.safetensors"] != plain["model.safetensors"]
+    assert _text_loss(tmp_path / "pre", TEXTS[:8]) < _text_loss(built, TEXTS[:8]) / 2
+
+
+@pytest.mark.parametrize("pretrain, message", [
+    ({"epochs": 0}, "build.pretrain.epochs: must be a positive integer, got 0"),
+    ({"learning_rate": 2}, "build.pretrain.learning_rate: must be a number between 0 and 1, got 2"),
+    ({"warmup_steps": -1}, "build.pretrain.warmup_steps: must be an integer >= 0, got -1"),
+    ({"epoch": 3}, "build.pretrain: unknown field 'epoch'"),
+    ("yes", "build.pretrain: must be a mapping"),
+])
+def test_bad_pretrain_settings_are_refused_before_anything_is_written(tmp_path: Path, pretrain, message) -> None:
+    with pytest.raises(ProviderError) as info:
+        build_tiny_model({**TINY, "pretrain": pretrain}, TEXTS, tmp_path / "m")
+    assert message in info.value.message
+    assert not (tmp_path / "m").exists()
+
+
 def test_built_model_loads_generates_and_round_trips(built: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

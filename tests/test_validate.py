@@ -222,3 +222,48 @@ def test_a_committed_checks_json_is_not_trusted(project, tmp_path, monkeypatch):
     assert _validate(project) == bad
     key_file = tmp_path / "another-user" / "llmops" / "checks.key"
     assert key_file.stat().st_mode & 0o077 == 0
+
+
+COMPARE = """\
+version: 1
+project: t
+datasets:
+  a: {source: data/a.jsonl}
+  b: {source: data/a.jsonl}
+prompts:
+  p: {text: "{{ question }}", variables: [question]}
+base_models:
+  m: {build: {architecture: llama, tokenizer_from: a}}
+evals:
+  base: {model: m, prompt: p, dataset: a, metrics: [rougeL]}
+  other: {model: m, prompt: p, dataset: b, metrics: [rougeL]}
+  e:
+    model: m
+    prompt: p
+    dataset: a
+    metrics: [rougeL, bleu]
+    compare_to: {eval: base, min_gain: {rougeL: 0.2, bleu: 0.1, chrf: 0.1}}
+  f: {model: m, prompt: p, dataset: a, metrics: [rougeL], compare_to: other}
+  g: {model: m, prompt: p, dataset: a, metrics: [rougeL], compare_to: g}
+  h: {model: m, prompt: p, dataset: a, metrics: [rougeL], compare_to: nope}
+"""
+
+
+def test_compare_to_names_another_eval_of_the_same_rows_with_the_gained_metrics(project):
+    lines = diags(project, COMPARE)
+    joined = "\n".join(lines)
+    assert ("evals.e.compare_to.min_gain.bleu: gain gate on 'bleu', which evals.base does not compute "
+            "(hint: add bleu to evals.base.metrics)") in joined
+    assert "evals.e.compare_to.min_gain.chrf: gate on metric 'chrf', which this eval does not compute" in joined
+    assert ("evals.f.compare_to: evals.other scores dataset 'b', this eval 'a': their metrics are not comparable"
+            in joined)
+    assert "evals.g.compare_to: an eval cannot be compared to itself" in joined or "cycle" in joined
+    assert "evals.h.compare_to: unknown eval 'nope'" in joined
+    assert not any("min_gain.rougeL" in line for line in lines)
+
+
+def test_compare_to_is_a_dependency(project):
+    valid = COMPARE.split("  f:")[0].replace("rougeL: 0.2, bleu: 0.1, chrf: 0.1", "rougeL: 0.2")
+    project.write({"llmops.yaml": valid, "data/a.jsonl": "{}\n"})
+    config = load_config(project.root)
+    assert "evals.base" in config.deps["evals.e"]
