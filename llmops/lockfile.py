@@ -505,26 +505,26 @@ def _replay(lock: Lock, path: Path, data: bytes) -> None:
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             record = None
-        if not isinstance(record, dict) or (number > 1 and record.get("op") not in ("set", "remove", "compacted")):
+        if (not isinstance(record, dict) or _depth(record) > MAX_DEPTH
+                or (number > 1 and record.get("op") not in ("set", "remove", "compacted"))):
             raise LockfileError(f"{journal}:{number}: the apply journal is corrupt. {drop}")
         records.append(record)
     header, changes = records[0], records[1:]
-    if header.get("llmops_lock_journal") != JOURNAL_VERSION:
+    if header.get("llmops_lock_journal") != JOURNAL_VERSION or not isinstance(header.get("base"), str):
         raise LockfileError(f"{journal}: not an apply journal this llmops reads (header {lines[0][:80]!r}). "
                             f"{drop}")
     digest = lock._loaded_digest
     if header.get("base") != digest:
-        if any(r["op"] == "compacted" and r.get("digest") == digest for r in changes):
-            return  # the lock was written from this journal; only its deletion was cut short
         addrs = sorted({str(r.get("address")) for r in changes if r["op"] != "compacted"})
+        if not addrs or any(r["op"] == "compacted" and r.get("digest") == digest for r in changes):
+            return  # it holds nothing, or the lock was written from it and only its deletion was cut short
         shown = ", ".join(addrs[:3]) + (f" and {len(addrs) - 3} more" if len(addrs) > 3 else "")
         raise LockfileError(
-            f"{journal}: an apply that did not finish recorded changes to {len(addrs)} resource(s)"
-            f"{' (' + shown + ')' if shown else ''} on top of another llmops.lock than the one at {path} "
-            f"(it changed since, e.g. by a git checkout or pull); llmops does not apply them to this lock. "
-            f"{drop}")
+            f"{journal}: an apply that did not finish recorded changes to {len(addrs)} resource(s) ({shown}) "
+            f"on top of another llmops.lock than the one at {path} (it changed since, e.g. by a git checkout "
+            f"or pull, or was deleted); llmops does not apply them to this lock. {drop}")
     for number, record in enumerate(changes, 2):
         if record["op"] == "compacted":
             break  # the lock was being replaced by one with all of the above

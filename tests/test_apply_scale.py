@@ -304,6 +304,9 @@ def test_a_line_cut_short_by_a_kill_is_not_a_change_and_a_corrupt_one_is_refused
     journal_path(path).write_bytes(good.replace(b'"prompts.p"', b'"prompts/../../x"', 1))
     with pytest.raises(LockfileError, match="is not a resource address"):
         load_lock(path)
+    # A journal that holds no change (killed right after it started) has nothing to refuse.
+    journal_path(path).write_bytes(good.splitlines(keepends=True)[0].replace(b'"base": "', b'"base": "0', 1))
+    assert set(load_lock(path).resources) == {"datasets.a"}
 
 
 def test_a_saved_lock_supersedes_the_journal(proj):
