@@ -199,9 +199,9 @@ def test_latency_and_error_rate(tmp_path: Path, store: SqliteStore):
     spec = {"window": "1h", "latency": {"p95_ms_max": 500}, "error_rate_max": 0.05}
     report = run_monitor(tmp_path, "prod", spec, None, now=NOW, store=store)
     m = report.metrics
-    assert m["requests"] == {"count": 105, "errors": 10, "client_errors": 5, "first": NOW - 3599,
-                             "last": NOW - 396}
-    assert m["error_rate"] == pytest.approx(10 / 105, abs=1e-6)
+    assert m["requests"] == {"count": 105, "errors": 15, "client_errors": 5, "server_errors": 10,
+                             "first": NOW - 3599, "last": NOW - 396}
+    assert m["error_rate"] == pytest.approx(15 / 105, abs=1e-6)  # refused (4xx) requests failed too
     assert m["latency_ms"]["p50"] == 40.0 and m["latency_ms"]["p95"] == 900.0
     assert sorted(a.check for a in report.alerts) == ["error_rate", "latency"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from llmops.monitor.drift import bag_counts, histogram, psi
-from llmops.monitor.runner import MIN_DRIFT_REQUESTS, MonitorReport, window_where
+from llmops.monitor.runner import FAILED_SQL, MIN_DRIFT_REQUESTS, MonitorReport, window_where
 from llmops.monitor.store import RequestStore
 
 BUCKETS = 48
@@ -42,8 +42,8 @@ def series(report: MonitorReport, store: RequestStore) -> dict[str, Any]:
     out: dict[str, Any] = {"t": t, "requests": np.zeros(n), "errors": np.zeros(n), "p50": np.full(n, np.nan),
                            "p95": np.full(n, np.nan), "positive_rate": np.full(n, np.nan),
                            "psi_length": np.full(n, np.nan), "psi_tokens": np.full(n, np.nan)}
-    rows = store.query("SELECT ts, latency_ms, CASE WHEN status >= 500 OR (status IS NULL AND error IS NOT NULL) "
-                       f"THEN 1 ELSE 0 END FROM requests WHERE {where}", params)
+    rows = store.query(f"SELECT ts, latency_ms, CASE WHEN {FAILED_SQL} THEN 1 ELSE 0 END FROM requests "
+                       f"WHERE {where}", params)
     if rows:
         arr = np.asarray([(r[0], np.nan if r[1] is None else r[1], r[2]) for r in rows], dtype=np.float64)
         b = np.clip(((arr[:, 0] - start) / width).astype(int), 0, n - 1)

@@ -1,7 +1,8 @@
 """`run_monitor`: one pass of a monitor over its window of logged requests.
 
-It computes traffic (count, error rate: 5xx or failed without a status; 4xx are counted
-as client errors apart), latency p50/p95, feedback (count, positive rate, share of requests
+It computes traffic (count, error rate: every answer with a status >= 400 -- a refused request
+is a failed request for its client -- or failed without a status; 4xx and 5xx are also
+reported apart), latency p50/p95, feedback (count, positive rate, share of requests
 rated), drift against the training split (embedding drift in `llmops.monitor.embedding`) and
 suspicious clients; compares them with the thresholds of `monitors.NAME`; records the alerts
 (`alerts.record_alerts`) and POSTs them to the webhook. Counting and grouping run in SQL;
@@ -28,6 +29,9 @@ from llmops.monitor.suspicious import find_suspicious
 MIN_DRIFT_REQUESTS = 30
 MAX_SUSPICIOUS_ALERTS = 10
 MAX_EMBED_TEXTS = 2000  # the window's most recent logged prompts that are embedded
+# A failed request: answered with 4xx/5xx (the server logs its refusals with their status),
+# or cut off without a status (client gone, handler crashed).
+FAILED_SQL = "(status >= 400 OR (status IS NULL AND error IS NOT NULL))"
 
 
 @dataclass
@@ -117,9 +121,10 @@ def _display_url(url: str) -> str:
 def _traffic(store: RequestStore, spec: MonitorSpec, now: float) -> dict[str, Any]:
     where, params = window_where(spec.window, now)
     n, errors, client_errors, first, last = store.query(
-        "SELECT COUNT(*), SUM(CASE WHEN status >= 500 OR (status IS NULL AND error IS NOT NULL) THEN 1 ELSE 0 END), "
+        f"SELECT COUNT(*), SUM(CASE WHEN {FAILED_SQL} THEN 1 ELSE 0 END), "
         "SUM(CASE WHEN status >= 400 AND status < 500 THEN 1 ELSE 0 END), MIN(ts), MAX(ts) "
         f"FROM requests WHERE {where}", params)[0]
+    errors, client_errors = int(errors or 0), int(client_errors or 0)
     n = int(n or 0)
     lat = np.fromiter((r[0] for r in store.query(
         f"SELECT latency_ms FROM requests WHERE {where} AND latency_ms IS NOT NULL", params)), dtype=np.float64)
@@ -129,9 +134,10 @@ def _traffic(store: RequestStore, spec: MonitorSpec, now: float) -> dict[str, An
         latency.update(p50=round(float(p50), 3), p95=round(float(p95), 3))
     return {
         "window": spec.window.describe(),
-        "requests": {"count": n, "errors": int(errors or 0), "client_errors": int(client_errors or 0),
+        "requests": {"count": n, "errors": errors, "client_errors": client_errors,
+                     "server_errors": errors - client_errors,
                      "first": None if first is None else float(first), "last": None if last is None else float(last)},
-        "error_rate": round(int(errors or 0) / n, 6) if n else None,
+        "error_rate": round(errors / n, 6) if n else None,
         "latency_ms": latency,
     }
 
@@ -233,8 +239,10 @@ def _alerts(spec: MonitorSpec, m: dict[str, Any], now: float) -> list[Alert]:
                           f"latency: p95 {p95:.0f} ms > {spec.p95_ms_max:g} ms"))
     rate = m["error_rate"]
     if spec.error_rate_max is not None and rate is not None and rate > spec.error_rate_max:
+        req = m["requests"]
         out.append(_alert(spec, now, "error_rate", "error_rate", rate, spec.error_rate_max, ">",
-                          f"errors: error rate {rate:.2%} > {spec.error_rate_max:.2%}"))
+                          f"errors: error rate {rate:.2%} > {spec.error_rate_max:.2%} ({req['client_errors']} "
+                          f"refused 4xx, {req['server_errors']} failed 5xx or cut off)"))
     if spec.suspicious:
         clients = m["suspicious_clients"]
         for c in clients[:MAX_SUSPICIOUS_ALERTS]:
