@@ -88,13 +88,14 @@ def test_answers_sampled_at_temperature_one_read_as_words(example):
     project, port, _ = example
     vocabulary = set()
     for line in (project.root / "data" / "tickets.jsonl").read_text().splitlines():
-        vocabulary |= set(re.findall(r"[A-Za-z]+", json.loads(line)["answer"]))
+        row = json.loads(line)  # the words the base was pre-trained on
+        vocabulary |= set(re.findall(r"[A-Za-z]+", row["question"] + " " + row["answer"]))
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     questions = ["How do I reset my password on my laptop?", "Can I return the keyboard for a refund?",
                  "Do you ship the backpack to Japan?"]
-    for question in questions:
+    for seed, question in enumerate(questions):
         answer = client.completions.create(model="support-lora", prompt=f"### Question:\n{question}\n### Answer:\n",
-                                           max_tokens=32, temperature=1.0).choices[0].text
+                                           max_tokens=32, temperature=1.0, seed=seed).choices[0].text
         assert "\ufffd" not in answer and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", answer), answer
         words = re.findall(r"[A-Za-z]+", answer)
         assert len(words) >= 3, answer
@@ -133,6 +134,65 @@ def test_plan_and_show_put_the_fine_tune_beside_the_base(example):
     assert re.search(r"\| rougeL \| [0-9.]+ \| [0-9.]+ \| \+[0-9.]+ \| >= 0.45 \| ✅ \|", md), md
 
 
+def _get(port: int, path: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.slow
+def test_chat_goes_through_the_trained_prompt_and_the_server_says_what_it_serves(example):
+    import openai
+    from openai import OpenAI
+
+    project, port, _ = example
+    lock = project.locked()
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    rows = [json.loads(line) for line in project.path(lock["datasets.tickets"]["outputs"]["eval"]["path"])
+            .read_text().splitlines()][:5]
+    for row in rows:  # the same answer through chat as through the templated completion
+        chat = client.chat.completions.create(model="support-lora", temperature=0, max_tokens=24,
+                                              messages=[{"role": "system", "content": "Be brief."},
+                                                        {"role": "user", "content": row["question"]}])
+        completion = client.completions.create(model="support-lora", temperature=0, max_tokens=24,
+                                               prompt=f"### Question:\n{row['question']}\n### Answer:\n")
+        assert chat.choices[0].message.content == completion.choices[0].text
+        assert chat.usage.prompt_tokens == completion.usage.prompt_tokens
+    health, models = _get(port, "/health"), _get(port, "/v1/models")
+    weights = lock["finetunes.support-lora"]["outputs"]["adapter"]["sha256"]
+    prompt = lock["prompts.support"]["outputs"]
+    for served in (health, models["data"][0]["llmops"]):
+        assert served["version"] == "1" and served["alias"] == "production" and served["adapter_sha256"] == weights
+        assert served["prompt"]["name"] == "support" and served["prompt"]["version"] == str(prompt["version"])
+        assert served["prompt"]["digest"] == prompt["digest"]
+    # Fields the server cannot honour are refused, naming them; neutral values pass.
+    for extra, param in (({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"presence_penalty": 0.5}, "presence_penalty"), ({"frobnicate": 1}, "frobnicate")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="support-lora", max_tokens=4, extra_body=extra,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert info.value.body["param"] == param, info.value.body
+    ok = client.chat.completions.create(model="support-lora", max_tokens=4, presence_penalty=0, user="alice",
+                                        messages=[{"role": "user", "content": "Where is my order?"}])
+    assert ok.choices[0].message.content is not None
+
+
+@pytest.mark.slow
+def test_down_then_apply_serves_again(example):
+    project, port, _ = example
+    assert project.run("down", "deployments.support-prod").returncode == 0
+    plan = project.run("plan", "--detailed-exitcode")
+    assert plan.returncode == 2, plan.stdout
+    assert "deployments.support-prod" in plan.stdout and "stopped by `llmops down`" in plan.stdout
+    res = project.run("apply", "--auto-approve")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Apply complete: 1 applied." in res.stdout
+    assert _get(port, "/health")["status"] == "ok"
+    assert project.run("plan", "--detailed-exitcode").returncode == 0
+
+
 @pytest.mark.slow
 def test_versions_carry_lineage_and_a_retrain_is_priced_then_recorded(example):
     from llmops.tracking import client
@@ -168,4 +228,15 @@ def test_versions_carry_lineage_and_a_retrain_is_priced_then_recorded(example):
     v2 = mlflow.get_model_version("support-lora", "2").tags
     assert v2["llmops.git_dirty"] == "true" and len(v2["llmops.git_diff_sha256"]) == 64
     assert v2["llmops.git_commit"] == v1["llmops.git_commit"]
+
+    # Promote v2, then roll back: the server serves v1's very weights again.
+    _, port, _ = example
+    v1_weights = _get(port, "/health")["adapter_sha256"]
+    res = project.run("apply", "--auto-approve")
+    assert res.returncode == 0, res.stdout + res.stderr
+    health = _get(port, "/health")
+    assert health["version"] == "2" and health["adapter_sha256"] == after["adapter"]["sha256"] != v1_weights
+    assert project.run("rollback", "deployments.support-prod").returncode == 0
+    health = _get(port, "/health")
+    assert health["version"] == "1" and health["adapter_sha256"] == v1_weights
     project.path("llmops.yaml").write_text(config)

@@ -97,6 +97,8 @@ class DeploymentsProvider(Provider):
                           lambda msg: self.ctx.log(request.address, msg))
         current = {"version": version, "adapter": model.get("adapter", {}).get("path"),
                    "base_model": model.get("base_model", {}).get("path")}
+        if spec.get("serve") and current["adapter"]:
+            current["adapter"] = self._pinned_adapter(str(current["adapter"]), model.get("adapter", {}).get("sha256"))
         outputs: dict[str, Any] = {
             "model": model_addr,
             "model_name": name,
@@ -202,6 +204,7 @@ class DeploymentsProvider(Provider):
             request_log=None if monitor else self.ctx.state_dir / "serve" / f"{name}.requests.jsonl",
             monitor_store=monitor.store if monitor else None,
             log_text=bool(monitor and monitor.log_text),
+            served_file=self._served_file(name, spec, model_name, current),
         )
         if runner is not None:
             return self._serve_container(name, serve, runner, current, common)
@@ -210,6 +213,68 @@ class DeploymentsProvider(Provider):
                               adapter_dir=root / current["adapter"], **common)
         wait_healthy(handle.url, timeout=float(serve.get("startup_timeout", 180)), handle=handle)
         return {"endpoint": handle.url, "served_model": model_name}
+
+    def _pinned_adapter(self, rel: str, sha256: str | None) -> str:
+        """The adapter as served: a copy under `.llmops/serve/adapters/SHA/`, named by the sha256
+        of its weights (checked against the lock). A fine-tune rebuilt for the same fingerprint
+        trains into the same run folder; the copy keeps each version's weights apart, so a
+        rollback serves exactly the older ones."""
+        import shutil
+        import tempfile
+
+        from llmops.train.build import sha256_file
+
+        src = self.ctx.root / rel
+        weights = src / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise ProviderError(f"the adapter {rel} has no adapter_model.safetensors; re-apply the fine-tune.")
+        actual = sha256_file(weights)
+        if sha256 and actual != sha256:
+            raise ProviderError(f"the adapter at {rel} is not the one llmops.lock records (sha256 {actual[:12]}, "
+                                f"lock {str(sha256)[:12]}); run `llmops apply --replace` on the fine-tune.")
+        dest = self.ctx.state_dir / "serve" / "adapters" / actual[:32]
+        if not (dest / "adapter_model.safetensors").is_file() or sha256_file(dest / "adapter_model.safetensors") != actual:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+            try:
+                shutil.copytree(src, tmp / "a")
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp / "a", dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return dest.relative_to(self.ctx.root).as_posix()
+
+    def _served_file(self, name: str, spec: dict[str, Any], model_name: str, current: dict[str, Any]) -> Path:
+        """Write what the server serves, for /health and /v1/models (registered version, alias,
+        sha256 of the adapter folder as it is on disk now) and the prompt chat requests go
+        through: the fine-tune's, with the prompt version the registry says it was trained with."""
+        import json
+
+        from llmops.fsutil import atomic_write_text
+        from llmops.train.build import sha256_file
+
+        weights = self.ctx.root / current["adapter"] / "adapter_model.safetensors"
+        doc: dict[str, Any] = {"deployment": name, "model": model_name, "version": str(current["version"]),
+                               "alias": str(spec.get("alias") or "production"),
+                               "adapter_sha256": sha256_file(weights) if weights.is_file() else None}
+        ref = str(spec.get("model") or "")
+        finetune = (self.ctx.config.get("finetunes") or {}).get(ref.split(".", 1)[1] if ref.startswith("finetunes.")
+                                                                else ref) or {}
+        prompt_name = finetune.get("prompt")
+        prompt_spec = (self.ctx.config.get("prompts") or {}).get(prompt_name) if prompt_name else None
+        if isinstance(prompt_spec, dict):
+            entry: dict[str, Any] = {"name": prompt_name, "spec": prompt_spec, "root": str(self.ctx.root.resolve())}
+            try:
+                tags = self._client().get_model_version(model_name, str(current["version"])).tags or {}
+            except Exception:  # noqa: BLE001 - lineage is shown when the registry has it
+                tags = {}
+            if tags.get("llmops.prompt.version"):
+                entry["version"] = tags["llmops.prompt.version"]
+            doc["prompt"] = entry
+        path = self.ctx.state_dir / "serve" / f"{name}.served.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return path.resolve()
 
     def _docker_runner(self, name: str, spec: dict[str, Any]) -> DockerRunner | None:
         """The Docker runner when deployment NAME serves with runner docker (else None), once
@@ -264,6 +329,9 @@ class DeploymentsProvider(Provider):
         endpoint_drift = _endpoint_drift(self.ctx, name, out["endpoint"]) if out.get("endpoint") else None
         if endpoint_drift:
             drifts.append(endpoint_drift)
+        elif spec.get("serve") and not out.get("endpoint") and out.get("version"):
+            # `llmops down` dropped the endpoint: the next apply serves again, as llmops.yaml asks.
+            drifts.append(Drift("serve: no server is running (stopped by `llmops down`); apply starts it", "update"))
         return drifts
 
     def alerts(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[str]:

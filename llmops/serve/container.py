@@ -74,6 +74,7 @@ def start_container_server(
     request_log: Path | str | None = None,
     monitor_store: str | None = None,
     log_text: bool = False,
+    served_file: Path | str | None = None,
 ) -> ContainerServer:
     """Start the server container; state in `state_dir/NAME.json`. Port 0 picks a free port.
 
@@ -94,7 +95,8 @@ def start_container_server(
         check_port(host, port, name)
     instance = secrets.token_urlsafe(16)
     env: dict[str, str] = {INSTANCE_ENV: instance}
-    args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, env)
+    args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, env,
+                                served_file)
     if auth_token_env:
         token = os.environ.get(auth_token_env, "")
         if not token:

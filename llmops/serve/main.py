@@ -100,6 +100,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-text", action="store_true",
                    help="include prompts and completions in the request store and --request-log")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--served-file", type=Path,
+                   help="JSON the deployment writes: registered version, alias, adapter sha256 (for /health and "
+                        "/v1/models) and the prompt chat requests go through ({name, spec, root, version})")
     return p.parse_args(argv)
 
 
@@ -115,6 +118,26 @@ def _store_url(args: argparse.Namespace) -> str | None:
                              "empty or not set; set it or pass --monitor-store URL")
         return url
     return args.monitor_store
+
+
+def _served(path: Path | None) -> tuple[dict[str, Any], Any]:
+    """(what /health reports, the ServedPrompt or None) from --served-file; LlmopsError when bad."""
+    from llmops.errors import LlmopsError
+    from llmops.serve.service import ServedPrompt
+
+    if path is None:
+        return {}, None
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LlmopsError(f"--served-file {path}: cannot read it as JSON ({exc}); apply the deployment again.") from None
+    if not isinstance(doc, dict):
+        raise LlmopsError(f"--served-file {path}: expected a JSON object; apply the deployment again.")
+    prompt = ServedPrompt.load(doc["prompt"]) if isinstance(doc.get("prompt"), dict) else None
+    served = {k: doc[k] for k in ("deployment", "version", "alias", "adapter_sha256") if doc.get(k) is not None}
+    if prompt is not None:
+        served["prompt"] = prompt.info
+    return served, prompt
 
 
 def feedback_hook(store: Any) -> OnFeedback:
@@ -156,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         from llmops.serve.model import load_model
         from llmops.serve.service import ModelService
 
+        served, prompt = _served(args.served_file)
         lm = load_model(args.model_dir, args.adapter_dir, args.device)
     except LlmopsError as exc:
         _error(exc.message)
@@ -166,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if store is not None:
         hooks.append(store)
     limits = RequestLimits(args.max_tokens_limit, args.max_prompts, args.max_n, args.max_request_tokens)
-    server = make_server(ModelService(lm, limits), args.host, args.port, args.model_name, token, fan_out(hooks),
-                         log=log, feedback=feedback_hook(store) if store is not None else None,
-                         max_connections=args.max_connections, client_timeout=args.client_timeout)
+    server = make_server(ModelService(lm, limits, prompt=prompt), args.host, args.port, args.model_name, token,
+                         fan_out(hooks), log=log, feedback=feedback_hook(store) if store is not None else None,
+                         max_connections=args.max_connections, client_timeout=args.client_timeout, served=served)
     host, port = server.server_address[:2]
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     logging_to = f", logging requests to {store.describe()}" if store is not None else ""

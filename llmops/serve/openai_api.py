@@ -81,6 +81,51 @@ class GenerationRequest:
     seed: int | None = None
     echo: bool = False
     logprobs: int | None = None
+    user: str | None = None  # OpenAI's end-user id: the client id for monitoring without X-Client-Id
+
+
+# What the server reads of a request body. A field it cannot honour is refused (400, naming it)
+# rather than silently ignored: a client asking for tools or a JSON schema must not get free text
+# that looks like compliance. `None` or a neutral value (0 penalties, {} logit_bias, text format)
+# of an unsupported field is accepted, as OpenAI's own clients send some of them by default.
+_COMMON_FIELDS = frozenset({"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+                            "max_tokens", "user", "metadata", "store", "service_tier"})
+_FIELDS = {
+    "completion": _COMMON_FIELDS | {"prompt", "echo", "logprobs", "best_of", "suffix"},
+    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},
+}
+_NEUTRAL: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+                            "parallel_tool_calls": True, "modalities": ["text"], "response_format": {"type": "text"},
+                            "tools": [], "functions": [], "tool_choice": "none"}
+_WHY = {
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+    "function_call": "function calling", "parallel_tool_calls": "tool calling",
+    "response_format": "structured output (response_format)", "presence_penalty": "presence penalties",
+    "frequency_penalty": "frequency penalties", "logit_bias": "logit_bias", "audio": "audio output",
+    "modalities": "modalities other than text", "prediction": "predicted outputs",
+    "web_search_options": "web search", "reasoning_effort": "reasoning effort", "suffix": "suffix (insertion)",
+    "best_of": "best_of",
+}
+
+
+def _refuse_unsupported(body: dict[str, Any], kind: str, req_n: int) -> None:
+    for name, value in body.items():
+        if value is None:
+            continue
+        if name in _NEUTRAL and value == _NEUTRAL[name]:
+            continue
+        if name == "best_of" and value in (1, req_n):
+            continue
+        if name == "suffix" and value == "":
+            continue
+        if name in _FIELDS[kind] and name not in ("best_of", "suffix"):
+            continue
+        if name in _WHY or name in _NEUTRAL:
+            raise _bad(f"This server does not support {_WHY.get(name, name)}: remove '{name}' from the request "
+                       "(it would be ignored, and the answer would not do what it asks).", name,
+                       "unsupported_parameter")
+        raise _bad(f"Unrecognized request argument supplied: {_shown(name)[1:-1]}", name[:100],
+                   "unrecognized_parameter")
 
 
 def _is_int(value: Any) -> bool:
@@ -197,6 +242,11 @@ def _common(body: Any, model_name: str, limits: RequestLimits, kind: str) -> Gen
         raise _bad(f"Invalid value for 'seed': expected a 64-bit signed integer, got {_shown(seed)}.", "seed")
     req.seed = seed
     req.max_tokens = _max_tokens(body, kind, limits.max_tokens)
+    _refuse_unsupported(body, kind, req.n)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad(f"Invalid type for 'user': expected a string, got {_shown(user)}.", "user")
+    req.user = user[:128] if user else None
     return req
 
 
@@ -295,8 +345,9 @@ def parse_chat_request(body: Any, model_name: str, limits: RequestLimits) -> Gen
                        f"messages[{i}].role")
         role = "system" if msg["role"] == "developer" else msg["role"]
         req.messages.append({"role": role, "content": _content(msg.get("content"), i)})
-    if body.get("logprobs"):
-        raise _bad("logprobs are not supported for chat completions by this server.", "logprobs")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        name = "logprobs" if body.get("logprobs") else "top_logprobs"
+        raise _bad("logprobs are not supported for chat completions by this server.", name, "unsupported_parameter")
     _check_asked(req, body, limits)
     return req
 
@@ -350,5 +401,10 @@ def usage_chunk(kind: str, rid: str, model: str, created: int, use: dict[str, in
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
 
 
-def models_response(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "llmops"}]}
+def models_response(model: str, created: int, served: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one served model; `served` (registered version, alias, adapter sha256, prompt) rides
+    along as an `llmops` field, which OpenAI clients ignore."""
+    entry: dict[str, Any] = {"id": model, "object": "model", "created": created, "owned_by": "llmops"}
+    if served:
+        entry["llmops"] = served
+    return {"object": "list", "data": [entry]}

@@ -109,6 +109,7 @@ def start_server(
     request_log: Path | str | None = None,
     monitor_store: str | None = None,
     log_text: bool = False,
+    served_file: Path | str | None = None,
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
 ) -> ServerHandle:
@@ -136,7 +137,8 @@ def start_server(
     log_path = state_dir / f"{name}.log"
     full_env = server_env(os.environ, keep=[auth_token_env] if auth_token_env else [])
     full_env.update(env or {})
-    args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, full_env)
+    args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, full_env,
+                                served_file)
     instance = full_env[INSTANCE_ENV] = secrets.token_urlsafe(16)
     cmd = [sys.executable, "-m", SERVER_MODULE, *args, "--host", host, "--port", str(port)]
     if auth_token_env:
@@ -169,14 +171,17 @@ def server_env(parent: Mapping[str, str], keep: Iterable[str] = ()) -> dict[str,
 
 
 def server_args(model_dir, adapter_dir, model_name: str, request_log, monitor_store: str | None,
-                 log_text: bool, env: dict[str, str]) -> tuple[list[str], dict[str, Any] | None]:
+                 log_text: bool, env: dict[str, str], served_file=None) -> tuple[list[str], dict[str, Any] | None]:
     """The server's arguments (those of the local runner) and the state's `monitor` entry.
 
-    A store URL holding a password goes into `env`, never the arguments.
+    A store URL holding a password goes into `env`, never the arguments. `served_file` is
+    the deployment's JSON description of what is served (`llmops.serve.main`, --served-file).
     """
     args = ["--model-dir", str(model_dir), "--model-name", model_name]
     if adapter_dir is not None:
         args += ["--adapter-dir", str(adapter_dir)]
+    if served_file is not None:
+        args += ["--served-file", str(served_file)]
     if request_log is not None:
         args += ["--request-log", str(request_log)]
     monitor = None

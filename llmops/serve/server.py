@@ -68,6 +68,8 @@ class App:
     created: int = field(default_factory=lambda: int(time.time()))
     instance: str | None = field(default_factory=lambda: os.environ.get(INSTANCE_ENV) or None)
     log: Callable[[str], None] = lambda line: None
+    # What is served, for /health and /v1/models: registered version, alias, adapter sha256, prompt.
+    served: dict[str, Any] = field(default_factory=dict)
     # Response ids sent but whose record `on_request` has not had yet: feedback on one of
     # them waits for it (a client may rate an answer before its record reaches the hook).
     pending: dict[str, threading.Event] = field(default_factory=dict)
@@ -326,11 +328,11 @@ class Handler(BaseHTTPRequestHandler):
         return api.decode_json(body)
 
     def _health(self, body: bytes, rec: dict[str, Any]) -> None:
-        self._send_json(200, {"status": "ok", "model": self.app.model_name, "instance": self.app.instance,
-                              "pid": os.getpid()}, rec)
+        self._send_json(200, {"status": "ok", "model": self.app.model_name, **self.app.served,
+                              "instance": self.app.instance, "pid": os.getpid()}, rec)
 
     def _models(self, body: bytes, rec: dict[str, Any]) -> None:
-        self._send_json(200, api.models_response(self.app.model_name, self.app.created), rec)
+        self._send_json(200, api.models_response(self.app.model_name, self.app.created, self.app.served), rec)
 
     def _completions(self, body: bytes, rec: dict[str, Any]) -> None:
         svc = self.app.service
@@ -366,6 +368,8 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self, req: GenerationRequest, rec: dict[str, Any]) -> None:
         rec["stream"] = req.stream
         rec["prompt"] = req.prompts if req.kind == "completion" else req.messages
+        if req.user and not self.headers.get("X-Client-Id", "").strip():
+            rec["client_id"] = f"user:{req.user}"  # OpenAI's `user`: the end user, named by the client
         rid = api.new_id(req.kind)
         if self.app.feedback is not None:
             self.app.pending[rid] = threading.Event()
@@ -383,7 +387,16 @@ class Handler(BaseHTTPRequestHandler):
             body = api.completion_response(rid, req.model, choices, use)
         rec.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
                    completion=[t for t, _ in out.texts], finish_reason=[r for _, r in out.texts])
+        self._record_rendered(out, rec)
         self._send_json(200, body, rec)
+
+    @staticmethod
+    def _record_rendered(out: Outcome, rec: dict[str, Any]) -> None:
+        """A chat put through the deployment's prompt is recorded as the model saw it (the
+        rendered text, like a completion's), with the variables it filled: the monitor then
+        compares chat traffic with the training split in the same space."""
+        if out.inputs is not None:
+            rec["prompt"], rec["inputs"] = out.prompts, out.inputs
 
     def _stream(self, req: GenerationRequest, rid: str, rec: dict[str, Any]) -> None:
         created = int(time.time())
@@ -414,6 +427,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         rec.update(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
                    completion=[t for t, _ in outcome.texts], finish_reason=[reason])
+        self._record_rendered(outcome, rec)
 
     def _event(self, data: dict[str, Any]) -> None:
         self.wfile.write(b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n")
@@ -498,13 +512,13 @@ class ModelServer(ThreadingHTTPServer):
 def make_server(service: ModelService, host: str, port: int, model_name: str, auth_token: str | None = None,
                 on_request: OnRequest | None = None, log: Callable[[str], None] | None = None,
                 feedback: OnFeedback | None = None, max_connections: int = MAX_CONNECTIONS,
-                client_timeout: float = CLIENT_TIMEOUT_S) -> ModelServer:
+                client_timeout: float = CLIENT_TIMEOUT_S, served: dict[str, Any] | None = None) -> ModelServer:
     """Bind (port 0 picks a free one: read `server.server_address`); call `serve_forever()`.
 
     `max_connections` bounds the handler threads; `client_timeout` is how long a request may
     take to arrive after its first byte, and how long an idle connection is kept.
     """
-    app = App(service, model_name, auth_token or None, on_request, feedback)
+    app = App(service, model_name, auth_token or None, on_request, feedback, served=dict(served or {}))
     if log is not None:
         app.log = log
     return ModelServer((host, port), app, max_connections, client_timeout)

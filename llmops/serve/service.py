@@ -23,22 +23,74 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[dict[str, Any] | None] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # the texts the model saw (a chat: as rendered)
+    inputs: dict[str, Any] | None = None  # a chat through the deployment's prompt: its variables
+
+
+@dataclass
+class ServedPrompt:
+    """The deployment's prompt (the one its model was trained and evaluated with), which chat
+    requests go through: the last user message fills `variable`, the prompt's one declared
+    variable, and the text is rendered exactly as training and evals render it.
+
+    `info` (name, registered version, digest) is what `/health` and `/v1/models` report."""
+
+    template: Any  # llmops.prompts.PromptTemplate
+    variable: str | None
+    info: dict[str, Any]
+
+    @classmethod
+    def load(cls, entry: dict[str, Any]) -> "ServedPrompt":
+        """From the served file's `prompt` entry: {name, spec, root, version?}."""
+        from llmops.prompts import load_prompt
+
+        template = load_prompt(entry["spec"], entry["root"], str(entry.get("name") or ""))
+        variable = template.variables[0] if len(template.variables) == 1 else None
+        info = {"name": entry.get("name"), "version": entry.get("version"), "digest": template.digest(),
+                "chat": f"the last user message is `{variable}`" if variable else
+                        "messages as sent (the prompt declares more than one variable)"}
+        return cls(template, variable, {k: v for k, v in info.items() if v is not None})
 
 
 class ModelService:
     """The loaded model behind the HTTP layer; every model/tokenizer call holds `lock`."""
 
-    def __init__(self, lm: Any, limits: RequestLimits | None = None, default_chat_max_tokens: int = 256) -> None:
+    def __init__(self, lm: Any, limits: RequestLimits | None = None, default_chat_max_tokens: int = 256,
+                 prompt: ServedPrompt | None = None) -> None:
         self.lm = lm
         self.lock = threading.Lock()
         self.limits = limits or RequestLimits()
         self.default_chat_max_tokens = default_chat_max_tokens
+        self.prompt = prompt
+
+    def chat_inputs(self, req: GenerationRequest) -> dict[str, Any] | None:
+        """The prompt variables a chat request fills ({variable: last user message}), or None
+        when chats are not put through the deployment's prompt."""
+        if req.kind != "chat" or self.prompt is None or self.prompt.variable is None:
+            return None
+        users = [m["content"] for m in req.messages if m["role"] == "user"]
+        if not users:
+            raise RequestError(400, "The chat has no user message; this model answers one: send "
+                               "{\"role\": \"user\", \"content\": ...}.", "messages", "no_user_message")
+        return {self.prompt.variable: users[-1]}
 
     def _prompt(self, req: GenerationRequest, text: str | None = None) -> tuple[str, bool]:
-        """(prompt text, add_special_tokens) for a request; chats use the chat template."""
+        """(prompt text, add_special_tokens) for a request. A chat goes through the deployment's
+        prompt when it has one (as in training and evals), else the tokenizer's chat template."""
         from llmops.prompts import has_chat_template, messages_to_text
 
         if req.kind == "chat":
+            inputs = self.chat_inputs(req)
+            if inputs is not None and self.prompt is not None:
+                from llmops.prompts import PromptError
+
+                template = self.prompt.template
+                try:
+                    rendered = template.render(inputs, self.lm.tokenizer)
+                except PromptError as exc:
+                    raise RequestError(400, f"The message cannot be put through the prompt: {exc.message}",
+                                       "messages", "invalid_prompt") from None
+                return rendered, not (template.is_chat and has_chat_template(self.lm.tokenizer))
             return messages_to_text(req.messages, self.lm.tokenizer), not has_chat_template(self.lm.tokenizer)
         return text or "", True
 
@@ -112,7 +164,7 @@ class ModelService:
                 if req.logprobs is not None:
                     logprobs.append(self._logprobs(req, items[p][0], prompt_ids[p], outs[k].text if outs else ""))
             prompt_total = sum(len(ids) for ids in prompt_ids)  # counted once, whatever n is
-        return Outcome(texts, prompt_total, completion, logprobs)
+        return Outcome(texts, prompt_total, completion, logprobs, [text for text, _ in items], self.chat_inputs(req))
 
     def _logprobs(self, req: GenerationRequest, prompt: str, prompt_ids: list[int], completion: str) -> dict[str, Any]:
         """OpenAI `logprobs` of the returned text; `text_offset` counts from its start."""
@@ -154,5 +206,6 @@ class ModelService:
             yield from stream
             assert stream.result is not None
             outcome.texts = [(stream.result.text, stream.result.finish_reason)]
+            outcome.prompts, outcome.inputs = [text], self.chat_inputs(req)
             outcome.prompt_tokens = prompt_tokens
             outcome.completion_tokens = stream.result.completion_tokens
