@@ -96,6 +96,30 @@ def estimate_finetune(root: Path, training: dict[str, Any], trials: int, gpus: i
     }
 
 
+def estimate_pretrain(epochs: int, locked: dict[str, Any] | None, locked_epochs: int | None,
+                      rows_now: int | None, rows_then: int | None, text_bytes: int | None) -> dict[str, Any]:
+    """A `build.pretrain` (one CPU thread): scaled from the last build's `outputs.pretrain`,
+    else the CPU default over the text's size."""
+    last = (locked or {}).get("pretrain") or {}
+    if _num(last.get("tokens")) and _num(last.get("seconds")):
+        scale = epochs / float(locked_epochs or epochs)
+        if rows_now and rows_then:
+            scale *= rows_now / rows_then
+        tokens = float(last["tokens"]) * scale
+        rate = float(last["tokens"]) / max(float(last["seconds"]), 1e-9)
+        basis = f"from the last build: {rate:,.0f} tokens/s on one cpu thread"
+        wall = tokens / rate
+    elif text_bytes:
+        tokens = text_bytes / BYTES_PER_TOKEN * epochs
+        rate = DEFAULTS["cpu"]["train_tokens_per_s"] / 2  # one thread
+        wall = tokens / rate
+        basis = f"default for one cpu thread ({rate:,.0f} tokens/s; no build recorded yet), tokens guessed from the data's size"
+    else:
+        return {"device": "cpu", "basis": "unknown until the dataset is prepared"}
+    return {"device": "cpu", "tokens": int(math.ceil(tokens)), "wall_s": round(wall, 1), "gpu_hours": 0.0,
+            "basis": basis}
+
+
 def estimate_eval(rows_now: int | None, repeats: int, max_new_tokens: int,
                   locked: dict[str, Any] | None) -> dict[str, Any]:
     """Generated tokens (at most) and wall seconds of running an eval over `rows_now` rows."""

@@ -142,3 +142,17 @@ def test_compare_to_without_recorded_metrics_says_what_to_apply(tmp_path):
     with pytest.raises(ProviderError) as info:
         _recheck(tmp_path, "base", {"rougeL": 0.5}, {})
     assert "compare_to: evals.base has no recorded metrics; apply it first" in info.value.message
+
+
+def test_pretraining_is_priced_from_the_last_build_or_the_texts_size():
+    from llmops.cost import estimate_pretrain
+
+    last = {"pretrain": {"steps": 160, "tokens": 150_000, "seconds": 10.0}}
+    same = estimate_pretrain(20, last, 20, 200, 200, None)
+    assert same["tokens"] == 150_000 and same["wall_s"] == pytest.approx(10.0)
+    assert same["basis"] == "from the last build: 15,000 tokens/s on one cpu thread"
+    longer = estimate_pretrain(40, last, 20, 300, 200, None)
+    assert longer["tokens"] == 450_000 and longer["wall_s"] == pytest.approx(30.0)
+    first = estimate_pretrain(20, None, None, None, None, 40_000)
+    assert first["tokens"] == 200_000 and first["basis"].startswith("default for one cpu thread")
+    assert "wall_s" not in estimate_pretrain(20, None, None, None, None, None)

@@ -336,6 +336,37 @@ class BaseModelsProvider(Provider):
             return {"commit": locked.outputs["commit"]}
         return {}
 
+    def estimate(self, name: str, spec: dict[str, Any], locked: LockedResource | None,
+                 upstream: dict[str, LockedResource | None]) -> dict[str, Any] | None:
+        """Only a `build:` with `pretrain:` trains; other sources cost a download or nothing."""
+        build = spec.get("build") if isinstance(spec.get("build"), dict) else {}
+        if not isinstance(build.get("pretrain"), dict):
+            return None
+        from llmops.cost import estimate_pretrain
+        from llmops.train.build import PRETRAIN_DEFAULTS
+
+        def epochs(block: Any) -> int:
+            value = (block or {}).get("epochs") if isinstance(block, dict) else None
+            return int(value) if isinstance(value, int) and not isinstance(value, bool) else PRETRAIN_DEFAULTS["epochs"]
+
+        then = ((locked.spec or {}).get("build") or {}).get("pretrain") if locked else None
+        dataset = upstream.get(f"datasets.{build.get('tokenizer_from')}")
+        train = (dataset.outputs.get("train") or {}) if dataset else {}
+        source = ((self.ctx.config.get("datasets") or {}).get(str(build.get("tokenizer_from"))) or {}).get("source")
+        size = None
+        for rel in (train.get("path"), source):  # the prepared split, else (before any apply) the source
+            if size is None and isinstance(rel, str):
+                try:
+                    size = (self.ctx.root / rel).stat().st_size
+                except OSError:
+                    size = None
+        rows_then = locked.inputs.get("rows") if locked else None
+        rows_now = train.get("rows")
+        if not (isinstance(rows_now, int) and isinstance(rows_then, int)):
+            rows_now = rows_then = None
+        return estimate_pretrain(epochs(build.get("pretrain")), locked.outputs if locked else None,
+                                 epochs(then) if locked else None, rows_now, rows_then, size)
+
     def apply(self, request: ApplyRequest) -> ApplyResult:
         source = source_of(request.name, request.spec)
         if source == "build":
@@ -384,12 +415,14 @@ class BaseModelsProvider(Provider):
         if "pretrain" in built:
             stats = built["pretrain"]
             outputs["pretrain"] = stats
-            self.ctx.log(request.address, f"pre-trained {stats['steps']} steps on {stats['tokens']:,} tokens in {stats['seconds']:.1f} s "
-                        f"(loss {stats['first_loss']} -> {stats['last_loss']})")
-        return ApplyResult(
-            outputs=outputs,
-            inputs={"tokenizer_from": f"datasets.{dataset}", "texts": len(texts), "texts_sha256": texts_digest},
-        )
+            self.ctx.log(request.address, f"pre-trained {stats['steps']} steps on {stats['tokens']:,} tokens in "
+                                          f"{stats['seconds']:.1f} s (loss {stats['first_loss']} -> {stats['last_loss']})")
+        inputs: dict[str, Any] = {"tokenizer_from": f"datasets.{dataset}", "texts": len(texts),
+                                  "texts_sha256": texts_digest}
+        rows = (upstream.outputs.get("train") or {}).get("rows")
+        if isinstance(rows, int):
+            inputs["rows"] = rows  # what a pre-training estimate scales by
+        return ApplyResult(outputs=outputs, inputs=inputs)
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         out = locked.outputs

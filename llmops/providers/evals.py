@@ -154,10 +154,33 @@ class EvalsProvider(Provider):
             return None  # apply reports the bad setting
         dataset = upstream.get(f"datasets.{spec.get('dataset')}")
         rows = ((dataset.outputs.get("eval") or {}).get("rows") if dataset else None)
+        if not isinstance(rows, int):
+            rows = self._guess_rows(str(spec.get("dataset")))
         if isinstance(rows, int) and spec.get("limit"):
             rows = min(rows, int(spec["limit"]))
         return estimate_eval(rows if isinstance(rows, int) else None, int(spec.get("repeats", 1)),
                              int(decoding["max_new_tokens"]), locked.outputs if locked else None)
+
+    def _guess_rows(self, dataset: str) -> int | None:
+        """Before a dataset is prepared: its source's lines times its split's eval_fraction."""
+        ds = (self.ctx.config.get("datasets") or {}).get(dataset) or {}
+        source = ds.get("source")
+        fraction = 0.1
+        for step in ds.get("prepare") or []:
+            if isinstance(step, dict) and isinstance(step.get("split"), dict):
+                value = step["split"].get("eval_fraction", 0.1)
+                fraction = float(value) if isinstance(value, (int, float)) else fraction
+        if not isinstance(source, str):
+            return None
+        try:
+            path = self.ctx.root / source
+            if path.stat().st_size > 256 * 1024 * 1024:
+                return None  # not worth reading at plan time for a first guess
+            with path.open("rb") as f:
+                lines = sum(1 for line in f if line.strip())
+        except OSError:
+            return None
+        return max(int(lines * fraction), 1)
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         """The eval run the lock names must still be in the tracking store: it holds the results
