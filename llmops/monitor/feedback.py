@@ -4,6 +4,12 @@ A rating is thumbs (`"up"` / `"down"`, also `"thumbs_up"` / `"thumbs_down"`) or 
 integer 1..5). It is stored as `(rating_kind, rating, positive)`: thumbs as 1 (up) / 0
 (down), stars as given; positive means thumbs up or 4..5 stars. For `min_rating`
 comparisons thumbs up counts as 5 and thumbs down as 1.
+
+Each rating records the client that sent it (`client_id`, as the server attributes requests:
+`X-Client-Id`, else a hash of the bearer token, else the address; None when the caller does
+not say). One rating per (response, client) counts, the latest winning: `LATEST_FEEDBACK_SQL`
+selects those rows, so 40 identical ratings from one client move no rate. Ratings without a
+client id count as one client.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ MAX_COMMENT_CHARS = 10_000
 MAX_CORRECTION_CHARS = 100_000
 FEEDBACK_KEYS = {"request_id", "rating", "comment", "correction"}
 _THUMBS = {"up": 1, "thumbs_up": 1, "down": 0, "thumbs_down": 0}
+MAX_CLIENT_ID_CHARS = 200
+# The feedback rows that count: the latest of each (request, client). `?`-free, for any store.
+LATEST_FEEDBACK_SQL = ("(SELECT * FROM feedback WHERE seq IN (SELECT MAX(seq) FROM feedback "
+                       "GROUP BY request_id, COALESCE(client, '')))")
 
 
 @dataclass(frozen=True)
@@ -35,10 +45,12 @@ class Feedback:
     positive: bool
     comment: str | None = None
     correction: str | None = None
+    client_id: str | None = None  # who rated; None when the caller did not say
 
     def to_dict(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "rating": self.rating, "rating_kind": self.rating_kind,
-                "positive": self.positive, "comment": self.comment, "correction": self.correction}
+                "positive": self.positive, "comment": self.comment, "correction": self.correction,
+                "client_id": self.client_id}
 
 
 def normalise_rating(rating: Any) -> tuple[str, int, bool]:
@@ -62,9 +74,12 @@ def _optional_text(body: dict[str, Any], key: str, limit: int) -> str | None:
     return value
 
 
-def parse_feedback(body: Any) -> Feedback:
+def parse_feedback(body: Any, client_id: str | None = None) -> Feedback:
     """Validate a feedback body `{request_id, rating, comment?, correction?}` (`id` is accepted
-    for `request_id`); raises `BadFeedbackError` (HTTP 400) naming what is wrong."""
+    for `request_id`); raises `BadFeedbackError` (HTTP 400) naming what is wrong.
+
+    `client_id` is who sent it, as the server attributed the feedback request (never taken
+    from the body, which anyone can fill in)."""
     if not isinstance(body, dict):
         raise BadFeedbackError("the feedback body must be a JSON object with request_id and rating.")
     body = dict(body)
@@ -80,8 +95,9 @@ def parse_feedback(body: Any) -> Feedback:
     if "rating" not in body:
         raise BadFeedbackError("'rating' is required: \"up\", \"down\" or an integer from 1 to 5.")
     kind, value, positive = normalise_rating(body["rating"])
+    client = str(client_id).strip()[:MAX_CLIENT_ID_CHARS] if client_id is not None else None
     return Feedback(rid.strip(), value, kind, positive, _optional_text(body, "comment", MAX_COMMENT_CHARS),
-                    _optional_text(body, "correction", MAX_CORRECTION_CHARS))
+                    _optional_text(body, "correction", MAX_CORRECTION_CHARS), client or None)
 
 
 def comparable_rating(kind: str, value: int) -> int:

@@ -2,6 +2,8 @@
 
 Same tables and semantics as `SqliteStore` (append-only, one transaction per batch); it
 needs psycopg 3 (`pip install "psycopg[binary]"`), imported only when such a store is opened.
+Opening a store made before feedback had a client adds `feedback.client` under the same
+advisory lock that serialises table creation.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ POSTGRES_DDL = (
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
     "CREATE TABLE IF NOT EXISTS feedback (seq BIGSERIAL PRIMARY KEY, request_id TEXT NOT NULL, "
     "ts DOUBLE PRECISION NOT NULL, rating_kind TEXT NOT NULL, rating INTEGER NOT NULL, positive INTEGER NOT NULL, "
-    "comment TEXT, correction TEXT)",
+    "comment TEXT, correction TEXT, client TEXT)",
+    "ALTER TABLE feedback ADD COLUMN IF NOT EXISTS client TEXT",  # stores made before feedback had a client
     "CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id)",
 )
 

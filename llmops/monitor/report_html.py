@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from llmops.monitor.drift import bag_counts, histogram, psi
+from llmops.monitor.feedback import LATEST_FEEDBACK_SQL
 from llmops.monitor.runner import FAILED_SQL, MIN_DRIFT_REQUESTS, MonitorReport, window_where
 from llmops.monitor.store import RequestStore
 
@@ -55,8 +56,8 @@ def series(report: MonitorReport, store: RequestStore) -> dict[str, Any]:
             if lat.size:
                 out["p50"][i], out["p95"][i] = np.percentile(lat, [50, 95])
     fwhere, fparams = window_where(spec.window, report.time, alias="r.")
-    fb = store.query(f"SELECT r.ts, f.positive FROM feedback f JOIN requests r ON r.id = f.request_id WHERE {fwhere}",
-                     fparams)
+    fb = store.query(f"SELECT r.ts, f.positive FROM {LATEST_FEEDBACK_SQL} f JOIN requests r ON r.id = f.request_id "
+                     f"WHERE {fwhere}", fparams)
     if fb:
         arr = np.asarray(fb, dtype=np.float64)
         b = np.clip(((arr[:, 0] - start) / width).astype(int), 0, n - 1)

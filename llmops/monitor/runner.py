@@ -1,12 +1,12 @@
 """`run_monitor`: one pass of a monitor over its window of logged requests.
 
-It computes traffic (count, error rate: every answer with a status >= 400 -- a refused request
-is a failed request for its client -- or failed without a status; 4xx and 5xx are also
-reported apart), latency p50/p95, feedback (count, positive rate, share of requests
-rated), drift against the training split (embedding drift in `llmops.monitor.embedding`) and
-suspicious clients; compares them with the thresholds of `monitors.NAME`; records the alerts
-(`alerts.record_alerts`) and POSTs them to the webhook. Counting and grouping run in SQL;
-percentiles and drift in numpy.
+It computes traffic (count, error rate: every answer with a status >= 400 -- a refused
+request failed for its client -- or cut off without a status; 4xx and 5xx are also reported
+apart), latency p50/p95, feedback (one rating per response and client counts, the latest;
+positive rate, share of requests rated), drift against the training split (embedding drift
+in `llmops.monitor.embedding`) and suspicious clients; compares them with the thresholds of
+`monitors.NAME`; records the alerts (`alerts.record_alerts`) and POSTs them to the webhook.
+Counting and grouping run in SQL; percentiles and drift in numpy.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from llmops.monitor.alerts import Alert, record_alerts, send_webhook
 from llmops.monitor.drift import Reference, bag_counts
 from llmops.monitor.embedding import CACHE_DIR as EMBEDDING_CACHE_DIR
 from llmops.monitor.embedding import Embed, embedding_drift, load_embedder, training_sample
+from llmops.monitor.feedback import LATEST_FEEDBACK_SQL
 from llmops.monitor.spec import MonitorSpec, Window, store_url
 from llmops.monitor.store import RequestStore, open_store
 from llmops.monitor.suspicious import find_suspicious
@@ -144,11 +145,16 @@ def _traffic(store: RequestStore, spec: MonitorSpec, now: float) -> dict[str, An
 
 def _feedback(store: RequestStore, window: Window, now: float, requests: int) -> dict[str, Any]:
     where, params = window_where(window, now, alias="r.")
-    count, positive, rated = store.query(
-        "SELECT COUNT(*), SUM(f.positive), COUNT(DISTINCT f.request_id) FROM feedback f "
-        f"JOIN requests r ON r.id = f.request_id WHERE {where}", params)[0]
+    count, positive, rated, raters = store.query(
+        "SELECT COUNT(*), SUM(f.positive), COUNT(DISTINCT f.request_id), COUNT(DISTINCT f.client) "
+        f"FROM {LATEST_FEEDBACK_SQL} f JOIN requests r ON r.id = f.request_id WHERE {where}", params)[0]
+    sent = store.query(f"SELECT COUNT(*) FROM feedback f JOIN requests r ON r.id = f.request_id WHERE {where}",
+                       params)[0][0]
     count, positive, rated = int(count or 0), int(positive or 0), int(rated or 0)
-    return {"count": count, "positive": positive,
+    # `count`: ratings that count (the latest per response and client); `superseded`: the
+    # others (a client re-rating, or repeating itself), reported so spam can be seen.
+    return {"count": count, "positive": positive, "superseded": int(sent or 0) - count,
+            "clients": int(raters or 0),
             "positive_rate": round(positive / count, 6) if count else None,
             "rated_share": round(rated / requests, 6) if requests else None}
 

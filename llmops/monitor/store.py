@@ -9,6 +9,11 @@ Writes never run on the request thread: `log(record)` (also `store(record)`, so 
 an `on_request` hook) only enqueues; a writer thread drains the queue in batches.
 `flush()` waits for everything enqueued so far; `close()` flushes and stops the thread.
 SQL in this package is written with `?` placeholders; a store translates it for its driver.
+
+Stores made before feedback recorded its client have no `feedback.client` column; opening
+one adds it (in one transaction, under the database's write lock, so servers opening the
+store together migrate it once). The change is additive: the schema version stays 1 and an
+older llmops still writes to a migrated store (its ratings carry no client id).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from llmops.redact import redact_url
 
 SCHEMA_VERSION = 1
 SKIP_PATHS = ("/health", "/v1/models", "/v1/feedback")  # not model traffic: not logged by default
-FEEDBACK_FIELDS = ("request_id", "ts", "rating_kind", "rating", "positive", "comment", "correction")
+FEEDBACK_FIELDS = ("request_id", "ts", "rating_kind", "rating", "positive", "comment", "correction", "client")
 _STOP = object()
 
 
@@ -49,7 +54,8 @@ SQLITE_DDL = (
     "CREATE INDEX IF NOT EXISTS requests_id ON requests (id)",
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
     "CREATE TABLE IF NOT EXISTS feedback (seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL, ts REAL NOT NULL, "
-    "rating_kind TEXT NOT NULL, rating INTEGER NOT NULL, positive INTEGER NOT NULL, comment TEXT, correction TEXT)",
+    "rating_kind TEXT NOT NULL, rating INTEGER NOT NULL, positive INTEGER NOT NULL, comment TEXT, correction TEXT, "
+    "client TEXT)",
     "CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id)",
 )
 
@@ -189,14 +195,15 @@ class RequestStore(ABC):
 
     # --- feedback ------------------------------------------------------------------------
     def add_feedback(self, request_id: str, rating: Any, comment: str | None = None,
-                     correction: str | None = None, now: float | None = None) -> Feedback:
-        """Record feedback on a logged request.
+                     correction: str | None = None, now: float | None = None,
+                     client_id: str | None = None) -> Feedback:
+        """Record feedback on a logged request, from `client_id` (who rated it) when known.
 
         Raises `BadFeedbackError` for a rating that is neither thumbs (`up`/`down`) nor 1..5
         and `UnknownRequestError` for an id the store never logged.
         """
         kind, value, positive = normalise_rating(rating)
-        return self.record_feedback(Feedback(request_id, value, kind, positive, comment, correction), now)
+        return self.record_feedback(Feedback(request_id, value, kind, positive, comment, correction, client_id), now)
 
     def record_feedback(self, fb: Feedback, now: float | None = None) -> Feedback:
         """Record a `parse_feedback` result; `UnknownRequestError` if its request was never logged."""
@@ -207,8 +214,9 @@ class RequestStore(ABC):
                 raise UnknownRequestError(f"no logged request has id {fb.request_id!r}; send the `id` of a "
                                           "response this deployment returned.")
         row = (fb.request_id, time.time() if now is None else now, fb.rating_kind, fb.rating, int(fb.positive),
-               fb.comment, fb.correction)
-        self._write(f"INSERT INTO feedback ({', '.join(FEEDBACK_FIELDS)}) VALUES ({', '.join('?' * 7)})", [row])
+               fb.comment, fb.correction, fb.client_id)
+        self._write(f"INSERT INTO feedback ({', '.join(FEEDBACK_FIELDS)}) VALUES "
+                    f"({', '.join('?' * len(FEEDBACK_FIELDS))})", [row])
         return fb
 
     def has_request(self, request_id: str) -> bool:
@@ -269,6 +277,7 @@ class SqliteStore(RequestStore):
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
             conn.commit()
+            _migrate_sqlite(conn)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"request store {self.path} cannot be opened ({exc}); move the file away to start "
                              "a new log.") from None
@@ -317,6 +326,20 @@ class SqliteStore(RequestStore):
                 if conn is not None:
                     conn.close()
             self._writer_conn = self._main_conn = None
+
+
+def _migrate_sqlite(conn: sqlite3.Connection) -> None:
+    """Add `feedback.client` to a store made before it existed (see the module docstring)."""
+    if "client" in {row[1] for row in conn.execute("PRAGMA table_info(feedback)")}:
+        return
+    conn.execute("BEGIN IMMEDIATE")  # the write lock: another process may be migrating too
+    try:
+        if "client" not in {row[1] for row in conn.execute("PRAGMA table_info(feedback)")}:
+            conn.execute("ALTER TABLE feedback ADD COLUMN client TEXT")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
 
 
 def open_store(url: str, log_text: bool = False, **kwargs: Any) -> RequestStore:
