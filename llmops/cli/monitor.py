@@ -84,14 +84,22 @@ def _render(console, outcome) -> None:
     for check, value in _rows(report.metrics):
         table.add_row(check, escape(value))
     console.print(table)
+    opened = {a.key for a in report.changes.opened}
     for alert in report.alerts:
-        console.print(f"[red bold]  ! alert:[/] [red]{escape(alert.message)}[/]")
+        new = " (new)" if alert.key in opened else ""
+        console.print(f"[red bold]  ! alert{new}:[/] [red]{escape(alert.message)}[/]")
+    for alert in report.changes.resolved:
+        console.print(f"[green]  resolved:[/] {escape(alert.message)}")
     if not report.alerts:
         console.print("[green]  no alerts[/]")
     if report.webhook is not None:
         hook = report.webhook
-        state = "sent" if hook["ok"] else f"failed after {hook['attempts']} attempts ({hook['error']})"
+        changes = f"{hook.get('changes', 0)} change{'s' if hook.get('changes', 0) != 1 else ''}"
+        state = f"sent {changes}" if hook["ok"] else \
+            f"failed after {hook['attempts']} attempts ({hook['error']})" if hook["attempts"] else str(hook["error"])
         console.print(f"  webhook {escape(hook['url'])}: {escape(state)}")
+    elif report.spec is not None and (report.spec.webhook or report.spec.webhook_env) and report.alerts:
+        console.print("  webhook: not called, nothing new since its last call")
     if outcome.html is not None:
         console.print(f"  report: {outcome.html}")
 

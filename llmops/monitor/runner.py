@@ -5,12 +5,14 @@ request failed for its client -- or cut off without a status; 4xx and 5xx are al
 apart), latency p50/p95, feedback (one rating per response and client counts, the latest;
 positive rate, share of requests rated), drift against the training split (embedding drift
 in `llmops.monitor.embedding`) and suspicious clients; compares them with the thresholds of
-`monitors.NAME`; records the alerts (`alerts.record_alerts`) and POSTs them to the webhook.
+`monitors.NAME`; records the alerts and their state (`alerts.record_alerts`) and POSTs to the
+webhook only what it has not been told (opened, changed, resolved; `alerts.notice_changes`).
 Counting and grouping run in SQL; percentiles and drift in numpy.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +20,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from llmops.monitor.alerts import Alert, record_alerts, send_webhook
+from llmops.monitor.alerts import Alert, AlertChanges, mark_sent, notice_changes, record_alerts, send_webhook
 from llmops.monitor.drift import Reference, bag_counts
 from llmops.monitor.embedding import CACHE_DIR as EMBEDDING_CACHE_DIR
 from llmops.monitor.embedding import Embed, embedding_drift, load_embedder, training_sample
 from llmops.monitor.feedback import LATEST_FEEDBACK_SQL
-from llmops.monitor.spec import MonitorSpec, Window, store_url
+from llmops.monitor.spec import MonitorSpec, Window, store_url, webhook_url
 from llmops.monitor.store import RequestStore, open_store
 from llmops.monitor.suspicious import find_suspicious
 
@@ -45,7 +47,8 @@ class MonitorReport:
     store: str
     metrics: dict[str, Any]
     alerts: list[Alert]
-    webhook: dict[str, Any] | None = None
+    webhook: dict[str, Any] | None = None  # the webhook call's outcome; None when nothing was sent
+    changes: AlertChanges = field(default_factory=AlertChanges)  # since the previous run
     reference: Reference | None = field(default=None, repr=False)  # for the HTML report's drift series
     spec: MonitorSpec | None = field(default=None, repr=False)
 
@@ -55,7 +58,8 @@ class MonitorReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"monitor": self.monitor, "deployment": self.deployment, "time": self.time, "store": self.store,
-                "metrics": self.metrics, "alerts": [a.to_dict() for a in self.alerts], "webhook": self.webhook}
+                "metrics": self.metrics, "alerts": [a.to_dict() for a in self.alerts],
+                "changes": self.changes.to_list(), "webhook": self.webhook}
 
 
 def window_where(window: Window, now: float, alias: str = "") -> tuple[str, tuple]:
@@ -98,18 +102,36 @@ def run_monitor(root: Path, name: str, monitor_spec: dict[str, Any], training_ro
     finally:
         if own:
             store.close()
-    alerts = _alerts(spec, metrics, now)
-    report = MonitorReport(name, spec.deployment, now, _display_url(url), metrics, alerts,
+    alerts, changes = record_alerts(Path(root), spec.deployment, name, _alerts(spec, metrics, now), now)
+    report = MonitorReport(name, spec.deployment, now, _display_url(url), metrics, alerts, changes=changes,
                            reference=reference, spec=spec)
-    record_alerts(Path(root), spec.deployment, name, alerts, now)
-    if alerts and spec.webhook:
-        payload = {"monitor": name, "deployment": spec.deployment, "time": now,
-                   "alerts": [a.to_dict() for a in alerts]}
-        report.webhook = send_webhook(spec.webhook, payload, retries=webhook_retries, backoff=webhook_backoff)
-        if not report.webhook["ok"]:
-            log(f"webhook {report.webhook['url']} failed after {report.webhook['attempts']} attempts: "
-                f"{report.webhook['error']}")
+    report.webhook = _notify(Path(root), spec, alerts, now, webhook_retries, webhook_backoff, log)
     return report
+
+
+def _notify(root: Path, spec: MonitorSpec, alerts: list[Alert], now: float, retries: int, backoff: float,
+            log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Tell the webhook what changed since its last successful call; None when nothing is sent."""
+    url, problem = webhook_url(spec, os.environ)
+    if url is None and problem is None:
+        return None
+    news = notice_changes(root, spec.deployment, alerts, now)
+    if not news:
+        return None  # the receiver already knows every open alert: no call
+    if url is None:
+        log(f"alerts not sent: {problem}")
+        return {"url": f"${spec.webhook_env}", "ok": False, "attempts": 0, "status": None, "error": problem,
+                "changes": len(news.to_list())}
+    payload = {"monitor": spec.name, "deployment": spec.deployment, "time": now,
+               "alerts": [a.to_dict() for a in alerts], "changes": news.to_list()}
+    result = send_webhook(url, payload, retries=retries, backoff=backoff)
+    result["changes"] = len(payload["changes"])
+    if result["ok"]:
+        mark_sent(root, spec.deployment, alerts)
+    else:
+        log(f"webhook {result['url']} failed after {result['attempts']} attempts: {result['error']}; the next "
+            "`llmops monitor` sends these changes again")
+    return result
 
 
 def _display_url(url: str) -> str:
@@ -207,8 +229,8 @@ def _embedding_drift(root: Path, store: RequestStore, spec: MonitorSpec, now: fl
 
 
 def _alert(spec: MonitorSpec, now: float, check: str, metric: str, value: float, threshold: float, op: str,
-           message: str) -> Alert:
-    return Alert(spec.deployment, spec.name, check, metric, value, threshold, op, message, now)
+           message: str, subject: str | None = None) -> Alert:
+    return Alert(spec.deployment, spec.name, check, metric, value, threshold, op, message, now, subject)
 
 
 def _short(value: float) -> str:
@@ -253,9 +275,9 @@ def _alerts(spec: MonitorSpec, m: dict[str, Any], now: float) -> list[Alert]:
         clients = m["suspicious_clients"]
         for c in clients[:MAX_SUSPICIOUS_ALERTS]:
             out.append(_alert(spec, now, "suspicious", "suspicious_clients", float(len(c["reasons"])), 0.0, ">",
-                              f"suspicious client {c['client']}: {'; '.join(c['reasons'])}"))
+                              f"suspicious client {c['client']}: {'; '.join(c['reasons'])}", str(c["client"])))
         if len(clients) > MAX_SUSPICIOUS_ALERTS:
             rest = len(clients) - MAX_SUSPICIOUS_ALERTS
             out.append(_alert(spec, now, "suspicious", "suspicious_clients", float(rest), 0.0, ">",
-                              f"suspicious clients: {rest} more not listed"))
+                              f"suspicious clients: {rest} more not listed", "more"))
     return out

@@ -4,6 +4,9 @@
 and a check only raises alerts when its section is configured (metrics are always reported).
 `drift.embedding_model` (a project-relative model folder, or `base_model` for the deployed
 fine-tune's base model) turns on embedding drift; see `llmops.monitor.embedding`.
+Alerts go to `webhook` (a URL written in llmops.yaml) or to the URL held by the environment
+variable `webhook_env` names, read when the monitor runs (`webhook_url`), so the secret is
+never in llmops.yaml or llmops.lock.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from llmops.monitor.errors import MonitorError
 from llmops.redact import redact_url
@@ -73,7 +76,8 @@ class MonitorSpec:
     injection_max: int = 3
     log_text: bool = False
     store: str | None = None
-    webhook: str | None = None
+    webhook: str | None = None  # written inline (the lock keeps only its scheme and host)
+    webhook_env: str | None = None  # the environment variable holding the webhook URL (a secret)
 
     @classmethod
     def from_dict(cls, name: str, spec: dict[str, Any]) -> "MonitorSpec":
@@ -85,6 +89,9 @@ class MonitorSpec:
         susp = spec.get("suspicious")
         sus = _section(spec, "suspicious", where)
         drift_window = Window.parse(drift["window"], f"{where}.drift.window") if "window" in drift else window
+        if spec.get("webhook") and spec.get("webhook_env"):
+            raise MonitorError(f"{where} sets both `webhook` and `webhook_env`; keep `webhook_env` (the URL stays "
+                               "in the environment) and remove `webhook` from llmops.yaml.")
         return cls(
             name=name,
             deployment=str(spec.get("deployment") or name),
@@ -105,7 +112,25 @@ class MonitorSpec:
             log_text=bool(spec.get("log_text", False)),
             store=spec.get("store"),
             webhook=spec.get("webhook"),
+            webhook_env=_text(spec.get("webhook_env")),
         )
+
+
+def webhook_url(spec: MonitorSpec, environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """`(url, problem)`: the webhook to call (None when none is configured or it is unusable)
+    and, when `webhook_env` does not hold a usable URL, what to fix."""
+    if spec.webhook:
+        return spec.webhook, None
+    if not spec.webhook_env:
+        return None, None
+    url = (environ.get(spec.webhook_env) or "").strip()
+    if not url:
+        return None, (f"monitors.{spec.name}.webhook_env names {spec.webhook_env}, which is empty or not set; set "
+                      "it to the webhook URL where `llmops monitor` runs")
+    if not url.lower().startswith(("http://", "https://")):
+        return None, (f"{spec.webhook_env} (monitors.{spec.name}.webhook_env) does not hold an http(s) URL; set it to "
+                      "the webhook URL")
+    return url, None
 
 
 def _section(spec: dict[str, Any], key: str, where: str) -> dict[str, Any]:

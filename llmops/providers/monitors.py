@@ -72,7 +72,7 @@ class MonitorsProvider(Provider):
     heavy_modules = ()
     # Nothing is rebuilt: every change (and an upstream deployment's) is applied in place.
     in_place_fields = frozenset({"deployment", "window", "drift", "feedback", "latency", "error_rate_max",
-                                 "suspicious", "log_text", "store", "webhook"})
+                                 "suspicious", "log_text", "store", "webhook", "webhook_env"})
     upstream_change = "update"
 
     def apply(self, request: ApplyRequest) -> ApplyResult:
