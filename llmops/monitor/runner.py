@@ -97,8 +97,8 @@ def run_monitor(root: Path, name: str, monitor_spec: dict[str, Any], training_ro
         metrics["drift"]["embedding"] = _embedding_drift(
             Path(root), store, spec, now, training_rows, embed, base_model_dir)
         where, params = window_where(spec.window, now)
-        metrics["suspicious_clients"] = find_suspicious(store, where, params, spec,
-                                                        metrics["requests"]["first"])
+        metrics["suspicious_clients"] = find_suspicious(store, where, params, spec, metrics["requests"]["first"],
+                                                        metrics["requests"]["last"])
     finally:
         if own:
             store.close()

@@ -72,6 +72,7 @@ class MonitorSpec:
     error_rate_max: float | None = None
     suspicious: bool = False
     rate_spike_factor: float = 10.0
+    baseline_per_min: float = 1.0  # the least usual rate a client's busiest minute is compared with
     max_prompt_chars: int = 20000
     injection_max: int = 3
     log_text: bool = False
@@ -107,6 +108,7 @@ class MonitorSpec:
             error_rate_max=_num(spec.get("error_rate_max")),
             suspicious=susp is not None,
             rate_spike_factor=float(sus.get("rate_spike_factor", 10.0)),
+            baseline_per_min=float(sus.get("baseline_per_min", 1.0)),
             max_prompt_chars=int(sus.get("max_prompt_chars", 20000)),
             injection_max=int(sus.get("injection_max", 3)),
             log_text=bool(spec.get("log_text", False)),
