@@ -86,8 +86,8 @@ def _render(console, outcome) -> None:
     console.print(table)
     opened = {a.key for a in report.changes.opened}
     for alert in report.alerts:
-        new = " (new)" if alert.key in opened else ""
-        console.print(f"[red bold]  ! alert{new}:[/] [red]{escape(alert.message)}[/]")
+        new = " [bold](new)[/]" if alert.key in opened else ""
+        console.print(f"[red bold]  ! alert:[/] [red]{escape(alert.message)}{new}[/]")
     for alert in report.changes.resolved:
         console.print(f"[green]  resolved:[/] {escape(alert.message)}")
     if not report.alerts:
