@@ -9,10 +9,15 @@ clients (threads, one keep-alive connection each) sending POST /v1/completions w
 example prompt, in `--rounds` alternating plain/logged rounds (so both see the same machine
 noise), until `--requests` per server are done or `--max-seconds` pass. Prints requests/s,
 p50/p95 latency and generated tokens/s for each, and the p50 overhead of logging (target
-< 5%). Generation runs under one lock, so throughput stays flat while latency grows with
-concurrency: the numbers show what that costs.
+< 5%).
+
+With `--batching` the two servers are instead the batched one (the default: concurrent
+requests generated together) and the one-lock one (`--max-batch 1`, the server before
+batching: one request at a time), and the run ends with each one's concurrency-8 vs
+concurrency-1 ratios (goal for the batched server: >= 4x requests/s, p95 <= 2x).
 
     .venv/bin/python bench/serve_latency.py [--requests 48] [--concurrency 1,4] [--max-tokens 32] [--log-text]
+    .venv/bin/python bench/serve_latency.py --batching --concurrency 1,8 --requests 96 [--threads N]
 """
 
 from __future__ import annotations
@@ -102,7 +107,8 @@ def report(label: str, results: list[tuple[float, int]], wall: float) -> float:
     return p50
 
 
-def compare_level(urls: dict[str, str], prompts: list[str], level: int, args: argparse.Namespace) -> None:
+def compare_level(urls: dict[str, str], prompts: list[str], level: int,
+                  args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Alternate plain/logged rounds at one concurrency level; print both and the overhead."""
     per_round = max(1, args.requests // args.rounds)
     got: dict[str, tuple[list[tuple[float, int]], float]] = {name: ([], 0.0) for name in urls}
@@ -111,9 +117,27 @@ def compare_level(urls: dict[str, str], prompts: list[str], level: int, args: ar
             results, wall = run_level(url, prompts, level, per_round, args.max_seconds / args.rounds,
                                       args.max_tokens)
             got[name] = (got[name][0] + results, got[name][1] + wall)
-    p50 = {name: report(f"concurrency {level:>2} {name:<7}", *got[name]) for name in urls}
-    overhead = (p50["logged"] - p50["plain"]) / p50["plain"] * 100.0
-    print(f"concurrency {level:>2}: request-store logging adds {overhead:+.1f}% to p50 latency (target < 5%)")
+    p50 = {name: report(f"concurrency {level:>2} {name:<9}", *got[name]) for name in urls}
+    if "logged" in p50:
+        overhead = (p50["logged"] - p50["plain"]) / p50["plain"] * 100.0
+        print(f"concurrency {level:>2}: request-store logging adds {overhead:+.1f}% to p50 latency (target < 5%)")
+    return {name: summary(*got[name]) for name in urls}
+
+
+def summary(results: list[tuple[float, int]], wall: float) -> dict[str, float]:
+    lat = [ms for ms, _ in results]
+    return {"rps": len(results) / wall, "p95": percentile(lat, 95)}
+
+
+def batching_verdict(levels: dict[int, dict[str, dict[str, float]]]) -> None:
+    """The serving issue's goal: at concurrency 8, >= 4x the requests/s of concurrency 1 and a
+    p95 no worse than 2x p95 at 1, for the batched server; the one-lock server beside it."""
+    if 1 not in levels or 8 not in levels:
+        return
+    for name in levels[1]:
+        one, eight = levels[1][name], levels[8][name]
+        print(f"{name:<9}: concurrency 8 vs 1: {eight['rps'] / one['rps']:.2f}x requests/s (goal >= 4x), "
+              f"p95 {eight['p95'] / one['p95']:.2f}x (goal <= 2x)")
 
 
 def main() -> int:
@@ -124,6 +148,9 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=60.0, help="time limit per server and level (default 60)")
     p.add_argument("--rounds", type=int, default=4, help="alternating plain/logged rounds per level (default 4)")
     p.add_argument("--log-text", action="store_true", help="also store prompts and completions")
+    p.add_argument("--batching", action="store_true",
+                   help="compare the batched server with the one-lock server (--max-batch 1) instead of logging")
+    p.add_argument("--threads", type=int, help="torch CPU threads of the servers (default: the server's)")
     args = p.parse_args()
     rows = load_rows()
     prompts = [render_prompt(PROMPT, EXAMPLE, {"question": r["question"]}) for r in rows]
@@ -134,9 +161,15 @@ def main() -> int:
         print(f"built tiny model in {time.perf_counter() - t0:.2f}s")
         state = Path(tmp) / "state"
         store = f"sqlite:///{Path(tmp) / 'monitor.db'}"
-        handles = {"plain": start_server(state, "plain", model_dir, model_name=MODEL),
-                   "logged": start_server(state, "logged", model_dir, model_name=MODEL, monitor_store=store,
-                                          log_text=args.log_text)}
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        if args.batching:
+            handles = {"one-lock": start_server(state, "onelock", model_dir, model_name=MODEL,
+                                                extra_args=["--max-batch", "1", *extra]),
+                       "batched": start_server(state, "batched", model_dir, model_name=MODEL, extra_args=extra)}
+        else:
+            handles = {"plain": start_server(state, "plain", model_dir, model_name=MODEL, extra_args=extra),
+                       "logged": start_server(state, "logged", model_dir, model_name=MODEL, monitor_store=store,
+                                              log_text=args.log_text, extra_args=extra)}
         try:
             t0 = time.perf_counter()
             for name, handle in handles.items():
@@ -146,13 +179,16 @@ def main() -> int:
             urls = {name: h.url for name, h in handles.items()}
             for url in urls.values():
                 run_level(url, prompts, 1, 2, 30.0, args.max_tokens)  # warm-up
+            levels = {}
             for level in [int(c) for c in args.concurrency.split(",") if c.strip()]:
-                compare_level(urls, prompts, level, args)
+                levels[level] = compare_level(urls, prompts, level, args)
+            batching_verdict(levels)
         finally:
             for handle in handles.values():
                 stop_server(handle.state_file)
-        with open_store(store) as logged:
-            print(f"request store holds {logged.count()} requests")
+        if not args.batching:
+            with open_store(store) as logged:
+                print(f"request store holds {logged.count()} requests")
     return 0
 
 
