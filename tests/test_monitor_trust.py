@@ -218,11 +218,13 @@ def test_thirty_ratings_over_http_on_one_response_count_once(tmp_path: Path, tin
         answer = served.post("/v1/completions", body)[1]
         for _ in range(30):
             assert served.post("/v1/feedback", {"id": answer["id"], "rating": "up"})[0] == 200
+        # Another client's rating of the same answer is its own: the server records who rated.
+        assert served.post("/v1/feedback", {"id": answer["id"], "rating": "down"}, client="app-2")[0] == 200
     finally:
         served.close()
         store.close()
     fb = monitor(project)[1][0]["metrics"]["feedback"]
-    assert (fb["count"], fb["positive"], fb["superseded"]) == (1, 1, 29)
+    assert (fb["count"], fb["positive"], fb["superseded"], fb["clients"]) == (2, 1, 29, 2)
 
 
 # --- alert state and the webhook ---------------------------------------------------------------

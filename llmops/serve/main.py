@@ -173,8 +173,8 @@ def feedback_hook(store: Any) -> OnFeedback:
     """The server's `feedback` hook recording `POST /v1/feedback` bodies in a request store."""
     from llmops.monitor.feedback import parse_feedback
 
-    def record(body: Any) -> str:
-        return store.record_feedback(parse_feedback(body)).request_id
+    def record(body: Any, client_id: str | None = None) -> str:
+        return store.record_feedback(parse_feedback(body, client_id)).request_id
 
     return record
 

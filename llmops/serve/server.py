@@ -53,7 +53,7 @@ LINGER_S = 2.0  # after answering without reading a body: how long its rest is d
 INSTANCE_ENV = "LLMOPS_SERVE_INSTANCE"
 FEEDBACK_WAIT_S = 10.0  # how long feedback waits for its response's record to be logged
 OnRequest = Callable[[dict[str, Any]], None]
-OnFeedback = Callable[[Any], str]
+OnFeedback = Callable[[Any, str | None], str]  # (body, the rater's client id) -> request id
 
 
 @dataclass
@@ -358,7 +358,7 @@ class Handler(BaseHTTPRequestHandler):
         from llmops.monitor.errors import FeedbackError
 
         try:
-            request_id = record(payload)
+            request_id = record(payload, rec.get("client_id"))
         except FeedbackError as exc:
             unknown = exc.status == 404
             raise RequestError(exc.status, exc.message, "request_id" if unknown else None,
