@@ -205,9 +205,37 @@ def test_requests_and_feedback_are_logged(flow: Flow) -> None:
         (good["id"], "thumbs", 1, 1, None), (bad["id"], "stars", 1, 0, "Open settings and choose Reset password.")]
 
 
+def _wait_logged(flow: Flow, count: int) -> None:
+    """The server logs after replying, through a batching writer: wait until `count` are stored."""
+    deadline = time.time() + 20
+    while flow.store_rows("SELECT COUNT(*) FROM requests")[0][0] < count:
+        assert time.time() < deadline, "the server did not log the requests within 20 s"
+        time.sleep(0.1)
+
+
+def test_training_questions_through_chat_are_no_drift(flow: Flow) -> None:
+    """Chat goes through the deployment's prompt and is logged as rendered: the monitor
+    compares it with the training split in the same space, so training questions sent as
+    chat messages raise no drift alert (before: prompt-length PSI 7.6 on such traffic)."""
+    questions = [r["question"] for r in map(json.loads, flow.project.read("data/tickets.jsonl").splitlines())]
+    before = flow.store_rows("SELECT COUNT(*) FROM requests")[0][0]
+    for q in questions[:80]:
+        status, out = flow.post("/v1/chat/completions", {"model": "lora", "max_tokens": 1, "temperature": 0,
+                                                         "messages": [{"role": "user", "content": q}]})
+        assert status == 200, out
+    _wait_logged(flow, before + 80)
+    prompt = flow.store_rows("SELECT prompt FROM requests WHERE path = '/v1/chat/completions' ORDER BY seq "
+                             "LIMIT 1")[0][0]
+    assert prompt == PROMPT.format(q=questions[0])  # what the model saw, as in training
+    res = flow.llmops("monitor", "prod", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)[0]
+    assert report["alerts"] == [] and report["metrics"]["drift"]["prompt_length"]["psi"] < 0.5
+
+
 def test_shifted_traffic_alerts_by_exit_code_webhook_and_plan(flow: Flow) -> None:
     res = flow.llmops("monitor", "prod")
-    assert res.returncode == 0, res.stdout + res.stderr  # too few requests to judge drift yet
+    assert res.returncode == 0, res.stdout + res.stderr  # training-like traffic so far
     assert "no alerts" in res.stdout
 
     # A burst of prompts four times as long as the short questions of training.
@@ -216,11 +244,7 @@ def test_shifted_traffic_alerts_by_exit_code_webhook_and_plan(flow: Flow) -> Non
     logged_before = flow.store_rows("SELECT COUNT(*) FROM requests")[0][0]
     for q in burst:
         flow.complete(" ".join([q] * 4), max_tokens=1)
-    # The server logs after replying, through a batching writer: wait until the burst is stored.
-    deadline = time.time() + 20
-    while flow.store_rows("SELECT COUNT(*) FROM requests")[0][0] < logged_before + len(burst):
-        assert time.time() < deadline, "the server did not log the burst within 20 s"
-        time.sleep(0.1)
+    _wait_logged(flow, logged_before + len(burst))
     res = flow.llmops("monitor", "prod", "--html")
     assert res.returncode == 3, res.stdout + res.stderr
     assert "alert: drift: PSI" in res.stdout and "on prompt length" in res.stdout
