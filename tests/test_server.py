@@ -525,6 +525,42 @@ def test_adapter_is_applied(model_dir: Path, tmp_path: Path) -> None:
     assert tuned.metrics["perplexity"] != pytest.approx(plain.metrics["perplexity"], rel=1e-4)
 
 
+def test_merged_and_int8_models_answer_like_the_adapter_and_evals_score_them_as_served(
+        model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmops.evals.runner import evaluate
+    from llmops.serve.model import ModelLoadError, generate_batch, load_model
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(str(tmp_path / "adapter"))
+    prompts = [f"Where is order {i}?" for i in range(6)]
+    adapter = load_model(model_dir, tmp_path / "adapter")
+    merged = load_model(model_dir, tmp_path / "adapter", merge=True)
+    int8 = load_model(model_dir, tmp_path / "adapter", quantize="int8")
+    assert type(merged.model).__name__ == "LlamaForCausalLM"  # no PEFT wrapper left
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8.model.modules())
+    want = [g.text for g in generate_batch(adapter, prompts, max_new_tokens=6)]
+    assert [g.text for g in generate_batch(merged, prompts, max_new_tokens=6)] == want
+    assert all(g.completion_tokens >= 1 for g in generate_batch(int8, prompts, max_new_tokens=6))
+    # An eval with served_as loads the model the way the deployment serves it.
+    as_adapter = evaluate(model_dir, tmp_path / "adapter", ROWS, TEXT_PROMPT, tmp_path, ["perplexity"],
+                          {"max_new_tokens": 2})
+    as_merged = evaluate(model_dir, tmp_path / "adapter", ROWS, TEXT_PROMPT, tmp_path, ["perplexity"],
+                         {"max_new_tokens": 2}, served_as={"merge": True})
+    as_int8 = evaluate(model_dir, tmp_path / "adapter", ROWS, TEXT_PROMPT, tmp_path, ["perplexity"],
+                       {"max_new_tokens": 2}, served_as={"quantize": "int8"})
+    assert as_merged.metrics["perplexity"] == pytest.approx(as_adapter.metrics["perplexity"], rel=1e-4)
+    assert as_int8.metrics["perplexity"] != as_adapter.metrics["perplexity"]  # int8 is not exact...
+    assert as_int8.metrics["perplexity"] == pytest.approx(as_adapter.metrics["perplexity"], rel=0.1)  # ...but close
+    with pytest.raises(ModelLoadError, match="quantize 'int4' is not supported"):
+        load_model(model_dir, tmp_path / "adapter", quantize="int4")
+
+
 def test_evaluation_errors_are_clear(server: dict, model_dir: Path, tmp_path: Path) -> None:
     from llmops.evals.runner import EvalError, evaluate, evaluate_endpoint
 

@@ -125,8 +125,12 @@ def evaluate(
     prompt_name: str = "",
     progress: Progress | None = None,
     device: str | None = None,
+    served_as: dict[str, Any] | None = None,
 ) -> EvalResult:
-    """Evaluate a local model (and PEFT adapter) on `rows` with the given prompt and metrics."""
+    """Evaluate a local model (and PEFT adapter) on `rows` with the given prompt and metrics.
+
+    `served_as` ({merge, quantize}) loads it as a deployment with those `serve:` settings
+    serves it, so the gates score what is served."""
     import warnings
 
     # transformers' deprecation notices are for its own API users, not for llmops' users.
@@ -142,7 +146,9 @@ def evaluate(
     metric_objs = _metrics(metrics, root)
     prompt = load_prompt(prompt_spec, root, prompt_name)
     inputs, refs = _row_inputs(prompt, rows)
-    lm = load_model(model_dir, adapter_dir, device)
+    served_as = served_as or {}
+    lm = load_model(model_dir, adapter_dir, device, merge=bool(served_as.get("merge")),
+                    quantize=served_as.get("quantize"))
     prompts = [prompt.render(v, lm.tokenizer) for v in inputs]
     add_special = not (prompt.is_chat and has_chat_template(lm.tokenizer))
     extras: dict[str, Any] = {"prompts": prompts, "rows": list(rows)}

@@ -256,7 +256,9 @@ class DeploymentsProvider(Provider):
         weights = self.ctx.root / current["adapter"] / "adapter_model.safetensors"
         doc: dict[str, Any] = {"deployment": name, "model": model_name, "version": str(current["version"]),
                                "alias": str(spec.get("alias") or "production"),
-                               "adapter_sha256": sha256_file(weights) if weights.is_file() else None}
+                               "adapter_sha256": sha256_file(weights) if weights.is_file() else None,
+                               "merge": bool(spec["serve"].get("merge", False)),
+                               "quantize": str(spec["serve"].get("quantize") or "none")}
         ref = str(spec.get("model") or "")
         finetune = (self.ctx.config.get("finetunes") or {}).get(ref.split(".", 1)[1] if ref.startswith("finetunes.")
                                                                 else ref) or {}

@@ -302,7 +302,7 @@ class EvalsProvider(Provider):
         else:
             model_dir, adapter = local_model(self.ctx.root, kind, model_out)
             result = evaluate(model_dir, adapter, rows, prompt, self.ctx.root, spec["metrics"],
-                              batch_size=int(spec.get("batch_size", 8)), **common)
+                              batch_size=int(spec.get("batch_size", 8)), served_as=spec.get("served_as"), **common)
         return result, len(rows)
 
     # -- gates -------------------------------------------------------------------------

@@ -163,7 +163,8 @@ def _served(path: Path | None) -> tuple[dict[str, Any], Any]:
     if not isinstance(doc, dict):
         raise LlmopsError(f"--served-file {path}: expected a JSON object; apply the deployment again.")
     prompt = ServedPrompt.load(doc["prompt"]) if isinstance(doc.get("prompt"), dict) else None
-    served = {k: doc[k] for k in ("deployment", "version", "alias", "adapter_sha256") if doc.get(k) is not None}
+    served = {k: doc[k] for k in ("deployment", "version", "alias", "adapter_sha256", "merge", "quantize")
+              if doc.get(k) is not None}
     if prompt is not None:
         served["prompt"] = prompt.info
     return served, prompt
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         from llmops.serve.service import ModelService
 
         served, prompt = _served(args.served_file)
-        lm = load_model(args.model_dir, args.adapter_dir, args.device)
+        lm = load_model(args.model_dir, args.adapter_dir, args.device, merge=bool(served.get("merge")),
+                        quantize=served.get("quantize"))
         if lm.device == "cpu":
             _cpu_threads(args.threads)
     except LlmopsError as exc:

@@ -52,11 +52,19 @@ class Generated:
     finish_reason: str
 
 
-def load_model(model_dir: Path | str, adapter_dir: Path | str | None = None, device: str | None = None) -> LoadedModel:
+QUANTIZE = ("none", "int8")
+
+
+def load_model(model_dir: Path | str, adapter_dir: Path | str | None = None, device: str | None = None,
+               merge: bool = False, quantize: str | None = None) -> LoadedModel:
     """Load tokenizer and model from `model_dir`, then the PEFT adapter on top if given.
 
     The adapter folder's tokenizer is used when it has one (fine-tunes save theirs).
-    CPU runs in float32; CUDA uses the dtype the checkpoint was saved in.
+    CPU runs in float32; CUDA uses the dtype the checkpoint was saved in. `merge` folds the
+    adapter into the base weights (same answers, no adapter matmuls per token); `quantize:
+    int8` (CPU) merges, then quantizes every linear layer's weights to int8 with torch's
+    dynamic quantization (activations stay float). Evals load a model the same way, so a
+    gate can score exactly what a deployment serves.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,10 +95,31 @@ def load_model(model_dir: Path | str, adapter_dir: Path | str | None = None, dev
             ) from None
     model.to(device)
     model.eval()
+    model = _compress(model, device, merge, quantize)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, device)
+
+
+def _compress(model: Any, device: str, merge: bool, quantize: str | None) -> Any:
+    quantize = quantize or "none"
+    if quantize not in QUANTIZE:
+        raise ModelLoadError(f"quantize {quantize!r} is not supported; use one of {', '.join(QUANTIZE)}.")
+    if (merge or quantize != "none") and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if quantize == "int8":
+        if not device.startswith("cpu"):
+            raise ModelLoadError(f"quantize int8 is torch's dynamic quantization, which runs on CPU; this model is on "
+                                 f"{device}: serve it unquantized there, or on a CPU deployment.")
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
 
 
 def generate_batch(
