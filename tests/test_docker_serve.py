@@ -131,11 +131,12 @@ def test_apply_serves_in_a_container_and_down_removes_it(project, engine, base_i
     assert serve_containers(engine) == []
     assert not project.path(f".llmops/serve/{NAME}.json").exists()
     assert "serving lora on http://0.0.0.0:" in project.read(f".llmops/serve/{NAME}.log")  # its output is kept
-    # `llmops down` drops the endpoint from the lock, so the next plan has nothing to refresh.
+    # `llmops down` drops the endpoint from the lock; llmops.yaml still asks for a server, so the
+    # next plan says apply starts it again.
     assert "endpoint" not in project.locked()[ADDR]["outputs"]
     after = project.run("plan", "--detailed-exitcode", env=env)
-    assert after.returncode == 0, after.stdout + after.stderr
-    assert "No changes." in after.stdout
+    assert after.returncode == 2, after.stdout + after.stderr
+    assert "serve: no server is running (stopped by `llmops down`); apply starts it" in after.stdout
 
 
 def test_docker_serving_without_an_image_fails_clearly(project):

@@ -371,7 +371,8 @@ def test_the_gpu_job_reads_the_real_graph_output(plan_wf, tmp_path: Path):
     proc = _run_step(_step(plan_wf, "train-and-evaluate", "Choose what to train and evaluate")["run"], work, env)
     assert proc.returncode == 0, proc.stderr
     assert _outputs(out)["select"] == ("--select datasets.tickets --select prompts.support --select base_models.tiny "
-                                       "--select finetunes.support-lora --select evals.support-quality")
+                                       "--select finetunes.support-lora --select evals.support-base "
+                                       "--select evals.support-quality")
 
 
 def _git(cwd: Path, *args: str) -> str:
