@@ -103,8 +103,8 @@ def main() -> None:
         print(f"apply engine overhead              {total:.2f} s total, {1000 * total / n:.2f} ms/resource "
               f"(target <= 10 ms)")
         print(f"  first half {1000 * first:.2f} ms/resource, second half {1000 * last:.2f} ms/resource "
-              f"(the lock is rewritten after every resource from cached per-resource blocks, so the cost per "
-              f"write grows only with the file's bytes)")
+              f"(each finished resource is one fsynced journal line; the lock is written whole once at the "
+              f"start and compacted at the end: bench/apply_scale.py compares project sizes)")
         print(f"llmops plan --refresh=false (lock) {cli_time(root, 'plan', '--refresh=false')}  (target < 1 s)")
 
 
