@@ -29,8 +29,10 @@ def rollback_deployment(project: Project, address: str, lock_timeout: float = 0.
     """Point the deployment's alias at its previous version, serve that, record it."""
     from llmops.providers.deployments import rollback
 
-    name, entry = _deployment(project, address)
+    _deployment(project, address)  # a bad address fails before waiting for the lock
     with ApplyLock.for_project(project, command="rollback", timeout=lock_timeout):
+        project.reload_lock()  # an apply may have finished while this waited: save on top of its lock
+        name, entry = _deployment(project, address)
         outputs = rollback(project.context(), name, entry)
         new = replace(entry, outputs=outputs)
         project.lock.set(new)
@@ -42,8 +44,10 @@ def stop_deployment(project: Project, address: str, lock_timeout: float = 0.0) -
     """Stop the deployment's server (the alias stays); True when one was running."""
     from llmops.providers.deployments import down
 
-    name, entry = _deployment(project, address)
+    _deployment(project, address)
     with ApplyLock.for_project(project, command="down", timeout=lock_timeout):
+        project.reload_lock()
+        name, entry = _deployment(project, address)
         stopped = down(project.context(), name)
         if "endpoint" in entry.outputs:
             outputs = {k: v for k, v in entry.outputs.items()

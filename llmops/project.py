@@ -34,6 +34,11 @@ class Project:
     def lock_path(self) -> Path:
         return lock_path(self.root)
 
+    def reload_lock(self) -> None:
+        """Read llmops.lock again: what the project opened with may predate an apply that held
+        the apply lock meanwhile (call it once the apply lock is held)."""
+        self.lock = load_lock(self.lock_path)
+
     def context(self) -> ProviderContext:
         return ProviderContext(
             root=self.root,

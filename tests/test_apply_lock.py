@@ -433,3 +433,31 @@ def test_racing_takers_of_a_shared_lease_never_both_hold_it(tmp_path, lock_serve
         assert won.count(True) == 1, (trial, won)
         for lock in locks:
             lock.release()
+
+
+def test_an_apply_that_waited_for_the_lock_plans_from_the_lock_the_other_left(project):
+    """`--lock-timeout`: the waiting apply opened llmops.lock before the holder finished; once it
+    holds the lock it reads the lock again, so it neither plans from nor saves over a stale one."""
+    from llmops.lockfile import save_lock
+
+    project.write({"llmops.yaml": "version: 1\nproject: race\ndatasets:\n  a: {source: data/a.jsonl}\n"
+                                  "  b: {source: data/b.jsonl}\n",
+                   "data/a.jsonl": '{"question": "a"}\n', "data/b.jsonl": '{"question": "b"}\n'})
+    assert project.run("apply", "--auto-approve").returncode == 0
+    proc, _ = _hold(project.path(".llmops"), seconds=60)
+    result: dict = {}
+    waiter = threading.Thread(target=lambda: result.update(
+        res=project.run("apply", "--lock-timeout", "60s", "--auto-approve")))
+    try:
+        waiter.start()
+        time.sleep(3.0)  # the waiter has read llmops.lock and waits for the apply lock
+        lock = load_lock(project.path("llmops.lock"))  # what the holder's apply leaves: datasets.b gone
+        lock.remove("datasets.b")
+        save_lock(lock, project.path("llmops.lock"))
+    finally:
+        _stop(proc)
+    waiter.join(120)
+    res = result["res"]
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "datasets.b" in res.stdout and "Apply complete: 1 applied." in res.stdout
+    assert set(load_lock(project.path("llmops.lock")).resources) == {"datasets.a", "datasets.b"}

@@ -165,6 +165,7 @@ def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, pa
     if approved_by:
         project.options["approved_by"] = approved_by
     with ApplyLock.for_project(project, command="apply", timeout=parse_duration(lock_timeout)) as lock:
+        project.reload_lock()  # another apply may have finished while this one waited for the lock
         if lock.took_over:
             console.print(f"[yellow]Note: took over a stale apply lock ({lock.took_over.describe()}); "
                           "that apply died, resuming from llmops.lock.[/]")
