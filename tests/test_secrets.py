@@ -80,7 +80,8 @@ def test_planted_secrets_reach_no_output_and_no_file(pg_cluster, tmp_path: Path)
     project = Project(tmp_path / "proj")
     project.root.mkdir()
     project.copy_example()
-    project.write({"llmops.yaml": CONFIG.format(port=_free_port(), store=store, webhook=WEBHOOK_SECRET)})
+    port = _free_port()
+    project.write({"llmops.yaml": CONFIG.format(port=port, store=store, webhook=WEBHOOK_SECRET)})
     outputs: dict[str, str] = {}
 
     def run(*args: str, ok: bool = True, **kw) -> str:
@@ -110,7 +111,11 @@ def test_planted_secrets_reach_no_output_and_no_file(pg_cluster, tmp_path: Path)
         err = run("plan", ok=False, timeout=120)
         assert "127.0.0.1:9" in err and "Traceback" not in err, err
     finally:
-        project.run("down", "deployments.prod", env=ENV_SECRETS)
+        # The server must stop whatever the last llmops.yaml said (an unreachable tracking server
+        # would refuse `down` its lease and leave the server running after the test).
+        project.write({"llmops.yaml": CONFIG.format(port=port, store=store, webhook=WEBHOOK_SECRET)})
+        down = project.run("down", "deployments.prod", env=ENV_SECRETS)
+        assert down.returncode == 0, down.stdout + down.stderr
 
     leaks = [(what, where) for where, out in outputs.items() for what, secret in secrets.items() if secret in out]
     assert not leaks, leaks
