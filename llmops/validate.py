@@ -259,39 +259,42 @@ def _inside_project(root: Path, rel: str) -> str | None:
 
 
 def _check_files(config: Config) -> list[Diagnostic]:
-    from llmops.prompts import PromptError, template_path
-
     diags = []
     for r in config.resources.values():
         field_kind = _FILE_FIELDS.get(r.kind)
         if not field_kind:
             continue
         key, what = field_kind
-        rel = r.spec.get(key)
-        if not isinstance(rel, str):
-            continue
-        where = (r.kind, r.name, key)
-        shown = rel if len(rel) <= 120 else rel[:117] + "..."
-        problem = _inside_project(config.root, rel)
-        if problem:
-            diags.append(config.doc.diagnostic(where, f"{what} {shown} {problem}",
-                                               "name a file inside the project, not a link to one outside"))
-            continue
-        if r.kind == "prompts":
-            try:
-                template_path(config.root, rel)
-            except PromptError as exc:
-                if "not found" not in exc.summary:
-                    diags.append(config.doc.diagnostic(where, exc.summary, exc.hint))
-                    continue
-        p = config.root / rel
-        ok = p.is_file() if what == "file" else p.is_dir()
-        if not ok:
-            exists_as = " (it is a folder)" if what == "file" and p.is_dir() else ""
-            diags.append(config.doc.diagnostic(
-                where, f"{what} not found: {shown}{exists_as}",
-                f"paths are relative to the project folder {config.root}"))
+        places = [((r.kind, r.name, key), r.spec.get(key))]
+        if r.kind == "datasets" and isinstance(r.spec.get("sources"), list):
+            places += [((r.kind, r.name, "sources", i), rel) for i, rel in enumerate(r.spec["sources"])]
+        for where, rel in places:
+            if isinstance(rel, str):
+                diags += _check_file(config, r.kind, where, rel, what)
     return diags
+
+
+def _check_file(config: Config, kind: str, where: tuple, rel: str, what: str) -> list[Diagnostic]:
+    from llmops.prompts import PromptError, template_path
+
+    shown = rel if len(rel) <= 120 else rel[:117] + "..."
+    problem = _inside_project(config.root, rel)
+    if problem:
+        return [config.doc.diagnostic(where, f"{what} {shown} {problem}",
+                                      "name a file inside the project, not a link to one outside")]
+    if kind == "prompts":
+        try:
+            template_path(config.root, rel)
+        except PromptError as exc:
+            if "not found" not in exc.summary:
+                return [config.doc.diagnostic(where, exc.summary, exc.hint)]
+    p = config.root / rel
+    ok = p.is_file() if what == "file" else p.is_dir()
+    if not ok:
+        exists_as = " (it is a folder)" if what == "file" and p.is_dir() else ""
+        return [config.doc.diagnostic(where, f"{what} not found: {shown}{exists_as}",
+                                      f"paths are relative to the project folder {config.root}")]
+    return []
 
 
 def _check_combinations(config: Config) -> list[Diagnostic]:

@@ -37,6 +37,9 @@ def load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
+PROVENANCE = "_source"  # with `sources:`, each row's file; fields starting with "_" are never model text
+
+
 def run_stage(spec: dict[str, Any], base: Path) -> dict[str, Any]:
     """Prepare the dataset described by `spec` (paths relative to `base`); return the profile."""
     from llmops.data.io import detect_format, read_rows, write_jsonl, write_text_atomic
@@ -44,17 +47,27 @@ def run_stage(spec: dict[str, Any], base: Path) -> dict[str, Any]:
     from llmops.data.report import write_report
     from llmops.data.steps import normalize_steps, run_steps
 
-    source = base / spec["source"]
     fmt = detect_format(spec["source"], spec.get("format"))
     steps = normalize_steps(spec.get("prepare"))
-    rows = read_rows(source, fmt)
+    sources = spec.get("sources")
+    if isinstance(sources, list) and sources:
+        rows, counts = [], []
+        for src in sources:
+            part = read_rows(base / src["path"], src.get("format") or detect_format(src["path"], None))
+            rows += [{**row, PROVENANCE: src["path"]} for row in part]
+            counts.append({"path": src["path"], "format": src.get("format"), "rows": len(part)})
+    else:
+        rows, counts = read_rows(base / spec["source"], fmt), None
     result = run_steps(rows, steps)
     out_dir = base / spec["output_dir"]
     for split, split_rows in result.splits.items():
         write_jsonl(out_dir / f"{split}.jsonl", split_rows)
     if "eval" not in result.splits:
         (out_dir / "eval.jsonl").unlink(missing_ok=True)
-    profile = build_profile(spec["name"], spec["source"], fmt, len(rows), result.steps, result.splits)
+    shown = " + ".join(c["path"] for c in counts) if counts else spec["source"]
+    profile = build_profile(spec["name"], shown, fmt, len(rows), result.steps, result.splits)
+    if counts:
+        profile["sources"] = counts
     write_report(base / spec["report_dir"], profile, result.splits)
     text = json.dumps(profile, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     write_text_atomic(out_dir / "profile.json", text)

@@ -107,6 +107,12 @@ def normalize_steps(prepare: Any, where: str = "prepare") -> list[dict[str, dict
     return out
 
 
+def _content(row: Row) -> Row:
+    """A row without its bookkeeping fields (`_source`: which file of `sources:` it came from),
+    so the same record from two files is a duplicate."""
+    return {k: v for k, v in row.items() if not str(k).startswith("_")}
+
+
 def _text(row: Row, fields: list[str]) -> str:
     return "\n".join("" if row.get(f) is None else str(row.get(f)) for f in fields)
 
@@ -122,7 +128,7 @@ def dedupe(
     seen: set[str] = set()
     kept: list[Row] = []
     for row in rows:
-        key = canonical_json({f: row.get(f) for f in fields} if fields is not None else row)
+        key = canonical_json({f: row.get(f) for f in fields} if fields is not None else _content(row))
         if key not in seen:
             seen.add(key)
             kept.append(row)
@@ -130,7 +136,7 @@ def dedupe(
     if near_duplicate_threshold is not None and kept:
         from llmops.data.minhash import near_duplicates, signatures
 
-        texts = [_text(r, fields if fields is not None else sorted(r)) for r in kept]
+        texts = [_text(r, fields if fields is not None else sorted(_content(r))) for r in kept]
         sig, valid = signatures(texts, num_perm=num_perm, shingle_size=shingle_size)
         drop = set(near_duplicates(sig, valid, float(near_duplicate_threshold)))
         kept = [r for i, r in enumerate(kept) if i not in drop]

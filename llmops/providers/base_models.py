@@ -246,8 +246,9 @@ def _load_train_rows(root: Path, outputs: dict[str, Any]) -> list[dict]:
 
 
 def texts_of_rows(rows: list[dict]) -> list[str]:
-    """Every string field value of every row, in row order."""
-    return [v for row in rows for v in row.values() if isinstance(v, str)]
+    """Every string field value of every row, in row order; fields starting with `_` (such as
+    the `_source` provenance of a dataset with `sources:`) are bookkeeping, not text."""
+    return [v for row in rows for k, v in row.items() if isinstance(v, str) and not str(k).startswith("_")]
 
 
 def model_folder(root: Path, outputs: dict[str, Any], inputs: dict[str, Any] | None = None) -> Path | None:

@@ -84,7 +84,16 @@ def _has_split(spec: dict[str, Any]) -> bool:
 
 
 def _source(spec: dict[str, Any]) -> str:
-    return Path(str(spec.get("source", ""))).as_posix()
+    """The first (with `source:`, the only) source file."""
+    return _sources(spec)[0]
+
+
+def _sources(spec: dict[str, Any]) -> list[str]:
+    """Every source file: `sources: [A, B]`, or `[source]`."""
+    many = spec.get("sources")
+    if isinstance(many, list) and many:
+        return [Path(str(p)).as_posix() for p in many]
+    return [Path(str(spec.get("source", ""))).as_posix()]
 
 
 def stage_spec(name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +103,7 @@ def stage_spec(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     source = _source(spec)
     d = data_dir(name)
-    return {
+    out = {
         "spec_version": SPEC_VERSION,
         "name": name,
         "source": source,
@@ -104,6 +113,11 @@ def stage_spec(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         "report_dir": report_dir(name),
         "error_file": f"{d}/stage-error.txt",
     }
+    if isinstance(spec.get("sources"), list):
+        # Rows of every file, in order, each with its file in `_source` (provenance); the
+        # prepare steps (dedupe included) then run over all of them at once.
+        out["sources"] = [{"path": p, "format": detect_format(p, spec.get("format"))} for p in _sources(spec)]
+    return out
 
 
 def _stage_entry(name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +132,7 @@ def _stage_entry(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         # No path of this machine: DVC runs with our interpreter first on PATH (see `_dvc`), so
         # `dvc status` in another clone with its own venv agrees.
         "cmd": f"python -m llmops.data.stage {d}/spec.json",
-        "deps": [_source(spec), f"{d}/spec.json"],
+        "deps": [*_sources(spec), f"{d}/spec.json"],
         "outs": outs,
         "metrics": [f"{d}/profile.json"],
     }
@@ -442,7 +456,7 @@ class DatasetsProvider(Provider):
     kind = "datasets"
 
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
-        return [_source(spec)]
+        return _sources(spec)
 
     def _datasets(self, name: str, spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
         datasets = dict(self.ctx.config.get("datasets") or {})
@@ -454,12 +468,13 @@ class DatasetsProvider(Provider):
 
     def _check_source(self, address: str, spec: dict[str, Any]) -> None:
         root = self.ctx.root.resolve()
-        source = _source(spec)
-        path = (root / source).resolve()
-        if Path(source).is_absolute() or not path.is_relative_to(root):
-            raise ProviderError(f"{address}: source {source!r} is outside the project; copy it into the project.")
-        if not path.is_file():
-            raise ProviderError(f"{address}: source file {source} not found; create it or fix `source` in llmops.yaml.")
+        for source in _sources(spec):
+            path = (root / source).resolve()
+            if Path(source).is_absolute() or not path.is_relative_to(root):
+                raise ProviderError(f"{address}: source {source!r} is outside the project; copy it into the project.")
+            if not path.is_file():
+                raise ProviderError(f"{address}: source file {source} not found; create it or fix `source` in "
+                                    "llmops.yaml.")
 
     def _stage_files(self, request: ApplyRequest, log: Callable[[str], None]) -> None:
         """spec.json and dvc.yaml as this spec makes them (the same bytes on every machine)."""
@@ -610,7 +625,11 @@ class DatasetsProvider(Provider):
         outputs["report"] = f"{report_dir(name)}/index.html"
         if remote:
             outputs["remote"] = redact_url(remote)
-        return ApplyResult(outputs=outputs, inputs={"source_md5": lock["deps"].get(_source(spec), "")})
+        if isinstance(spec.get("sources"), list):
+            inputs: dict[str, Any] = {"sources_md5": {p: lock["deps"].get(p, "") for p in _sources(spec)}}
+        else:
+            inputs = {"source_md5": lock["deps"].get(_source(spec), "")}
+        return ApplyResult(outputs=outputs, inputs=inputs)
 
     def _pinned(self, locked: LockedResource) -> dict[str, str]:
         """{path: md5} of the split outputs llmops.lock pins."""
