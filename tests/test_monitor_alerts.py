@@ -167,15 +167,51 @@ def test_export_feedback(tmp_path: Path, store: SqliteStore):
     assert export_feedback(store, out) == 3
     rows = {r["request_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"r0", "r1", "r2"}
-    assert rows["r0"]["answer"] == "fine" and rows["r0"]["question"] and rows["r0"]["corrected"] is False
+    assert rows["r0"]["answer"] == "fine" and rows["r0"]["prompt"] and rows["r0"]["corrected"] is False
+    assert "question" not in rows["r0"]  # logged without its prompt variables: only the text it saw
     assert rows["r1"]["answer"] == "The right answer." and rows["r1"]["corrected"] is True
     assert rows["r1"]["completion"] == "fine" and rows["r1"]["comment"] == "wrong" and rows["r1"]["rating"] == 2
     assert rows["r2"]["rating"] == 5 and rows["r2"]["positive"] is True
-    assert export_feedback(store, out, min_rating=4) == 2
-    assert {json.loads(x)["request_id"] for x in out.read_text().splitlines()} == {"r0", "r2"}
-    assert export_feedback(store, out, min_rating="up") == 2
+    # A corrected answer is a target whatever the rating (corrections come with low ratings).
+    assert export_feedback(store, out, min_rating=4) == 3
+    assert {json.loads(x)["request_id"] for x in out.read_text().splitlines()} == {"r0", "r1", "r2"}
+    assert export_feedback(store, out, min_rating="up") == 3
     with pytest.raises(MonitorError, match="min_rating"):
         export_feedback(store, out, min_rating=9)
+
+
+def test_export_rows_are_the_users_inputs_and_bad_answers_become_rejected_pairs(tmp_path: Path, store: SqliteStore):
+    """Issue 12: the exported `question` is what the user asked (not the rendered prompt), a
+    thumbs-down without correction is no target, and becomes the rejected side of a pair
+    when a better answer for the same input exists."""
+    prompt = "### Question:\n{q}\n### Answer:\n"
+    asked = {"a1": "Where is my parcel?", "a2": "Where is my parcel?", "b1": "How do I log in?",
+             "c1": "Can I pay by card?", "d1": "Is there a fee?"}
+    said = {"a1": "It ships today.", "a2": "Bananas.", "b1": "Yes.", "c1": "Maybe.", "d1": "Nope nope."}
+    for i, (rid, q) in enumerate(asked.items()):
+        store.log({"id": rid, "time": NOW - 100 + i, "path": "/v1/chat/completions", "client": "c", "status": 200,
+                   "prompt": [prompt.format(q=q)], "inputs": {"question": q}, "completion": [said[rid]]})
+    store.flush()
+    store.add_feedback("a1", "up", client_id="u1")
+    store.add_feedback("a2", "down", client_id="u2")  # a better answer to the same question: a1's
+    store.add_feedback("b1", "down", correction="Use Continue with Google.", client_id="u1")
+    store.add_feedback("c1", "down", client_id="u3")  # no better answer anywhere: no pair
+    store.add_feedback("d1", "up", client_id="u1")
+    store.add_feedback("d1", "down", client_id="u4")  # two clients disagree: each rating is a row
+    out, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"
+    assert export_feedback(store, out, pairs=pairs) == 3
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["question"], r["answer"], r["client"]) for r in rows] == [
+        ("Where is my parcel?", "It ships today.", "u1"), ("How do I log in?", "Use Continue with Google.", "u1"),
+        ("Is there a fee?", "Nope nope.", "u1")]
+    assert rows[1]["corrected"] is True and rows[1]["completion"] == "Yes." and rows[1]["positive"] is False
+    assert all(r["prompt"] == prompt.format(q=r["question"]) for r in rows)
+    made = [json.loads(x) for x in pairs.read_text().splitlines()]
+    # d1's answer is both liked and disliked: no pair of an answer against itself; c1 has nothing better.
+    assert [(m["question"], m["chosen"], m["rejected"]) for m in made] == [
+        ("Where is my parcel?", "It ships today.", "Bananas."), ("How do I log in?", "Use Continue with Google.", "Yes.")]
+    assert all(set(m) == {"question", "prompt", "chosen", "rejected", "request_id"} for m in made)
+    assert all(m["chosen"] != m["rejected"] for m in made)
 
 
 def test_export_without_logged_texts_says_how_to_fix(tmp_path: Path):

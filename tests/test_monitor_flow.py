@@ -274,11 +274,14 @@ def test_feedback_exports_to_a_dataset_the_plan_creates(flow: Flow) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Exported 2 rated requests to data/feedback.jsonl." in res.stdout
     rows = [json.loads(line) for line in flow.project.read("data/feedback.jsonl").splitlines()]
-    assert [r["question"] for r in rows] == [PROMPT.format(q="Where is my parcel?"),
-                                             PROMPT.format(q="How do I reset my password?")]
+    # What the user asked, recovered from the completion prompt (the deployment's template).
+    assert [r["question"] for r in rows] == ["Where is my parcel?", "How do I reset my password?"]
+    assert [r["prompt"] for r in rows] == [PROMPT.format(q="Where is my parcel?"),
+                                           PROMPT.format(q="How do I reset my password?")]
     assert rows[1]["answer"] == "Open settings and choose Reset password." and rows[1]["corrected"] is True
+    assert rows[0]["client"] == "app-1"
     res = flow.llmops("feedback", "export", "prod", "--to", "data/liked.jsonl", "--min-rating", "up")
-    assert "Exported 1 rated request to" in res.stdout
+    assert "Exported 2 rated requests to" in res.stdout  # the up-rated one, and the corrected one
 
     flow.write(extra_datasets="  feedback:\n    source: data/feedback.jsonl\n")
     plan = json.loads(flow.project.run("plan", "--json").stdout)

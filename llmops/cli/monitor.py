@@ -113,14 +113,20 @@ def feedback_group() -> None:
 @click.argument("name")
 @click.option("--to", "to", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL file to write (a `datasets:` source can read it).")
-@click.option("--min-rating", metavar="R", help="Only ratings at least this good: up, down, or 1..5.")
+@click.option("--min-rating", metavar="R", help="Only ratings at least this good: up, down, or 1..5 (corrected "
+                                               "answers are always kept: the correction is the target).")
+@click.option("--pairs", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write preference pairs (prompt, chosen, rejected) for answers rated down, as JSONL.")
 @project_dir
 @target_opt
-def feedback_export_cmd(name: str, to: Path, min_rating: str | None, root: Path, target: str | None) -> int:
-    """Write monitor NAME's rated requests (question, answer or correction, rating) as JSONL."""
+def feedback_export_cmd(name: str, to: Path, min_rating: str | None, pairs: Path | None, root: Path,
+                        target: str | None) -> int:
+    """Write monitor NAME's rated requests as training rows (the prompt's variables as sent,
+    answer = the correction or an answer rated up, rating, client) as JSONL."""
     from llmops.monitor.run import export_project_feedback
 
     rating: Any = int(min_rating) if min_rating and min_rating.strip().isdigit() else min_rating
-    count = export_project_feedback(_open(root, target), name, to, rating)
-    click.echo(f"Exported {count} rated request{'s' if count != 1 else ''} to {to}.")
+    count = export_project_feedback(_open(root, target), name, to, rating, pairs)
+    click.echo(f"Exported {count} rated request{'s' if count != 1 else ''} to {to}"
+               + (f"; preference pairs to {pairs}." if pairs else "."))
     return 0

@@ -118,39 +118,78 @@ def _min_rating(min_rating: Any) -> int:
     raise MonitorError(f"min_rating {min_rating!r} is not \"up\", \"down\" or an integer 1..5.")
 
 
-def export_feedback(store: "RequestStore", path: Path | str, min_rating: Any = None) -> int:
-    """Write rated requests as JSONL (`question`, `answer`, `rating`, `request_id`, ...) and
-    return how many rows were written.
+def export_feedback(store: "RequestStore", path: Path | str, min_rating: Any = None,
+                    pairs: Path | str | None = None) -> int:
+    """Write rated requests as JSONL training rows; return how many rows were written.
 
-    The latest feedback per request counts; `answer` is the correction when one was given,
-    else the model's completion. Only requests logged with their texts (`log_text: true`)
-    can be exported; if rated requests exist but none has text, `MonitorError` says so.
-    The file is written atomically (temp file + rename).
+    One row per (request, client): a client's latest rating of a response counts. A row holds
+    the prompt's variables as the user sent them (`question`, ...: what the server recovered
+    from the request, see `llmops.serve.service`), `answer` (the correction when one was
+    given, else the model's answer), `rating`, `positive`, `corrected`, `completion` (what
+    the model said), `client`, `request_id`, `time`, and `prompt` (the text the model saw).
+    An answer rated down without a correction is no target: it is left out of the rows, and
+    with `pairs` becomes the `rejected` side of a preference pair (`prompt`, `chosen`,
+    `rejected`, and the variables) when a better answer for the same input exists: a
+    correction, or an answer rated up. Requests logged without texts (`log_text: false`)
+    cannot be exported; if rated requests exist but none has text, `MonitorError` says so.
+    Files are written atomically (temp file + rename).
     """
     store.flush()
     floor = _min_rating(min_rating)
     rows = store.query(
-        "SELECT f.request_id, f.rating_kind, f.rating, f.positive, f.comment, f.correction, r.prompt, "
-        "r.completion, r.ts FROM feedback f JOIN (SELECT request_id, MAX(seq) AS seq FROM feedback "
-        "GROUP BY request_id) last ON last.seq = f.seq JOIN requests r ON r.id = f.request_id ORDER BY f.seq")
-    out: list[str] = []
-    seen: set[str] = set()
+        "SELECT f.request_id, f.rating_kind, f.rating, f.positive, f.comment, f.correction, f.client, r.prompt, "
+        "r.completion, r.inputs, r.ts FROM feedback f JOIN (SELECT request_id, COALESCE(client, '') AS who, "
+        "MAX(seq) AS seq FROM feedback GROUP BY request_id, COALESCE(client, '')) last ON last.seq = f.seq "
+        "JOIN requests r ON r.id = f.request_id ORDER BY f.seq")
+    out: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    better: dict[str, list[str]] = {}  # input key -> good answers, in order
+    seen: set[tuple[str, str]] = set()
     without_text = 0
-    for rid, kind, value, positive, comment, correction, prompt, completion, ts in rows:
-        if rid in seen or comparable_rating(kind, value) < floor:
+    for rid, kind, value, positive, comment, correction, client, prompt, completion, inputs, ts in rows:
+        if (rid, client or "") in seen:
             continue
-        seen.add(rid)
+        seen.add((rid, client or ""))
         if not prompt or (completion is None and correction is None):
             without_text += 1
             continue
-        row = {"question": prompt, "answer": correction if correction is not None else completion,
-               "rating": comparable_rating(kind, value), "positive": bool(positive),
-               "corrected": correction is not None, "comment": comment, "request_id": rid,
-               "completion": completion, "time": ts}
-        out.append(json.dumps(row, ensure_ascii=False, sort_keys=True))
-    if without_text and not out:
+        variables = _variables(inputs)
+        key = json.dumps(variables, sort_keys=True) if variables else prompt
+        base = {**variables, "prompt": prompt, "completion": completion, "rating": comparable_rating(kind, value),
+                "positive": bool(positive), "corrected": correction is not None, "comment": comment,
+                "client": client, "request_id": rid, "time": ts}
+        if correction is not None:
+            better.setdefault(key, []).append(correction)
+        elif positive and completion is not None:
+            better.setdefault(key, []).append(completion)
+        if not positive:
+            rejected.append({"key": key, "variables": variables, "prompt": prompt, "rejected": completion,
+                             "request_id": rid})
+            if correction is None:
+                continue  # a bad answer is no target
+        if comparable_rating(kind, value) < floor and correction is None:
+            continue
+        out.append({**base, "answer": correction if correction is not None else completion})
+    if without_text and not out and not rejected:
         raise MonitorError(f"{without_text} rated request(s) have no stored text to export; set "
                            "`log_text: true` on the monitor so prompts and completions are logged.")
-    write_atomic(Path(path), "".join(line + "\n" for line in out))
+    write_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in out))
+    if pairs is not None:
+        made = []
+        for r in rejected:
+            chosen = next((a for a in better.get(r["key"], []) if a != r["rejected"]), None)
+            if chosen is not None and r["rejected"] is not None:
+                made.append({**r["variables"], "prompt": r["prompt"], "chosen": chosen, "rejected": r["rejected"],
+                             "request_id": r["request_id"]})
+        write_atomic(Path(pairs), "".join(json.dumps(m, ensure_ascii=False, sort_keys=True) + "\n" for m in made))
     return len(out)
 
+
+def _variables(inputs: Any) -> dict[str, Any]:
+    if not inputs:
+        return {}
+    try:
+        value = json.loads(inputs)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

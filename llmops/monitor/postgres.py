@@ -19,7 +19,8 @@ POSTGRES_DDL = (
     "CREATE TABLE IF NOT EXISTS requests (seq BIGSERIAL PRIMARY KEY, id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, "
     "client TEXT, path TEXT, status INTEGER, error TEXT, latency_ms DOUBLE PRECISION, prompt_tokens INTEGER, "
     "completion_tokens INTEGER, prompt_chars INTEGER, prompt_words INTEGER, injection INTEGER, "
-    "token_bag BYTEA, prompt TEXT, completion TEXT)",
+    "token_bag BYTEA, prompt TEXT, completion TEXT, inputs TEXT)",
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS inputs TEXT",  # stores made before requests kept inputs
     "CREATE INDEX IF NOT EXISTS requests_id ON requests (id)",
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
     "CREATE TABLE IF NOT EXISTS feedback (seq BIGSERIAL PRIMARY KEY, request_id TEXT NOT NULL, "

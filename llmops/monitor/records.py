@@ -41,7 +41,7 @@ _INJECTION = [re.compile(p, re.IGNORECASE | re.DOTALL) for p in INJECTION_PATTER
 
 ROW_FIELDS = ("id", "ts", "client", "path", "status", "error", "latency_ms", "prompt_tokens",
               "completion_tokens", "prompt_chars", "prompt_words", "injection", "token_bag",
-              "prompt", "completion")
+              "prompt", "completion", "inputs")
 
 
 def words(text: str) -> list[str]:
@@ -136,4 +136,14 @@ def record_to_row(record: Mapping[str, Any], log_text: bool = False) -> tuple:
         token_bag(units),
         text if log_text and text else None,
         completion if log_text else None,
+        _inputs(record.get("inputs")) if log_text else None,
     )
+
+
+def _inputs(value: Any) -> str | None:
+    """The prompt variables the request filled (JSON), as the server recovered them."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    import json
+
+    return json.dumps({str(k): v for k, v in value.items()}, ensure_ascii=False, sort_keys=True)

@@ -150,14 +150,16 @@ def run_project_monitors(project: "Project", name: str | None = None, *, html: b
     return outcomes
 
 
-def export_project_feedback(project: "Project", name: str, to: Path | str, min_rating: Any = None) -> int:
-    """Write monitor NAME's rated requests to `to` as JSONL; returns the number of rows."""
+def export_project_feedback(project: "Project", name: str, to: Path | str, min_rating: Any = None,
+                            pairs: Path | str | None = None) -> int:
+    """Write monitor NAME's rated requests to `to` as JSONL (and preference pairs to `pairs`);
+    returns the number of rows."""
     from llmops.monitor.feedback import export_feedback
     from llmops.monitor.store import open_store
 
     (mon, spec), = monitor_specs(project, name).items()
     store = open_store(_store_url(project, mon, spec))
     try:
-        return export_feedback(store, to, min_rating)
+        return export_feedback(store, to, min_rating, pairs)
     finally:
         store.close()

@@ -10,10 +10,11 @@ an `on_request` hook) only enqueues; a writer thread drains the queue in batches
 `flush()` waits for everything enqueued so far; `close()` flushes and stops the thread.
 SQL in this package is written with `?` placeholders; a store translates it for its driver.
 
-Stores made before feedback recorded its client have no `feedback.client` column; opening
-one adds it (in one transaction, under the database's write lock, so servers opening the
-store together migrate it once). The change is additive: the schema version stays 1 and an
-older llmops still writes to a migrated store (its ratings carry no client id).
+Stores made before feedback recorded its client (or requests their prompt variables) lack
+the `feedback.client` (`requests.inputs`) column; opening one adds it (in one transaction,
+under the database's write lock, so servers opening the store together migrate it once). The
+change is additive: the schema version stays 1 and an older llmops still writes to a migrated
+store (its ratings carry no client id, its requests no inputs).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ SQLITE_DDL = (
     "CREATE TABLE IF NOT EXISTS requests (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, ts REAL NOT NULL, "
     "client TEXT, path TEXT, status INTEGER, error TEXT, latency_ms REAL, prompt_tokens INTEGER, "
     "completion_tokens INTEGER, prompt_chars INTEGER, prompt_words INTEGER, injection INTEGER, "
-    "token_bag BLOB, prompt TEXT, completion TEXT)",
+    "token_bag BLOB, prompt TEXT, completion TEXT, inputs TEXT)",
     "CREATE INDEX IF NOT EXISTS requests_id ON requests (id)",
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
     "CREATE TABLE IF NOT EXISTS feedback (seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL, ts REAL NOT NULL, "
@@ -328,14 +329,21 @@ class SqliteStore(RequestStore):
             self._writer_conn = self._main_conn = None
 
 
+_ADDED_COLUMNS = (("feedback", "client"), ("requests", "inputs"))  # (table, TEXT column) added since schema 1
+
+
 def _migrate_sqlite(conn: sqlite3.Connection) -> None:
-    """Add `feedback.client` to a store made before it existed (see the module docstring)."""
-    if "client" in {row[1] for row in conn.execute("PRAGMA table_info(feedback)")}:
+    """Add the columns a store made before them lacks (see the module docstring)."""
+
+    def missing() -> list[tuple[str, str]]:
+        return [(t, c) for t, c in _ADDED_COLUMNS if c not in {row[1] for row in conn.execute(f"PRAGMA table_info({t})")}]
+
+    if not missing():
         return
     conn.execute("BEGIN IMMEDIATE")  # the write lock: another process may be migrating too
     try:
-        if "client" not in {row[1] for row in conn.execute("PRAGMA table_info(feedback)")}:
-            conn.execute("ALTER TABLE feedback ADD COLUMN client TEXT")
+        for table, column in missing():
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
         conn.commit()
     except BaseException:
         conn.rollback()

@@ -393,10 +393,13 @@ class Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _record_rendered(out: Outcome, rec: dict[str, Any]) -> None:
         """A chat put through the deployment's prompt is recorded as the model saw it (the
-        rendered text, like a completion's), with the variables it filled: the monitor then
-        compares chat traffic with the training split in the same space."""
+        rendered text, like a completion's): the monitor then compares chat traffic with the
+        training split in the same space. Either kind keeps the prompt variables it filled,
+        which is what a feedback export turns into training rows."""
         if out.inputs is not None:
-            rec["prompt"], rec["inputs"] = out.prompts, out.inputs
+            rec["inputs"] = out.inputs
+            if rec.get("path") == "/v1/chat/completions":
+                rec["prompt"] = out.prompts
 
     def _stream(self, req: GenerationRequest, rid: str, rec: dict[str, Any]) -> None:
         created = int(time.time())

@@ -42,6 +42,38 @@ class ServedPrompt:
     variable: str | None
     info: dict[str, Any]
 
+    def parse(self, text: str) -> dict[str, Any] | None:
+        """The variables a completion prompt rendered from this template was given, or None
+        when the text is not one of its renderings (or the template is not a plain text form
+        whose variables each appear once, in order). Found by rendering the template with
+        markers and matching the literal text between them."""
+        import re
+
+        if self.template.is_chat or not self.template.variables:
+            return None
+        pattern = getattr(self, "_pattern", False)
+        if pattern is False:
+            marks = {v: f"\x00{i}\x00" for i, v in enumerate(self.template.variables)}
+            try:
+                shape = self.template.render(marks)
+            except Exception:  # noqa: BLE001 - a template that branches on its variables
+                shape = ""
+            order = [v for v in self.template.variables if shape.count(marks[v]) == 1]
+            pattern = None
+            if shape and len(order) == len(marks):
+                order.sort(key=lambda v: shape.index(marks[v]))
+                pieces, rest = [], shape
+                for v in order:
+                    head, rest = rest.split(marks[v], 1)
+                    pieces.append(re.escape(head))
+                regex = "".join(f"{p}(?P<v{i}>.*?)" for i, p in enumerate(pieces)) + re.escape(rest) + r"\s*"
+                pattern = (re.compile(regex, re.DOTALL), order)
+            self._pattern = pattern
+        if pattern is None:
+            return None
+        found = pattern[0].fullmatch(text)
+        return {v: found.group(f"v{i}") for i, v in enumerate(pattern[1])} if found else None
+
     @classmethod
     def load(cls, entry: dict[str, Any]) -> "ServedPrompt":
         """From the served file's `prompt` entry: {name, spec, root, version?}."""
@@ -208,9 +240,14 @@ class ModelService:
         self.batcher = Batcher(self, max_batch, max_queue, queue_timeout) if batching and max_batch > 1 else None
 
     def chat_inputs(self, req: GenerationRequest) -> dict[str, Any] | None:
-        """The prompt variables a chat request fills ({variable: last user message}), or None
-        when chats are not put through the deployment's prompt."""
-        if req.kind != "chat" or self.prompt is None or self.prompt.variable is None:
+        """The prompt variables of a request: a chat's ({variable: last user message}) when
+        chats go through the deployment's prompt; a single completion prompt's when it is a
+        rendering of that prompt (recovered from the text); else None."""
+        if req.kind == "completion":
+            if self.prompt is None or len(req.prompts) != 1:
+                return None
+            return self.prompt.parse(req.prompts[0])
+        if self.prompt is None or self.prompt.variable is None:
             return None
         users = [m["content"] for m in req.messages if m["role"] == "user"]
         if not users:
