@@ -231,7 +231,18 @@ def test_a_burst_beyond_the_queue_gets_answers_or_503_and_nothing_hangs(batching
         assert results[7][2]["choices"][0]["text"] == out["choices"][0]["text"]
 
 
-def test_requests_sent_together_are_generated_together_with_the_answers_of_one_at_a_time(batching: dict) -> None:
+@pytest.fixture(scope="module")
+def roomy(lm: Any):
+    """The batching service with room for every request below."""
+    srv, info = _serve(lm, 64, client_timeout=10.0, batching=True, max_batch=8, max_queue=64, queue_timeout=30.0)
+    info["service"] = srv.app.service
+    yield info
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_requests_sent_together_are_generated_together_with_the_answers_of_one_at_a_time(roomy: dict) -> None:
+    batching = roomy
     prompts = [f"How do I return item {i}?" for i in range(8)]
     one_by_one = [call(batching, "POST", "/v1/completions", {"model": MODEL, "prompt": p, "max_tokens": 6,
                                                               "temperature": 0})[1]["choices"][0]["text"]

@@ -353,6 +353,7 @@ class FinetunesProvider(Provider):
         return {
             **job,
             "name": request.name,
+            "method": str(spec.get("method") or "sft"),
             "base_model": str((root / base["path"]).resolve()),
             "train_path": str((root / dataset["train"]["path"]).resolve()),
             "eval_path": str((root / eval_split["path"]).resolve()) if eval_split.get("path") else None,
@@ -370,7 +371,8 @@ class FinetunesProvider(Provider):
             "experiment": self.ctx.config.get("project") or "llmops",
             "registered_model": request.name,
             "tags": tags,
-            "params": {"base_model": spec["base_model"], "dataset": spec["dataset"], "prompt": spec["prompt"]},
+            "params": {"base_model": spec["base_model"], "dataset": spec["dataset"], "prompt": spec["prompt"],
+                       "method": str(spec.get("method") or "sft")},
         }
 
     def _precheck(self, spec: dict[str, Any]) -> None:

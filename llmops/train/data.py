@@ -218,3 +218,42 @@ def collate(batch: list[Row], pad_id: int, packed: bool, pad_to: int | None = No
     else:
         out["attention_mask"] = torch.tensor(mask, dtype=torch.long)
     return out
+
+
+def encode_pairs(rows: Iterable[dict[str, Any]], renderer: PromptRenderer, tokenizer: Any,
+                 max_len: int) -> list[tuple[Example, Example]]:
+    """(chosen, rejected) examples of preference rows: the prompt rendered from the row's
+    variables like an SFT row, `chosen` and `rejected` the two answers (see
+    `llmops feedback export --pairs`). Rows without both (say, the tickets a dataset's
+    `sources:` joins to the pairs) and pairs where either side has no response token left
+    after truncation are left out."""
+    import jinja2
+
+    out = []
+    for n, row in enumerate(rows, 1):
+        if not (isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)):
+            continue
+        try:
+            prompt = renderer._render_prompt(row)
+        except jinja2.UndefinedError as exc:
+            raise ProviderError(f"preference row {n}: the prompt template uses a field the row lacks "
+                                f"({exc.message}); fix it.") from exc
+        pair = (encode_example(tokenizer, prompt, row["chosen"], max_len),
+                encode_example(tokenizer, prompt, row["rejected"], max_len))
+        if all(any(label != IGNORE for label in ex.labels) for ex in pair):
+            out.append(pair)
+    return out
+
+
+def pair_rows(pairs: list[tuple[Example, Example]]) -> list[tuple[Row, Row]]:
+    """Unpacked rows of each pair (a pair's two sequences must be scored side by side)."""
+    return [tuple(Row(ex.input_ids, ex.labels, list(range(len(ex)))) for ex in pair) for pair in pairs]  # type: ignore[misc]
+
+
+def collate_pairs(batch: list[tuple[Row, Row]], pad_id: int) -> dict[str, Any]:
+    """A batch of pairs as [chosen 1, rejected 1, chosen 2, ...], right-padded with a mask;
+    `n_labels` counts pairs (the DPO loss is a mean over pairs)."""
+    flat = [row for pair in batch for row in pair]
+    out = collate(flat, pad_id, packed=False)
+    out["n_labels"] = len(batch)
+    return out

@@ -119,6 +119,7 @@ class TrainingJob:
         self.select = specs.resolve_select(job.get("select"))
         self.trials = specs.expand_sweep(job.get("sweep"))
         self.device = pick_device()
+        self.method = str(job.get("method") or "sft")
         self.tokenizer = load_tokenizer(Path(job["base_model"]))
         self.state = _State(self.out_dir / "state.json")
         self.tracker = Tracker(job.get("tracking_uri") if _is_main() else None, job.get("registry_uri"))
@@ -177,9 +178,15 @@ class TrainingJob:
         max_len, packed, pad = int(training["max_seq_length"]), bool(training["packing"]), self.tokenizer.pad_token_id
         model = load_model(Path(self.job["base_model"]), adapter, training, self.device)
         _cpu_threads(self.device, model)
+        dpo = self.method == "dpo"
+        if dpo:
+            from llmops.train.data import pair_rows
+
+            packed = False  # an eval of chosen answers, like the rows it trains on: unpacked
         loop = LoopSpec(
             training=training,
-            rows=make_rows(train_ex, max_len, packed),
+            rows=pair_rows(train_ex) if dpo else make_rows(train_ex, max_len, packed),
+            method=self.method,
             checkpoint_dir=Path(self.job["checkpoint_dir"]) / f"trial-{i}",
             device=self.device,
             pad_id=pad,
@@ -239,12 +246,23 @@ class TrainingJob:
         torch.manual_seed(int(training["seed"]))
         max_len = int(training["max_seq_length"])
         renderer = PromptRenderer(self.job.get("prompt") or {}, self.tokenizer)
+        eval_path = self.job.get("eval_path")
+        if self.method == "dpo":
+            from llmops.train.data import encode_pairs
+
+            pairs = encode_pairs(read_jsonl(Path(self.job["train_path"])), renderer, self.tokenizer, max_len)
+            if not pairs:
+                raise ProviderError(f"{self.job['train_path']}: no row has both `chosen` and `rejected` (a `method: "
+                                    "dpo` fine-tune trains on preference pairs: `llmops feedback export --pairs`).")
+            # eval_loss of a preference fine-tune: the loss of the chosen answers of the eval split.
+            chosen = PromptRenderer({**(self.job.get("prompt") or {}), "response_field": "chosen"}, self.tokenizer)
+            rows = [r for r in read_jsonl(Path(eval_path)) if isinstance(r.get("chosen"), str)] if eval_path else []
+            return pairs, encode_rows(rows, chosen, self.tokenizer, max_len)
         train_ex = encode_rows(read_jsonl(Path(self.job["train_path"])), renderer, self.tokenizer, max_len)
         if not train_ex:
             raise ProviderError(
                 f"{self.job['train_path']}: no training example has a response token; check the dataset."
             )
-        eval_path = self.job.get("eval_path")
         eval_ex = encode_rows(read_jsonl(Path(eval_path)), renderer, self.tokenizer, max_len) if eval_path else []
         return train_ex, eval_ex
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmops.train import checkpoint as ckpt
-from llmops.train.data import IGNORE, Row, collate, epoch_batches
+from llmops.train.data import IGNORE, Row, collate, collate_pairs, epoch_batches
 from llmops.train.spec import plan_steps, warmup_steps
 
 Emit = Callable[[dict[str, Any]], None]
@@ -73,6 +73,37 @@ def _loss_module(model: Any, chunk_tokens: int) -> Any:
     return CausalLMLoss()
 
 
+def _dpo_loss_module(model: Any, beta: float) -> Any:
+    """An nn.Module whose forward returns the summed DPO loss of a batch of pairs (rows
+    chosen, rejected, chosen, ... as `collate_pairs` lays them out): -log sigmoid(beta x
+    (policy margin - reference margin)), each margin the difference of the two answers'
+    summed response-token log-probabilities. The reference is the base model itself, the
+    LoRA adapter switched off (peft's `disable_adapter`): no second copy of the weights."""
+    import torch
+    import torch.nn.functional as F
+
+    def answer_logps(m: Any, input_ids: Any, labels: Any, attention_mask: Any) -> Any:
+        logits = m(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        y = labels[:, 1:]
+        keep = y != IGNORE
+        picked = torch.gather(F.log_softmax(logits, dim=-1), 2, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * keep).sum(dim=1)
+
+    class DPOLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, labels: Any, attention_mask: Any, **kw: Any) -> Any:
+            policy = answer_logps(self.model, input_ids, labels, attention_mask)
+            with torch.no_grad(), self.model.disable_adapter():
+                reference = answer_logps(self.model, input_ids, labels, attention_mask)
+            margin = (policy[0::2] - policy[1::2]) - (reference[0::2] - reference[1::2])
+            return -F.logsigmoid(beta * margin).sum()
+
+    return DPOLoss()
+
+
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -97,6 +128,7 @@ class LoopSpec:
     device: str
     pad_id: int
     compile: bool = False
+    method: str = "sft"  # "dpo": `rows` are (chosen, rejected) pairs of rows
 
 
 @dataclass
@@ -158,7 +190,10 @@ class _Stepper:
         self.autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
         if spec.compile:
             _compile_layers(model)
-        self.runner: Any = _loss_module(model, CE_CHUNK_TOKENS)
+        if spec.method == "dpo":
+            self.runner: Any = _dpo_loss_module(model, float(t.get("dpo_beta", 0.1)))
+        else:
+            self.runner = _loss_module(model, CE_CHUNK_TOKENS)
         if dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -222,7 +257,11 @@ def train(model: Any, spec: LoopSpec, emit: Emit, tag: dict[str, Any] | None = N
         batches = dist.shard(epoch_batches(spec.rows, bs, seed, pos.epoch))
         while pos.micro < len(batches) and pos.step < total:
             start = time.perf_counter()
-            window = [collate(b, spec.pad_id, packed, pad_to) for b in batches[pos.micro : pos.micro + accum]]
+            chunk = batches[pos.micro : pos.micro + accum]
+            if spec.method == "dpo":
+                window = [collate_pairs(b, spec.pad_id) for b in chunk]
+            else:
+                window = [collate(b, spec.pad_id, packed, pad_to) for b in chunk]
             loss, lr = stepper.step(window)
             elapsed = max(time.perf_counter() - start, 1e-9)
             n_tokens = sum(b["n_tokens"] for b in window) * dist.world

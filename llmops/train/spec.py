@@ -39,7 +39,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "precision": "fp32",
     "seed": 0,
     "save_steps": None,
+    "dpo_beta": 0.1,
 }
+METHODS = ("sft", "dpo")
 
 SELECT_DEFAULTS: dict[str, Any] = {"metric": "eval_loss", "mode": "min"}
 
