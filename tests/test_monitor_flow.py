@@ -238,12 +238,18 @@ def test_shifted_traffic_alerts_by_exit_code_webhook_and_plan(flow: Flow) -> Non
     assert res.returncode == 0, res.stdout + res.stderr  # training-like traffic so far
     assert "no alerts" in res.stdout
 
-    # A burst of prompts four times as long as the short questions of training.
-    questions = [r["question"] for r in map(json.loads, flow.project.read("data/tickets.jsonl").splitlines())]
-    burst = [q for q in questions if len(q) < 60][:40]
+    # 100 off-domain prompts through chat: long essay requests nothing like the support questions.
+    topics = ["the French Revolution", "photosynthesis in desert plants", "the history of jazz", "black holes",
+              "medieval castle architecture", "the economics of coffee farming", "volcanic islands", "chess openings",
+              "the migration of monarch butterflies", "Roman aqueducts"]
+    burst = [f"Write a detailed essay of at least twelve paragraphs about {topics[i % 10]}, covering its origins, "
+             f"the main scientific and historical debates around it, three surprising facts, and a reading list of "
+             f"five books with a short summary of each (variant {i})." for i in range(100)]
     logged_before = flow.store_rows("SELECT COUNT(*) FROM requests")[0][0]
-    for q in burst:
-        flow.complete(" ".join([q] * 4), max_tokens=1)
+    for text in burst:
+        status, out = flow.post("/v1/chat/completions", {"model": "lora", "max_tokens": 1, "temperature": 0,
+                                                         "messages": [{"role": "user", "content": text}]})
+        assert status == 200, out
     _wait_logged(flow, logged_before + len(burst))
     res = flow.llmops("monitor", "prod", "--html")
     assert res.returncode == 3, res.stdout + res.stderr
