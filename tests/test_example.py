@@ -180,6 +180,33 @@ def test_chat_goes_through_the_trained_prompt_and_the_server_says_what_it_serves
 
 
 @pytest.mark.slow
+def test_an_eval_through_the_chat_endpoint_scores_like_one_through_completions(example):
+    project, _, _ = example
+    config = project.read("llmops.yaml")
+    evals = "".join(f"""  served-{api}:
+    model: deployments.support-prod
+    prompt: support
+    dataset: tickets
+    api: {api}
+    metrics: [rougeL, exact_match]
+    decoding: {{max_new_tokens: 24}}
+""" for api in ("chat", "completions"))
+    project.path("llmops.yaml").write_text(config.replace("\ndeployments:", evals + "\ndeployments:"))
+    try:
+        res = project.run("apply", "--auto-approve", "--select", "evals.served-chat", "--select",
+                          "evals.served-completions")
+        assert res.returncode == 0, res.stdout + res.stderr
+        lock = project.locked()
+        chat, completions = lock["evals.served-chat"]["outputs"], lock["evals.served-completions"]["outputs"]
+        assert chat["rows"] == completions["rows"] > 0
+        assert chat["metrics"] == completions["metrics"] and chat["metrics"]["rougeL"] >= 0.4
+    finally:
+        project.path("llmops.yaml").write_text(config)
+    res = project.run("apply", "--auto-approve")  # the two evals leave the lock again
+    assert res.returncode == 0 and "2 applied" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.slow
 def test_down_then_apply_serves_again(example):
     project, port, _ = example
     assert project.run("down", "deployments.support-prod").returncode == 0

@@ -340,18 +340,29 @@ def evaluate_endpoint(
     timeout: float = 120.0,
     prompt_name: str = "",
     progress: Progress | None = None,
+    api: str | None = None,
 ) -> EvalResult:
     """Evaluate what an OpenAI-compatible server serves (`base_url` without `/v1`).
 
     Text prompts go to POST /v1/completions, chat prompts to /v1/chat/completions (the
-    server applies its own chat template). Requests are sent one at a time so each latency
-    is one request's. Perplexity needs `echo` + `logprobs` support; without it the metric
-    is reported under `skipped`.
+    server applies its own chat template). With `api="chat"`, a text prompt with one
+    declared variable is sent as chat instead, that variable as the user's message: what a
+    chat client sends to an llmops server, which puts it through the same prompt. Requests
+    are sent one at a time so each latency is one request's. Perplexity needs `echo` +
+    `logprobs` support; without it the metric is reported under `skipped`.
     """
     root = Path(root)
     settings = decoding_settings(decoding)
     metric_objs = _metrics(metrics, root)
     prompt = load_prompt(prompt_spec, root, prompt_name)
+    if api not in (None, "completions", "chat"):
+        raise EvalError(f"api {api!r} is not completions or chat")
+    if api == "chat" and not prompt.is_chat and len(prompt.variables) != 1:
+        raise EvalError(f"api chat sends a text prompt's one variable as the user message; prompt "
+                        f"{prompt_name or 'this prompt'} declares {len(prompt.variables)}: use api completions")
+    if api == "completions" and prompt.is_chat:
+        raise EvalError("a chat prompt is evaluated through /v1/chat/completions: drop `api: completions`")
+    as_chat = api == "chat" and not prompt.is_chat
     inputs, refs = _row_inputs(prompt, rows)
     ep = _Endpoint(base_url, api_key, timeout)
     if model_name is None:
@@ -373,7 +384,7 @@ def evaluate_endpoint(
     runs = _repeat_count(settings, repeats)
     results, samples, skipped, safety, latencies = [], [], {}, {}, []
     for r in range(runs):
-        preds, lat, toks = _endpoint_pass(ep, model_name, prompt, inputs, texts, settings, r, progress, runs)
+        preds, lat, toks = _endpoint_pass(ep, model_name, prompt, inputs, texts, settings, r, progress, runs, as_chat)
         latencies += lat
         run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=sum(lat) / 1000.0,
                           safety={})
@@ -425,13 +436,17 @@ def _endpoint_generate(ep: _Endpoint, model: str, settings: dict[str, Any], repe
 
 def _endpoint_pass(
     ep: _Endpoint, model: str, prompt: PromptTemplate, inputs: list[dict[str, Any]], texts: list[str],
-    settings: dict[str, Any], repeat: int, progress: Progress | None, runs: int,
+    settings: dict[str, Any], repeat: int, progress: Progress | None, runs: int, as_chat: bool = False,
 ) -> tuple[list[str], list[float], list[int]]:
     common = _decoding_body(model, settings, repeat)
     preds, lat, toks = [], [], []
     for i, variables in enumerate(inputs):
         t0 = time.perf_counter()
-        if prompt.is_chat:
+        if as_chat:
+            messages = [{"role": "user", "content": str(variables[prompt.variables[0]])}]
+            out = ep.call("POST", "/v1/chat/completions", dict(common, messages=messages))
+            text = out["choices"][0]["message"]["content"] or ""
+        elif prompt.is_chat:
             parts = prompt.render_parts(variables)
             messages = [{"role": role, "content": parts[role]} for role in ("system", "user") if role in parts]
             out = ep.call("POST", "/v1/chat/completions", dict(common, messages=messages))

@@ -298,7 +298,7 @@ class EvalsProvider(Provider):
             if not url:
                 raise ProviderError(f"{model_addr} serves no endpoint (no `serve:`); evaluate its model instead.")
             result = evaluate_endpoint(url, rows, prompt, self.ctx.root, spec["metrics"],
-                                       model_name=model_out.get("served_model"), **common)
+                                       model_name=model_out.get("served_model"), api=spec.get("api"), **common)
         else:
             model_dir, adapter = local_model(self.ctx.root, kind, model_out)
             result = evaluate(model_dir, adapter, rows, prompt, self.ctx.root, spec["metrics"],
