@@ -164,14 +164,19 @@ def test_200_concurrent_clients_are_all_answered_by_a_bounded_number_of_threads_
     assert grown < 256
 
 
-@pytest.fixture(scope="module")
-def batching(lm: Any):
-    """The batching service with a queue much smaller than the burst below."""
-    srv, info = _serve(lm, 64, client_timeout=10.0, batching=True, max_batch=8, max_queue=6, queue_timeout=20.0)
+def _batching(lm: Any, max_queue: int):
+    srv, info = _serve(lm, 64, client_timeout=10.0, batching=True, max_batch=8, max_queue=max_queue,
+                       queue_timeout=30.0)
     info["service"] = srv.app.service
     yield info
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def batching(lm: Any):
+    """The batching service with a queue much smaller than the burst below."""
+    yield from _batching(lm, max_queue=6)
 
 
 def test_a_burst_beyond_the_queue_gets_answers_or_503_and_nothing_hangs(batching: dict) -> None:
@@ -234,11 +239,7 @@ def test_a_burst_beyond_the_queue_gets_answers_or_503_and_nothing_hangs(batching
 @pytest.fixture(scope="module")
 def roomy(lm: Any):
     """The batching service with room for every request below."""
-    srv, info = _serve(lm, 64, client_timeout=10.0, batching=True, max_batch=8, max_queue=64, queue_timeout=30.0)
-    info["service"] = srv.app.service
-    yield info
-    srv.shutdown()
-    srv.server_close()
+    yield from _batching(lm, max_queue=64)
 
 
 def test_requests_sent_together_are_generated_together_with_the_answers_of_one_at_a_time(roomy: dict) -> None:
