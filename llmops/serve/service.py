@@ -41,38 +41,18 @@ class ServedPrompt:
     template: Any  # llmops.prompts.PromptTemplate
     variable: str | None
     info: dict[str, Any]
+    # (regex, variables in the order they appear) matching this template's renderings, or
+    # None when its text cannot be read back (see `parse`).
+    pattern: tuple[Any, list[str]] | None = None
 
     def parse(self, text: str) -> dict[str, Any] | None:
         """The variables a completion prompt rendered from this template was given, or None
         when the text is not one of its renderings (or the template is not a plain text form
-        whose variables each appear once, in order). Found by rendering the template with
-        markers and matching the literal text between them."""
-        import re
-
-        if self.template.is_chat or not self.template.variables:
+        whose variables each appear once)."""
+        if self.pattern is None:
             return None
-        pattern = getattr(self, "_pattern", False)
-        if pattern is False:
-            marks = {v: f"\x00{i}\x00" for i, v in enumerate(self.template.variables)}
-            try:
-                shape = self.template.render(marks)
-            except Exception:  # noqa: BLE001 - a template that branches on its variables
-                shape = ""
-            order = [v for v in self.template.variables if shape.count(marks[v]) == 1]
-            pattern = None
-            if shape and len(order) == len(marks):
-                order.sort(key=lambda v: shape.index(marks[v]))
-                pieces, rest = [], shape
-                for v in order:
-                    head, rest = rest.split(marks[v], 1)
-                    pieces.append(re.escape(head))
-                regex = "".join(f"{p}(?P<v{i}>.*?)" for i, p in enumerate(pieces)) + re.escape(rest) + r"\s*"
-                pattern = (re.compile(regex, re.DOTALL), order)
-            self._pattern = pattern
-        if pattern is None:
-            return None
-        found = pattern[0].fullmatch(text)
-        return {v: found.group(f"v{i}") for i, v in enumerate(pattern[1])} if found else None
+        found = self.pattern[0].fullmatch(text)
+        return {v: found.group(f"v{i}") for i, v in enumerate(self.pattern[1])} if found else None
 
     @classmethod
     def load(cls, entry: dict[str, Any]) -> "ServedPrompt":
@@ -84,7 +64,30 @@ class ServedPrompt:
         info = {"name": entry.get("name"), "version": entry.get("version"), "digest": template.digest(),
                 "chat": f"the last user message is `{variable}`" if variable else
                         "messages as sent (the prompt declares more than one variable)"}
-        return cls(template, variable, {k: v for k, v in info.items() if v is not None})
+        return cls(template, variable, {k: v for k, v in info.items() if v is not None}, _read_back(template))
+
+
+def _read_back(template: Any) -> tuple[Any, list[str]] | None:
+    """A regex reading the variables back out of `template`'s renderings: the template
+    rendered with a marker per variable, the literal text between markers escaped."""
+    import re
+
+    if template.is_chat or not template.variables:
+        return None
+    marks = {v: f"\x00{i}\x00" for i, v in enumerate(template.variables)}
+    try:
+        shape = template.render(marks)
+    except Exception:  # noqa: BLE001 - a template that branches on its variables
+        return None
+    if any(shape.count(mark) != 1 for mark in marks.values()):
+        return None
+    order = sorted(marks, key=lambda v: shape.index(marks[v]))
+    pieces, rest = [], shape
+    for v in order:
+        head, rest = rest.split(marks[v], 1)
+        pieces.append(re.escape(head))
+    regex = "".join(f"{p}(?P<v{i}>.*?)" for i, p in enumerate(pieces)) + re.escape(rest) + r"\s*"
+    return re.compile(regex, re.DOTALL), order
 
 
 MAX_BATCH = 8  # sequences generated together: measured 4.7x the requests/s of one at a time on CPU
