@@ -162,7 +162,8 @@ class EvalsProvider(Provider):
                              int(decoding["max_new_tokens"]), locked.outputs if locked else None)
 
     def _guess_rows(self, dataset: str) -> int | None:
-        """Before a dataset is prepared: its source's lines times its split's eval_fraction."""
+        """Before a dataset is prepared: its source's lines (estimated from its start) times its
+        split's eval_fraction."""
         ds = (self.ctx.config.get("datasets") or {}).get(dataset) or {}
         source = ds.get("source")
         fraction = 0.1
@@ -172,15 +173,17 @@ class EvalsProvider(Provider):
                 fraction = float(value) if isinstance(value, (int, float)) else fraction
         if not isinstance(source, str):
             return None
-        try:
+        try:  # a first guess, at plan time: the lines of the first 64 KiB, scaled to the file's size
             path = self.ctx.root / source
-            if path.stat().st_size > 256 * 1024 * 1024:
-                return None  # not worth reading at plan time for a first guess
+            size = path.stat().st_size
             with path.open("rb") as f:
-                lines = sum(1 for line in f if line.strip())
+                head = f.read(64 * 1024)
         except OSError:
             return None
-        return max(int(lines * fraction), 1)
+        lines = sum(1 for line in head.splitlines() if line.strip())
+        if not lines:
+            return None
+        return max(int(lines * size / len(head) * fraction), 1)
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         """The eval run the lock names must still be in the tracking store: it holds the results
