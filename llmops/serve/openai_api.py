@@ -91,12 +91,12 @@ class GenerationRequest:
 _COMMON_FIELDS = frozenset({"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                             "max_tokens", "user", "metadata", "store", "service_tier"})
 _FIELDS = {
-    "completion": _COMMON_FIELDS | {"prompt", "echo", "logprobs", "best_of", "suffix"},
+    "completion": _COMMON_FIELDS | {"prompt", "echo", "logprobs"},
     "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},
 }
 _NEUTRAL: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
                             "parallel_tool_calls": True, "modalities": ["text"], "response_format": {"type": "text"},
-                            "tools": [], "functions": [], "tool_choice": "none"}
+                            "tools": [], "functions": [], "tool_choice": "none", "suffix": ""}
 _WHY = {
     "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
     "function_call": "function calling", "parallel_tool_calls": "tool calling",
@@ -114,11 +114,7 @@ def _refuse_unsupported(body: dict[str, Any], kind: str, req_n: int) -> None:
             continue
         if name in _NEUTRAL and value == _NEUTRAL[name]:
             continue
-        if name == "best_of" and value in (1, req_n):
-            continue
-        if name == "suffix" and value == "":
-            continue
-        if name in _FIELDS[kind] and name not in ("best_of", "suffix"):
+        if name in _FIELDS[kind] or (name == "best_of" and value in (1, req_n)):  # best_of n: n choices
             continue
         if name in _WHY or name in _NEUTRAL:
             raise _bad(f"This server does not support {_WHY.get(name, name)}: remove '{name}' from the request "
