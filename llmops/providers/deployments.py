@@ -98,7 +98,8 @@ class DeploymentsProvider(Provider):
         current = {"version": version, "adapter": model.get("adapter", {}).get("path"),
                    "base_model": model.get("base_model", {}).get("path")}
         if spec.get("serve") and current["adapter"]:
-            current["adapter"] = self._pinned_adapter(str(current["adapter"]), model.get("adapter", {}).get("sha256"))
+            current["adapter"], current["adapter_sha256"] = self._pinned_adapter(
+                str(current["adapter"]), model.get("adapter", {}).get("sha256"))
         outputs: dict[str, Any] = {
             "model": model_addr,
             "model_name": name,
@@ -214,7 +215,7 @@ class DeploymentsProvider(Provider):
         wait_healthy(handle.url, timeout=float(serve.get("startup_timeout", 180)), handle=handle)
         return {"endpoint": handle.url, "served_model": model_name}
 
-    def _pinned_adapter(self, rel: str, sha256: str | None) -> str:
+    def _pinned_adapter(self, rel: str, sha256: str | None) -> tuple[str, str]:
         """The adapter as served: a copy under `.llmops/serve/adapters/SHA/`, named by the sha256
         of its weights (checked against the lock). A fine-tune rebuilt for the same fingerprint
         trains into the same run folder; the copy keeps each version's weights apart, so a
@@ -242,12 +243,13 @@ class DeploymentsProvider(Provider):
                 os.replace(tmp / "a", dest)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return dest.relative_to(self.ctx.root).as_posix()
+        return dest.relative_to(self.ctx.root).as_posix(), actual
 
     def _served_file(self, name: str, spec: dict[str, Any], model_name: str, current: dict[str, Any]) -> Path:
         """Write what the server serves, for /health and /v1/models (registered version, alias,
-        sha256 of the adapter folder as it is on disk now) and the prompt chat requests go
-        through: the fine-tune's, with the prompt version the registry says it was trained with."""
+        sha256 of the adapter's weights: as pinned, else as on disk now) and the prompt chat
+        requests go through: the fine-tune's, with the prompt version the registry says it was
+        trained with."""
         import json
 
         from llmops.fsutil import atomic_write_text
@@ -256,7 +258,8 @@ class DeploymentsProvider(Provider):
         weights = self.ctx.root / current["adapter"] / "adapter_model.safetensors"
         doc: dict[str, Any] = {"deployment": name, "model": model_name, "version": str(current["version"]),
                                "alias": str(spec.get("alias") or "production"),
-                               "adapter_sha256": sha256_file(weights) if weights.is_file() else None,
+                               "adapter_sha256": current.get("adapter_sha256")
+                               or (sha256_file(weights) if weights.is_file() else None),
                                "merge": bool(spec["serve"].get("merge", False)),
                                "quantize": str(spec["serve"].get("quantize") or "none")}
         ref = str(spec.get("model") or "")
