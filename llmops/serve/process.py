@@ -112,6 +112,7 @@ def start_server(
     served_file: Path | str | None = None,
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    module: str = SERVER_MODULE,
 ) -> ServerHandle:
     """Start the server in the background; state in `state_dir/NAME.json`, log in `NAME.log`.
 
@@ -120,7 +121,8 @@ def start_server(
     server under the same name while the first still runs. `monitor_store` (a request-store
     URL) turns on request logging and feedback; `log_text` also stores prompts and
     completions (there and in `request_log`). The server gets `server_env` of this
-    process's environment, plus `env` as given.
+    process's environment, plus `env` as given. `module` is what runs (`python -m MODULE`;
+    the logging proxy of `serve.engine: vllm` is `llmops.serve.proxy`), with the same arguments.
     """
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,7 @@ def start_server(
     args, monitor = server_args(model_dir, adapter_dir, model_name, request_log, monitor_store, log_text, full_env,
                                 served_file)
     instance = full_env[INSTANCE_ENV] = secrets.token_urlsafe(16)
-    cmd = [sys.executable, "-m", SERVER_MODULE, *args, "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", module, *args, "--host", host, "--port", str(port)]
     if auth_token_env:
         cmd += ["--auth-token-env", auth_token_env]
     cmd += list(extra_args or [])
@@ -150,7 +152,7 @@ def start_server(
     _CHILDREN[proc.pid] = proc
     url = f"http://{_url_host(host)}:{port}"
     handle = ServerHandle(proc.pid, port, host, url, str(log_path), str(state_file), model_name, instance)
-    state = dict(asdict(handle), started_at=time.time(), command=cmd[1:], monitor=monitor)
+    state = dict(asdict(handle), started_at=time.time(), command=cmd[1:], monitor=monitor, module=module)
     _write_json(state_file, state)
     return handle
 
@@ -314,13 +316,13 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _is_our_server(pid: int) -> bool:
+def _is_our_server(pid: int, module: str = SERVER_MODULE) -> bool:
     """Guard against pid reuse: the process's command line must be our server module."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return True  # no /proc (macOS): trust the state file
-    return SERVER_MODULE.encode() in cmdline
+    return module.encode() in cmdline
 
 
 def _log_tail(path: str | None, lines: int = 20) -> str:
@@ -380,7 +382,7 @@ def server_status(state_file: Path | str, probe: bool = False) -> ServerStatus:
 
         return container_status(state, probe=probe)
     pid = int(state["pid"])
-    running = _alive(pid) and _is_our_server(pid)
+    running = _alive(pid) and _is_our_server(pid, str(state.get("module") or SERVER_MODULE))
     healthy = (running and answers_as(str(state["url"]), state.get("instance"))) if probe else None
     return ServerStatus(running, pid, int(state["port"]), str(state["url"]), state.get("model_name"),
                         state.get("log_path"), healthy, state.get("instance"))
@@ -405,7 +407,7 @@ def stop_server(state_file: Path | str, timeout: float = 15.0) -> bool:
 
         return stop_container(state_file, state, timeout=timeout)
     pid = int(state["pid"])
-    was_running = _alive(pid) and _is_our_server(pid)
+    was_running = _alive(pid) and _is_our_server(pid, str(state.get("module") or SERVER_MODULE))
     if was_running:
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
