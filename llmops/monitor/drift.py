@@ -13,7 +13,11 @@
 `Reference.from_rows` builds the reference from the fine-tune's training rows: a row's
 text is its `prompt` field when present (pass rows rendered with the deployment's prompt
 template), else all its string fields except the answer (`answer`, `response`,
-`completion`, `output`, `target`) joined by newlines.
+`completion`, `output`, `target`) joined by newlines. It keeps the training lengths as
+distinct values and their counts, and the window's side comes the same way (the monitor
+counts lengths in SQL): KS, PSI and means over counts equal those over the raw lengths.
+`Reference.to_arrays` / `from_arrays` are its cache form (`llmops.monitor.reference`);
+`REFERENCE_VERSION` names everything else it depends on (word splitting, buckets, bins).
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from llmops.monitor.records import TOKEN_BUCKETS, token_bag, words
+from llmops.monitor.records import _WORD, MAX_BAG_TOKENS, TOKEN_BUCKETS, token_bag, words
 
 EPS = 1e-4
 ANSWER_FIELDS = ("answer", "response", "completion", "output", "target")
 MAX_REFERENCE_ROWS = 200_000
+LENGTH_BINS = 10
+# What a Reference depends on besides its rows: bump `v` when building it changes.
+REFERENCE_VERSION = (f"v1 words={_WORD.pattern} buckets={TOKEN_BUCKETS}/crc32 bag={MAX_BAG_TOKENS} "
+                     f"rows<={MAX_REFERENCE_ROWS} bins={LENGTH_BINS} fields={','.join(ANSWER_FIELDS)}")
 
 
 def psi(expected: Any, actual: Any, eps: float = EPS) -> float:
@@ -56,6 +64,26 @@ def ks_statistic(a: Any, b: Any) -> float:
     return float(np.max(np.abs(fx - fy)))
 
 
+def ks_statistic_counts(x_values: Any, x_counts: Any, y_values: Any, y_counts: Any) -> float:
+    """`ks_statistic` of two samples given as ascending distinct values and their counts
+    (the same number: each CDF is an integer count over the sample size at the same points)."""
+    xv, yv = np.asarray(x_values, dtype=np.float64), np.asarray(y_values, dtype=np.float64)
+    cx = np.concatenate([[0], np.cumsum(np.asarray(x_counts, dtype=np.int64))])
+    cy = np.concatenate([[0], np.cumsum(np.asarray(y_counts, dtype=np.int64))])
+    if cx[-1] == 0 or cy[-1] == 0:
+        return 0.0
+    grid = np.concatenate([xv, yv])
+    fx = cx[np.searchsorted(xv, grid, side="right")] / cx[-1]
+    fy = cy[np.searchsorted(yv, grid, side="right")] / cy[-1]
+    return float(np.max(np.abs(fx - fy)))
+
+
+def value_counts(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending distinct values (float64) and how often each occurs (int64)."""
+    v, c = np.unique(np.asarray(values, dtype=np.float64), return_counts=True)
+    return v, c.astype(np.int64)
+
+
 def ks_pvalue(d: float, n: int, m: int) -> float:
     """Asymptotic two-sided p-value of a KS statistic `d` for sample sizes n and m."""
     if n == 0 or m == 0 or d <= 0:
@@ -66,7 +94,7 @@ def ks_pvalue(d: float, n: int, m: int) -> float:
     return float(min(1.0, max(0.0, total)))
 
 
-def length_bins(reference: Any, bins: int = 10) -> np.ndarray:
+def length_bins(reference: Any, bins: int = LENGTH_BINS) -> np.ndarray:
     """Inner bin edges at the reference's quantiles (duplicates removed, so integer data works)."""
     ref = np.asarray(reference, dtype=np.float64)
     if ref.size == 0:
@@ -78,6 +106,12 @@ def histogram(values: Any, edges: np.ndarray) -> np.ndarray:
     """Counts per bin: bin i holds edges[i-1] < x <= edges[i] (first and last bins open-ended)."""
     idx = np.searchsorted(edges, np.asarray(values, dtype=np.float64), side="left")
     return np.bincount(idx, minlength=edges.size + 1)
+
+
+def histogram_counts(values: Any, counts: Any, edges: np.ndarray) -> np.ndarray:
+    """`histogram` of a sample given as distinct values and their counts."""
+    idx = np.searchsorted(edges, np.asarray(values, dtype=np.float64), side="left")
+    return np.bincount(idx, weights=np.asarray(counts, dtype=np.int64), minlength=edges.size + 1).astype(np.int64)
 
 
 def cumulative_gap(expected: Any, actual: Any, order: np.ndarray) -> float:
@@ -104,13 +138,20 @@ def row_text(row: dict[str, Any]) -> str:
 
 @dataclass
 class Reference:
-    """What the training split looks like: prompt lengths (in words), their bins, token buckets."""
+    """What the training split looks like: prompt lengths (in words) as distinct `values` and
+    their `counts`, the length bins, token buckets."""
 
-    lengths: np.ndarray
+    values: np.ndarray  # ascending distinct lengths, float64
+    counts: np.ndarray  # training rows of each length, int64
     edges: np.ndarray
     expected_lengths: np.ndarray
     token_counts: np.ndarray
     rows: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Every training row's length, ascending."""
+        return np.repeat(self.values, self.counts)
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> "Reference":
@@ -125,16 +166,55 @@ class Reference:
             bags.append(token_bag(units))
         arr = np.asarray(lengths, dtype=np.float64)
         edges = length_bins(arr)
-        return cls(arr, edges, histogram(arr, edges), bag_counts(bags), len(rows))
+        values, counts = value_counts(arr)
+        return cls(values, counts, edges, histogram(arr, edges), bag_counts(bags), len(rows))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (for `np.savez`); `from_arrays` reads them back."""
+        return {"values": self.values, "counts": self.counts, "edges": self.edges,
+                "expected_lengths": self.expected_lengths, "token_counts": self.token_counts,
+                "rows": np.asarray([self.rows], dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> "Reference":
+        """The Reference `to_arrays` wrote; ValueError when the arrays do not make one."""
+        try:
+            values = np.asarray(arrays["values"], dtype=np.float64)
+            counts = np.asarray(arrays["counts"], dtype=np.int64)
+            edges = np.asarray(arrays["edges"], dtype=np.float64)
+            expected = np.asarray(arrays["expected_lengths"], dtype=np.int64)
+            tokens = np.asarray(arrays["token_counts"], dtype=np.int64)
+            rows = int(np.asarray(arrays["rows"]).reshape(-1)[0])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a drift reference ({exc})") from None
+        if (values.ndim != 1 or values.shape != counts.shape or edges.ndim != 1
+                or expected.shape != (edges.size + 1,) or tokens.shape != (TOKEN_BUCKETS,)
+                or int(counts.sum()) != rows or int(expected.sum()) != rows or (counts < 0).any()
+                or (values.size > 1 and not (np.diff(values) > 0).all())):
+            raise ValueError("not a drift reference (inconsistent arrays)")
+        return cls(values, counts, edges, expected, tokens, rows)
 
     def length_drift(self, lengths: np.ndarray) -> dict[str, float]:
-        d = ks_statistic(self.lengths, lengths)
-        return {"psi": round(psi(self.expected_lengths, histogram(lengths, self.edges)), 6),
-                "ks": round(d, 6), "ks_pvalue": ks_pvalue(d, self.lengths.size, int(lengths.size)),
-                "mean_reference": round(float(self.lengths.mean()), 3) if self.lengths.size else 0.0,
-                "mean_window": round(float(lengths.mean()), 3) if lengths.size else 0.0}
+        """Length drift of a window given as one length per request."""
+        return self.length_drift_counts(*value_counts(lengths))
+
+    def length_drift_counts(self, values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+        """Length drift of a window given as ascending distinct lengths and their counts."""
+        values = np.asarray(values, dtype=np.float64)
+        counts = np.asarray(counts, dtype=np.int64)
+        n = int(counts.sum())
+        d = ks_statistic_counts(self.values, self.counts, values, counts)
+        return {"psi": round(psi(self.expected_lengths, histogram_counts(values, counts, self.edges)), 6),
+                "ks": round(d, 6), "ks_pvalue": ks_pvalue(d, self.rows, n),
+                "mean_reference": round(_mean(self.values, self.counts), 3) if self.rows else 0.0,
+                "mean_window": round(_mean(values, counts), 3) if n else 0.0}
 
     def token_drift(self, counts: np.ndarray) -> dict[str, float]:
         order = np.argsort(-self.token_counts, kind="stable")
         return {"psi": round(psi(self.token_counts, counts), 6),
                 "ks": round(cumulative_gap(self.token_counts, counts, order), 6)}
+
+
+def _mean(values: np.ndarray, counts: np.ndarray) -> float:
+    """Mean of a sample given by value counts (exact for whole-number lengths, as `np.mean` is)."""
+    return float(np.dot(values, counts.astype(np.float64)) / int(counts.sum()))

@@ -9,7 +9,7 @@ advisory lock that serialises table creation.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from llmops.monitor.errors import StoreError
 from llmops.monitor.store import SCHEMA_VERSION, RequestStore
@@ -101,6 +101,21 @@ class PostgresStore(RequestStore):
         with self._lock, self._conn().cursor() as cur:
             cur.execute(_sql(sql), params)
             return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in cur.fetchall()]
+
+    def _scan(self, sql: str, params: tuple, consume: Callable[[list[tuple]], None], batch_size: int) -> int:
+        # A server-side cursor on a connection of its own: the server keeps the result and
+        # sends `batch_size` rows per FETCH; `consume` may use the store meanwhile.
+        conn = self._connect()
+        try:
+            with conn.transaction(), conn.cursor(name="llmops_scan") as cur:
+                cur.execute(_sql(sql), params)
+                total = 0
+                while rows := cur.fetchmany(batch_size):
+                    total += len(rows)
+                    consume(rows)
+                return total
+        finally:
+            conn.close()
 
     def _close_connections(self) -> None:
         with self._lock:

@@ -3,7 +3,9 @@
 Plots (PNG, matplotlib's Agg backend, imported only here): requests and errors, latency
 p50/p95, feedback positive rate, and drift (PSI of prompt length and token frequency per
 time bucket against the training reference). The series cover the report's window, split
-into up to `BUCKETS` equal time buckets.
+into up to `BUCKETS` equal time buckets. Rows are streamed from the store in batches
+(`RequestStore.scan`) and summed per bucket; only latencies and their buckets are kept whole
+(per-bucket percentiles need them: 16 bytes a request).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from llmops.monitor.drift import bag_counts, histogram, psi
+from llmops.monitor.drift import psi
 from llmops.monitor.feedback import LATEST_FEEDBACK_SQL
+from llmops.monitor.records import TOKEN_BUCKETS
 from llmops.monitor.runner import FAILED_SQL, MIN_DRIFT_REQUESTS, MonitorReport, window_where
 from llmops.monitor.store import RequestStore
 
@@ -43,47 +46,84 @@ def series(report: MonitorReport, store: RequestStore) -> dict[str, Any]:
     out: dict[str, Any] = {"t": t, "requests": np.zeros(n), "errors": np.zeros(n), "p50": np.full(n, np.nan),
                            "p95": np.full(n, np.nan), "positive_rate": np.full(n, np.nan),
                            "psi_length": np.full(n, np.nan), "psi_tokens": np.full(n, np.nan)}
-    rows = store.query(f"SELECT ts, latency_ms, CASE WHEN {FAILED_SQL} THEN 1 ELSE 0 END FROM requests "
-                       f"WHERE {where}", params)
-    if rows:
+    requests = np.zeros(n, dtype=np.int64)
+    errors = np.zeros(n, dtype=np.int64)
+    lat_parts: list[tuple[np.ndarray, np.ndarray]] = []  # (bucket, latency) of the timed requests
+
+    def add_requests(rows: list[tuple]) -> None:
         arr = np.asarray([(r[0], np.nan if r[1] is None else r[1], r[2]) for r in rows], dtype=np.float64)
-        b = np.clip(((arr[:, 0] - start) / width).astype(int), 0, n - 1)
-        out["requests"] = np.bincount(b, minlength=n).astype(float)
-        out["errors"] = np.bincount(b, weights=arr[:, 2], minlength=n)
-        for i in np.unique(b):
-            lat = arr[b == i, 1]
-            lat = lat[~np.isnan(lat)]
-            if lat.size:
-                out["p50"][i], out["p95"][i] = np.percentile(lat, [50, 95])
+        b = _bucket(arr[:, 0], start, width, n)
+        requests[:] += np.bincount(b, minlength=n)
+        errors[:] += np.bincount(b, weights=arr[:, 2], minlength=n).astype(np.int64)
+        timed = ~np.isnan(arr[:, 1])
+        lat_parts.append((b[timed].astype(np.int16), arr[timed, 1]))
+
+    store.scan(f"SELECT ts, latency_ms, CASE WHEN {FAILED_SQL} THEN 1 ELSE 0 END FROM requests WHERE {where}",
+               params, add_requests)
+    out["requests"], out["errors"] = requests.astype(float), errors.astype(float)
+    if lat_parts:
+        buckets = np.concatenate([p[0] for p in lat_parts])
+        lat = np.concatenate([p[1] for p in lat_parts])
+        lat_parts.clear()
+        order = np.argsort(buckets, kind="stable")
+        buckets, lat = buckets[order], lat[order]
+        del order
+        bounds = np.searchsorted(buckets, np.arange(n + 1), side="left")
+        for i in range(n):
+            if bounds[i + 1] > bounds[i]:
+                out["p50"][i], out["p95"][i] = np.percentile(lat[bounds[i]:bounds[i + 1]], [50, 95])
     fwhere, fparams = window_where(spec.window, report.time, alias="r.")
-    fb = store.query(f"SELECT r.ts, f.positive FROM {LATEST_FEEDBACK_SQL} f JOIN requests r ON r.id = f.request_id "
-                     f"WHERE {fwhere}", fparams)
-    if fb:
-        arr = np.asarray(fb, dtype=np.float64)
-        b = np.clip(((arr[:, 0] - start) / width).astype(int), 0, n - 1)
-        count = np.bincount(b, minlength=n)
-        pos = np.bincount(b, weights=arr[:, 1], minlength=n)
-        out["positive_rate"] = np.where(count > 0, pos / np.maximum(count, 1), np.nan)
+    rated = np.zeros(n, dtype=np.int64)
+    positive = np.zeros(n, dtype=np.int64)
+
+    def add_feedback(rows: list[tuple]) -> None:
+        arr = np.asarray(rows, dtype=np.float64)
+        b = _bucket(arr[:, 0], start, width, n)
+        rated[:] += np.bincount(b, minlength=n)
+        positive[:] += np.bincount(b, weights=arr[:, 1], minlength=n).astype(np.int64)
+
+    if store.scan(f"SELECT r.ts, f.positive FROM {LATEST_FEEDBACK_SQL} f JOIN requests r ON r.id = f.request_id "
+                  f"WHERE {fwhere}", fparams, add_feedback):
+        out["positive_rate"] = np.where(rated > 0, positive / np.maximum(rated, 1), np.nan)
     if report.reference is not None:
         _drift_series(report, store, where, params, start, width, n, out)
     return out
 
 
+def _bucket(ts: np.ndarray, start: float, width: float, n: int) -> np.ndarray:
+    return np.clip(((ts - start) / width).astype(int), 0, n - 1)
+
+
 def _drift_series(report: MonitorReport, store: RequestStore, where: str, params: tuple, start: float,
                   width: float, n: int, out: dict[str, Any]) -> None:
+    """PSI per bucket: length histograms and token bucket counts summed per time bucket."""
     ref = report.reference
-    rows = store.query(f"SELECT ts, prompt_words, token_bag FROM requests WHERE {where} AND prompt_words > 0", params)
-    if not rows or ref is None:
+    if ref is None:
         return
-    ts = np.fromiter((r[0] for r in rows), dtype=np.float64, count=len(rows))
-    lengths = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
-    b = np.clip(((ts - start) / width).astype(int), 0, n - 1)
-    for i in np.unique(b):
-        idx = np.nonzero(b == i)[0]
-        if idx.size < MIN_DRIFT_REQUESTS:
+    bins = ref.edges.size + 1
+    length_hist = np.zeros((n, bins), dtype=np.int64)
+    tokens = np.zeros((n, TOKEN_BUCKETS), dtype=np.int64)
+
+    def add(rows: list[tuple]) -> None:
+        ts = np.fromiter((r[0] for r in rows), dtype=np.float64, count=len(rows))
+        lengths = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
+        b = _bucket(ts, start, width, n)
+        cell = b * bins + np.searchsorted(ref.edges, lengths, side="left")
+        length_hist[:] += np.bincount(cell, minlength=n * bins).reshape(n, bins)
+        bags = [r[2] or b"" for r in rows]
+        sizes = np.fromiter((len(x) for x in bags), dtype=np.int64, count=len(bags))
+        ids = np.frombuffer(b"".join(bags), dtype=np.uint8).astype(np.int64)
+        tokens[:] += np.bincount(np.repeat(b, sizes) * TOKEN_BUCKETS + ids,
+                                 minlength=n * TOKEN_BUCKETS).reshape(n, TOKEN_BUCKETS)
+
+    if not store.scan(f"SELECT ts, prompt_words, token_bag FROM requests WHERE {where} AND prompt_words > 0",
+                      params, add):
+        return
+    for i in range(n):
+        if length_hist[i].sum() < MIN_DRIFT_REQUESTS:
             continue
-        out["psi_length"][i] = psi(ref.expected_lengths, histogram(lengths[idx], ref.edges))
-        out["psi_tokens"][i] = psi(ref.token_counts, bag_counts(rows[j][2] for j in idx))
+        out["psi_length"][i] = psi(ref.expected_lengths, length_hist[i])
+        out["psi_tokens"][i] = psi(ref.token_counts, tokens[i])
 
 
 def _plot(path: Path, t: np.ndarray, lines: list[tuple[str, np.ndarray]], title: str, ylabel: str,

@@ -7,6 +7,10 @@
   embedding model is the fine-tune's base model folder (`base_model_dir`).
 - `training_rows(project, deployment)`: that reference, followed through llmops.lock:
   deployment outputs -> model address -> the fine-tune's dataset upstream -> its outputs.
+- `training_reference(project, deployment)`: the drift reference built from those rows,
+  cached under `.llmops/monitor/reference/` by the split's locked md5 and the prompt's digest
+  (`llmops.monitor.reference`): a later run reads neither the split nor renders a row, unless
+  embedding drift needs the texts.
 - `export_project_feedback`: rated requests of a monitor's store as JSONL.
 
 Only the standard library is imported at module level; numpy and the monitor runner are
@@ -24,7 +28,9 @@ from llmops.monitor.errors import MonitorError
 
 if TYPE_CHECKING:
     from llmops.lockfile import LockedResource
+    from llmops.monitor.drift import Reference
     from llmops.monitor.runner import MonitorReport
+    from llmops.prompts import PromptTemplate
     from llmops.project import Project
 
 REPORTS_DIR = Path(".llmops") / "reports" / "monitor"
@@ -86,11 +92,10 @@ def base_model_dir(project: "Project", deployment: str) -> Path | None:
     return folder
 
 
-def training_rows(project: "Project", deployment: str) -> list[dict[str, Any]] | None:
-    """The deployment's fine-tune's train split rendered with its prompt (`prompt` field),
+def _training_source(project: "Project", deployment: str) -> "tuple[dict[str, Any], PromptTemplate] | None":
+    """The locked outputs of the deployment's fine-tune's dataset and the fine-tune's prompt,
     or None when the deployment is not applied or serves a base model (no training data)."""
     from llmops.prompts import load_prompt
-    from llmops.providers.datasets import load_split
 
     model, finetune = _locked_finetune(project, deployment)
     if finetune is None:
@@ -106,13 +111,48 @@ def training_rows(project: "Project", deployment: str) -> list[dict[str, Any]] |
     if prompt_spec is None:
         raise MonitorError(f"{model} uses prompt '{prompt_name}', which llmops.yaml no longer declares; "
                            "put it back or re-apply the fine-tune.")
-    prompt = load_prompt(prompt_spec, project.root, prompt_name)
-    rows = load_split(project.root, dataset.outputs, "train")
+    return dict(dataset.outputs), load_prompt(prompt_spec, project.root, prompt_name)
+
+
+def _rendered_rows(project: "Project", outputs: dict[str, Any], prompt: "PromptTemplate") -> list[dict[str, Any]] | None:
+    from llmops.providers.datasets import load_split
+
     out = []
-    for row in rows:
+    for row in load_split(project.root, outputs, "train"):
         if all(v in row for v in prompt.variables):  # rows without the variables were not trained on
             out.append({"prompt": prompt.render({v: row[v] for v in prompt.variables})})
     return out or None
+
+
+def training_rows(project: "Project", deployment: str) -> list[dict[str, Any]] | None:
+    """The deployment's fine-tune's train split rendered with its prompt (`prompt` field),
+    or None when the deployment is not applied or serves a base model (no training data)."""
+    source = _training_source(project, deployment)
+    return None if source is None else _rendered_rows(project, *source)
+
+
+def training_reference(project: "Project", deployment: str, *, need_rows: bool = False
+                       ) -> "tuple[list[dict[str, Any]] | None, Reference | None, str]":
+    """`(rows, reference, how)` for the deployment's drift: the reference from the cache
+    when it holds one for this split and prompt (`how` as `reference.cached_reference`
+    says), the rendered rows only when `need_rows` (embedding drift) or to build it."""
+    from llmops.monitor.drift import Reference
+    from llmops.monitor.reference import cached_reference, reference_key
+
+    source = _training_source(project, deployment)
+    if source is None:
+        return None, None, "none"
+    outputs, prompt = source
+    rows = _rendered_rows(project, outputs, prompt) if need_rows else None
+    train = outputs.get("train") if isinstance(outputs.get("train"), dict) else {}
+    key = reference_key(str(train.get("md5") or ""), prompt.digest())
+
+    def build() -> Reference | None:
+        built = rows if need_rows else _rendered_rows(project, outputs, prompt)
+        return Reference.from_rows(built) if built else None
+
+    reference, how = cached_reference(project.root, key, build)
+    return rows, reference, how
 
 
 def _store_url(project: "Project", name: str, spec: dict[str, Any]) -> str:
@@ -130,15 +170,18 @@ def run_project_monitors(project: "Project", name: str | None = None, *, html: b
 
     outcomes = []
     for mon, spec in monitor_specs(project, name).items():
-        deployment = MonitorSpec.from_dict(mon, spec).deployment
-        rows = training_rows(project, deployment)
-        drift = spec.get("drift") if isinstance(spec.get("drift"), dict) else {}
+        parsed = MonitorSpec.from_dict(mon, spec)
+        deployment = parsed.deployment
+        # the texts are read only for embedding drift; PSI/KS need only the (cached) reference
+        rows, reference, _how = training_reference(
+            project, deployment, need_rows=parsed.embedding_model is not None and parsed.log_text)
         base_dir = None
-        if rows is not None and drift.get("embedding_model") == BASE_MODEL and spec.get("log_text"):
+        if rows is not None and parsed.embedding_model == BASE_MODEL and parsed.log_text:
             base_dir = base_model_dir(project, deployment)
         store = open_store(_store_url(project, mon, spec))
         try:
-            report = run_monitor(project.root, mon, spec, rows, store=store, base_model_dir=base_dir, log=log)
+            report = run_monitor(project.root, mon, spec, rows, store=store, base_model_dir=base_dir, log=log,
+                                 reference=reference)
             page = None
             if html:
                 from llmops.monitor.report_html import write_html_report

@@ -7,7 +7,9 @@ positive rate, share of requests rated), drift against the training split (embed
 in `llmops.monitor.embedding`) and suspicious clients; compares them with the thresholds of
 `monitors.NAME`; records the alerts and their state (`alerts.record_alerts`) and POSTs to the
 webhook only what it has not been told (opened, changed, resolved; `alerts.notice_changes`).
-Counting and grouping run in SQL; percentiles and drift in numpy.
+Counting and grouping run in SQL; percentiles and drift in numpy over rows streamed in
+batches (`RequestStore.scan`): memory stays bounded by a batch plus 8 bytes per latency, however
+many requests the window holds. Prompt lengths are counted per distinct value in SQL.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 
 from llmops.monitor.alerts import Alert, AlertChanges, mark_sent, notice_changes, record_alerts, send_webhook
-from llmops.monitor.drift import Reference, bag_counts
+from llmops.monitor.drift import Reference
+from llmops.monitor.records import TOKEN_BUCKETS
 from llmops.monitor.embedding import CACHE_DIR as EMBEDDING_CACHE_DIR
 from llmops.monitor.embedding import Embed, embedding_drift, load_embedder, training_sample
 from llmops.monitor.feedback import LATEST_FEEDBACK_SQL
@@ -73,11 +76,12 @@ def window_where(window: Window, now: float, alias: str = "") -> tuple[str, tupl
 def run_monitor(root: Path, name: str, monitor_spec: dict[str, Any], training_rows: list[dict] | None,
                 now: float | None = None, *, store: RequestStore | None = None, embed: Embed | None = None,
                 base_model_dir: Path | None = None, webhook_retries: int = 3, webhook_backoff: float = 0.5,
-                log: Callable[[str], None] | None = None) -> MonitorReport:
+                log: Callable[[str], None] | None = None, reference: Reference | None = None) -> MonitorReport:
     """Run monitor `name` (its `monitors.NAME` mapping) and record its alerts under `root`.
 
     `training_rows` are the fine-tune's training split (see `drift.Reference.from_rows`);
-    None skips drift. `store` defaults to the monitor's configured store (closed afterwards).
+    None skips drift (and embedding drift); `reference`, when given, is their drift reference
+    already built (`llmops.monitor.reference.cached_reference`). `store` defaults to the monitor's configured store (closed afterwards).
     Embedding drift runs with `embed(texts) -> array (n, dim)` when given, else with the model
     `drift.embedding_model` names (`base_model` resolves to `base_model_dir`); either way it
     needs logged prompt texts (`log_text: true`). Without both the report says "not configured".
@@ -92,7 +96,8 @@ def run_monitor(root: Path, name: str, monitor_spec: dict[str, Any], training_ro
         store.flush()
         metrics = _traffic(store, spec, now)
         metrics["feedback"] = _feedback(store, spec.window, now, metrics["requests"]["count"])
-        reference = Reference.from_rows(training_rows) if training_rows else None
+        if reference is None and training_rows:
+            reference = Reference.from_rows(training_rows)
         metrics["drift"] = _drift(store, spec.drift_window, now, reference)
         metrics["drift"]["embedding"] = _embedding_drift(
             Path(root), store, spec, now, training_rows, embed, base_model_dir)
@@ -149,11 +154,12 @@ def _traffic(store: RequestStore, spec: MonitorSpec, now: float) -> dict[str, An
         f"FROM requests WHERE {where}", params)[0]
     errors, client_errors = int(errors or 0), int(client_errors or 0)
     n = int(n or 0)
-    lat = np.fromiter((r[0] for r in store.query(
-        f"SELECT latency_ms FROM requests WHERE {where} AND latency_ms IS NOT NULL", params)), dtype=np.float64)
-    latency = {"count": int(lat.size), "p50": None, "p95": None}
+    lat = _Floats(n)
+    store.scan(f"SELECT latency_ms FROM requests WHERE {where} AND latency_ms IS NOT NULL", params,
+               lambda rows: lat.extend(r[0] for r in rows))
+    latency = {"count": lat.size, "p50": None, "p95": None}
     if lat.size:
-        p50, p95 = np.percentile(lat, [50, 95])
+        p50, p95 = np.percentile(lat.values(), [50, 95], overwrite_input=True)  # partitions in place: no copy
         latency.update(p50=round(float(p50), 3), p95=round(float(p95), 3))
     return {
         "window": spec.window.describe(),
@@ -187,17 +193,52 @@ def _drift(store: RequestStore, window: Window, now: float, reference: Reference
     if reference is None:
         out["status"] = "no training data"
         return out
-    rows = store.query(f"SELECT prompt_words, token_bag FROM requests WHERE {where} AND prompt_words > 0", params)
-    out["requests"] = len(rows)
+    lengths: dict[float, int] = {}
+    tokens = np.zeros(TOKEN_BUCKETS, dtype=np.int64)
+
+    def add(rows: list[tuple]) -> None:
+        nonlocal tokens
+        values, counts = np.unique(np.fromiter((r[0] for r in rows), dtype=np.float64, count=len(rows)),
+                                   return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            lengths[v] = lengths.get(v, 0) + c
+        joined = b"".join(r[1] for r in rows if r[1])
+        tokens += np.bincount(np.frombuffer(joined, dtype=np.uint8), minlength=TOKEN_BUCKETS)
+
+    n = store.scan(f"SELECT prompt_words, token_bag FROM requests WHERE {where} AND prompt_words > 0", params, add)
+    out["requests"] = n
     out["reference_rows"] = reference.rows
-    if len(rows) < MIN_DRIFT_REQUESTS or reference.rows < MIN_DRIFT_REQUESTS:
+    if n < MIN_DRIFT_REQUESTS or reference.rows < MIN_DRIFT_REQUESTS:
         out["status"] = f"too few requests or training rows to judge (need {MIN_DRIFT_REQUESTS} of each)"
         return out
-    lengths = np.fromiter((r[0] for r in rows), dtype=np.float64, count=len(rows))
-    out["prompt_length"] = reference.length_drift(lengths)
-    out["token_frequency"] = reference.token_drift(bag_counts(r[1] for r in rows))
+    values = np.asarray(sorted(lengths), dtype=np.float64)
+    out["prompt_length"] = reference.length_drift_counts(values, np.asarray([lengths[v] for v in values.tolist()],
+                                                                             dtype=np.int64))
+    out["token_frequency"] = reference.token_drift(tokens)
     out["status"] = "ok"
     return out
+
+
+class _Floats:
+    """A growing float64 column: `capacity` preallocated (the rows the window counted), doubled
+    if more arrive (a live server may log into the window meanwhile)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._data = np.empty(max(16, capacity), dtype=np.float64)
+        self.size = 0
+
+    def extend(self, values: Any) -> None:
+        chunk = np.fromiter(values, dtype=np.float64)
+        end = self.size + chunk.size
+        if end > self._data.size:
+            grown = np.empty(max(end, 2 * self._data.size), dtype=np.float64)
+            grown[:self.size] = self._data[:self.size]
+            self._data = grown
+        self._data[self.size:end] = chunk
+        self.size = end
+
+    def values(self) -> np.ndarray:
+        return self._data[:self.size]
 
 
 def _embedding_drift(root: Path, store: RequestStore, spec: MonitorSpec, now: float,

@@ -9,6 +9,8 @@ Writes never run on the request thread: `log(record)` (also `store(record)`, so 
 an `on_request` hook) only enqueues; a writer thread drains the queue in batches.
 `flush()` waits for everything enqueued so far; `close()` flushes and stops the thread.
 SQL in this package is written with `?` placeholders; a store translates it for its driver.
+`query` returns all rows; `scan` hands them over in batches (`SCAN_BATCH` rows), so the
+monitor reads a million requests in bounded memory (PostgreSQL: a server-side cursor).
 
 Stores made before feedback recorded its client (or requests their prompt variables) lack
 the `feedback.client` (`requests.inputs`) column; opening one adds it (in one transaction,
@@ -36,6 +38,7 @@ from llmops.redact import redact_url
 SCHEMA_VERSION = 1
 SKIP_PATHS = ("/health", "/v1/models", "/v1/feedback")  # not model traffic: not logged by default
 FEEDBACK_FIELDS = ("request_id", "ts", "rating_kind", "rating", "positive", "comment", "correction", "client")
+SCAN_BATCH = 16_384  # rows per batch that `scan` hands over
 _STOP = object()
 
 
@@ -229,6 +232,15 @@ class RequestStore(ABC):
         self._check_open()
         return self._query(sql, tuple(params))
 
+    def scan(self, sql: str, params: Sequence[Any], consume: Callable[[list[tuple]], None],
+             batch_size: int | None = None) -> int:
+        """Run a read query and call `consume(rows)` on each batch of at most `batch_size`
+        rows (default `SCAN_BATCH`), in order, so no more than one batch is held at once;
+        returns the row count.
+        Byte columns may come as `bytes` or `memoryview` (`b"".join` takes both)."""
+        self._check_open()
+        return self._scan(sql, tuple(params), consume, max(1, int(batch_size or SCAN_BATCH)))
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"request store {self.describe()} is closed; open it again to use it.")
@@ -248,6 +260,13 @@ class RequestStore(ABC):
     @abstractmethod
     def _query(self, sql: str, params: tuple) -> list[tuple]:
         """Run a read query written with `?` placeholders (a backend translates them)."""
+
+    def _scan(self, sql: str, params: tuple, consume: Callable[[list[tuple]], None], batch_size: int) -> int:
+        """Batches of a read query; a backend streams them (this fallback reads all rows first)."""
+        rows = self._query(sql, params)
+        for start in range(0, len(rows), batch_size):
+            consume(rows[start:start + batch_size])
+        return len(rows)
 
     @abstractmethod
     def _close_connections(self) -> None:
@@ -320,6 +339,20 @@ class SqliteStore(RequestStore):
     def _query(self, sql: str, params: tuple) -> list[tuple]:
         with self._lock:
             return self._conn().execute(sql, params).fetchall()
+
+    def _scan(self, sql: str, params: tuple, consume: Callable[[list[tuple]], None], batch_size: int) -> int:
+        # Its own connection, so `consume` may use the store meanwhile; the one statement
+        # reads one snapshot of the WAL from its first batch to its last.
+        conn = self._connect()
+        try:
+            cur = conn.execute(sql, params)
+            total = 0
+            while rows := cur.fetchmany(batch_size):
+                total += len(rows)
+                consume(rows)
+            return total
+        finally:
+            conn.close()
 
     def _close_connections(self) -> None:
         with self._lock:
