@@ -68,10 +68,7 @@ def apply_plan(
     report = ApplyReport()
     cancel = threading.Event()
     work = [c for c in plan.changes if c.action != "no-op"]
-    for kind in sorted({c.kind for c in work if not c.lock_only}):
-        provider = project.provider(kind)
-        if provider is not None:
-            provider.warm_up()
+    warm = WarmUp(project, work)
 
     journal = LockJournal(project.lock, project.lock_path)
     try:
@@ -79,14 +76,53 @@ def apply_plan(
             if cancel.is_set() or (report.failed and not keep_going):
                 report.skipped[change.address] = "apply stopped before it started"
                 continue
-            _run_one(project, change, hooks, report, lambda: _delete(project, journal, change))
+            _run_one(project, change, hooks, report, lambda: (warm.wait(change.kind), _delete(project, journal, change)))
         _run_graph(project, journal, [c for c in work if c.action != "delete"], hooks, report,
-                   parallelism, keep_going, cancel)
+                   parallelism, keep_going, cancel, warm)
     except KeyboardInterrupt:
         report.interrupted = True
     finally:
         journal.close()
     return report
+
+
+class WarmUp:
+    """The providers' warm-up (heavy imports, the tracking store's schema check) in one
+    background thread, kind by kind in the order the plan first needs them, so that work
+    which needs none of it (a DVC stage runs in a subprocess) starts at once instead of after
+    seconds of imports. A change waits for its own kind's warm-up only (`wait`), and raises
+    what that warm-up raised. Heavy libraries are still imported by one thread only: the
+    changes of a kind that imports them start after its warm-up."""
+
+    def __init__(self, project: Project, work: list[ResourceChange]) -> None:
+        kinds = list(dict.fromkeys(c.kind for c in work if not c.lock_only))
+        # Providers are made here, in the calling thread (Project caches them unlocked).
+        providers = [(k, project.provider(k)) for k in kinds]
+        self.done = {k: threading.Event() for k in kinds}
+        self.errors: dict[str, BaseException] = {}
+        self.thread = threading.Thread(target=self._run, args=(providers,), name="llmops-warm-up", daemon=True)
+        self.thread.start()
+
+    def _run(self, providers: list) -> None:
+        for kind, provider in providers:
+            try:
+                if provider is not None:
+                    provider.warm_up()
+            except BaseException as exc:  # noqa: BLE001 - handed to the changes that need it
+                self.errors[kind] = exc
+            finally:
+                self.done[kind].set()
+
+    def wait(self, kind: str) -> None:
+        event = self.done.get(kind)
+        if event is None:
+            return
+        event.wait()
+        exc = self.errors.get(kind)
+        if exc is not None:
+            if isinstance(exc, LlmopsError):
+                raise type(exc)(exc.message)
+            raise ProviderError(f"{kind}: warming up failed: {_message(exc)}")
 
 
 def _run_one(project: Project, change: ResourceChange, hooks: ApplyHooks, report: ApplyReport, fn) -> None:
@@ -128,7 +164,7 @@ def _no_provider(kind: str, address: str) -> str:
             f"--select to apply other resources.")
 
 
-def _run_graph(project, journal, changes, hooks, report, parallelism, keep_going, cancel) -> None:
+def _run_graph(project, journal, changes, hooks, report, parallelism, keep_going, cancel, warm) -> None:
     pending = {c.address: c for c in changes}
     order = {c.address: i for i, c in enumerate(changes)}
     waiting: dict[str, int] = {}  # address -> upstreams in this apply not yet applied
@@ -169,7 +205,7 @@ def _run_graph(project, journal, changes, hooks, report, parallelism, keep_going
                     if c is None:
                         continue  # skipped since it became ready
                     hooks.pre_apply(c)
-                    running[pool.submit(_apply_change, project, c, hooks, cancel)] = c
+                    running[pool.submit(_apply_change, project, c, hooks, cancel, warm)] = c
                 if not running:
                     break
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -210,9 +246,12 @@ def _run_graph(project, journal, changes, hooks, report, parallelism, keep_going
             hooks.skipped(c.address, why)
 
 
-def _apply_change(project: Project, change: ResourceChange, hooks: ApplyHooks, cancel: threading.Event):
+def _apply_change(project: Project, change: ResourceChange, hooks: ApplyHooks, cancel: threading.Event,
+                  warm: WarmUp | None = None):
     if change.lock_only:
         return None
+    if warm is not None:
+        warm.wait(change.kind)
     provider = project.provider(change.kind)
     if provider is None:
         raise ProviderError(_no_provider(change.kind, change.address))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import engine_providers as ep
-from llmops.apply import apply_plan
-from llmops.errors import PlanError, StalePlanError
+from llmops.apply import ApplyHooks, apply_plan
+from llmops.errors import PlanError, ProviderError, StalePlanError
 from llmops.lockfile import load_lock
 from llmops.planner import check_saved_plan, make_plan
 from llmops.project import open_project
@@ -323,3 +323,59 @@ def test_a_restore_whose_store_lost_the_output_fails_and_says_so(proj):
         held.unlink()
     report = apply_plan(p, plan)
     assert report.failed == {"datasets.b": "datasets.b: the store no longer holds it"}
+
+
+class _Warming:
+    """A provider kind whose warm-up (heavy imports, a store check) is slow or fails."""
+
+    def __init__(self, kind: str, gate, fail: str | None = None):
+        self.cls = type(f"Warming_{kind}", (ep.make(kind),), {"warm_up": lambda prov: self._warm(prov)})
+        self.gate, self.fail, self.thread = gate, fail, None
+
+    def _warm(self, prov):
+        import threading
+
+        self.thread = threading.current_thread().name
+        assert self.gate.wait(30), "the warm-up was never released"
+        if self.fail:
+            raise ProviderError(self.fail)
+
+
+def test_light_work_starts_while_another_kind_warms_up(proj):
+    """Warm-up runs beside apply: datasets (no warm-up) apply while prompts' warm-up is held;
+    the prompt and everything after it wait for that warm-up, in its own thread."""
+    import threading
+
+    gate = threading.Event()
+    warming = _Warming("prompts", gate)
+    overrides = {**ep.OVERRIDES, "prompts": warming.cls}
+    p = open_project(proj.root, provider_overrides=overrides)
+    plan = make_plan(p)
+    seen_before_release: list = []
+
+    class Hooks(ApplyHooks):
+        def post_apply(self, change, error):
+            if change.address == "datasets.b":  # the last dataset: both ran with the gate shut
+                seen_before_release.extend(a for a, _ in ep.CALLS)
+                gate.set()
+
+    report = apply_plan(p, plan, hooks=Hooks(), parallelism=2)
+    assert report.ok, report.failed
+    assert {"datasets.a", "datasets.b"} <= set(seen_before_release)
+    assert "prompts.p" not in seen_before_release and "finetunes.f" not in seen_before_release
+    assert warming.thread == "llmops-warm-up"
+
+
+def test_a_failed_warm_up_fails_its_kind_with_the_message_and_spares_the_rest(proj):
+    import threading
+
+    gate = threading.Event()
+    gate.set()
+    warming = _Warming("prompts", gate, fail="prompts: the MLflow store at sqlite:///x cannot be opened; fix settings.tracking_uri")
+    p = open_project(proj.root, provider_overrides={**ep.OVERRIDES, "prompts": warming.cls})
+    report = apply_plan(p, make_plan(p), parallelism=1, keep_going=True)
+    assert report.failed["prompts.p"] == "prompts: the MLflow store at sqlite:///x cannot be opened; fix settings.tracking_uri"
+    assert {"datasets.a", "datasets.b", "base_models.m"} <= set(report.applied)
+    assert report.skipped["finetunes.f"] == "upstream prompts.p failed"
+    assert ("prompts.p", "create") not in ep.CALLS
+    assert "prompts.p" not in load_lock(proj.path("llmops.lock")).resources
