@@ -70,11 +70,8 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
-def load_document(path: Path, display: str | None = None, cache_dir: Path | None = None) -> Document:
-    """Parse YAML with positions; syntax errors and duplicate keys raise ValidationError.
-
-    With `cache_dir`, a parse of exactly these bytes is reused from there (see
-    `llmops.digestcache`): only documents that parsed without a problem are cached."""
+def load_document(path: Path, display: str | None = None) -> Document:
+    """Parse YAML with positions; syntax errors and duplicate keys raise ValidationError."""
     display = display or path.name
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -90,33 +87,7 @@ def load_document(path: Path, display: str | None = None, cache_dir: Path | None
                           "Save it as UTF-8.") from None
     except OSError as exc:
         raise LlmopsError(f"{display}: cannot read it ({exc.strerror}). Check that it is a readable file.") from None
-    if cache_dir is None:
-        return parse_document(text, display)
-    from llmops.digestcache import DigestCache, digest
-
-    cache = DigestCache(cache_dir / "config-parsed.json")
-    key = digest("llmops.yaml", text)
-    doc = _from_cache(cache.get(key), text, display)
-    if doc is None:
-        doc = parse_document(text, display)
-        cache.put(key, {"data": doc.data, "positions": [[list(p), *pos] for p, pos in doc.positions.items()]})
-    cache.save()
-    return doc
-
-
-def _from_cache(hit: Any, text: str, display: str) -> Document | None:
-    """The Document a cache entry holds, or None when it is not exactly the expected shape."""
-    if not isinstance(hit, dict) or not isinstance(hit.get("positions"), list):
-        return None
-    positions: dict[tuple, tuple[int, int]] = {}
-    try:
-        for path, line, col in hit["positions"]:
-            if not (isinstance(path, list) and type(line) is int and type(col) is int):
-                return None
-            positions[tuple(path)] = (line, col)
-    except (TypeError, ValueError):
-        return None
-    return Document(file=display, data=hit.get("data"), positions=positions, text=text)
+    return parse_document(text, display)
 
 
 class _TooBig(Exception):

@@ -108,9 +108,6 @@ def make_plan(
     if not select:
         changes = _deletions(project, graph) + changes
     hasher.save()
-    for provider in list(project.providers.values()):
-        if provider is not None:
-            provider.plan_done()
     return Plan(
         changes=changes,
         lock_digest=project.lock.digest(),

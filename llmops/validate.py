@@ -58,7 +58,7 @@ class Config:
 
 def load_config(root: Path, target: str | None = None, config_name: str = CONFIG_NAME) -> Config:
     """Parse, overlay the target, and validate; raise ValidationError with every problem."""
-    doc = load_document(root / config_name, display=config_name, cache_dir=_cache_dir(root))
+    doc = load_document(root / config_name, display=config_name)
     doc = apply_target(doc, target)
     cache = _CheckCache(root)
     key = cache.key("schema", doc.text, str(target), _schema_stamp())
@@ -522,13 +522,6 @@ class _CheckCache:
             atomic_write_text(self.path, json.dumps(self.new, sort_keys=True))
         except OSError:
             pass
-
-
-def _cache_dir(root: Path) -> Path | None:
-    """`.llmops/cache` of the project when it may be written (an existing state folder, or a
-    project folder we can create it in); None: no caching."""
-    state = root / ".llmops"
-    return state / "cache" if state.is_dir() or os.access(root, os.W_OK) else None
 
 
 def _cache_secret() -> bytes | None:

@@ -158,9 +158,6 @@ class Provider(ABC):
         """Read live state; return how it differs from the lock (empty: in sync)."""
         return []
 
-    def plan_done(self) -> None:
-        """Once at the end of every plan: keep what the provider cached (see `llmops.digestcache`)."""
-
     def alerts(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[str]:
         """Open alerts about the live resource (e.g. monitoring drift), shown by plan with refresh."""
         return []

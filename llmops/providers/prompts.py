@@ -23,40 +23,13 @@ class PromptsProvider(Provider):
     uses_tracking = True
 
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
-        """The template files the prompt reads (its own and static includes). Compiling every
-        template on every plan dominated plan time at scale, so the list is cached by the
-        digest of the spec and kept while the sha256 of every file the compile asked for
-        (found or not) is unchanged (see `llmops.digestcache`)."""
-        import json
+        from llmops.prompts import PromptError, prompt_files
 
-        from llmops.digestcache import DigestCache, digest
-        from llmops.prompts import PromptError, load_prompt, template_stamp
-
-        if self._files_cache is None:
-            self._files_cache = DigestCache(self.ctx.state_dir / "cache" / "prompt-files.json")
-        key = digest("prompt-files", json.dumps(spec, sort_keys=True, default=repr))
-        hit = self._files_cache.get(key)
-        if (isinstance(hit, dict) and isinstance(hit.get("deps"), dict) and isinstance(hit.get("files"), list)
-                and all(isinstance(f, str) for f in hit["files"])
-                and all(template_stamp(self.ctx.root, rel) == stamp for rel, stamp in hit["deps"].items())):
-            return list(hit["files"])
-        reads: set[str] = set()
         try:
-            files = load_prompt(spec, self.ctx.root, reads=reads).files()
+            return prompt_files(spec, self.ctx.root)
         except PromptError:
-            self._files_cache.discard(key)
             rel = spec.get("template")
             return [rel] if isinstance(rel, str) else []
-        self._files_cache.put(key, {"files": files,
-                                    "deps": {rel: template_stamp(self.ctx.root, rel) for rel in sorted(reads)}})
-        return files
-
-    _files_cache: Any = None
-
-    def plan_done(self) -> None:
-        if self._files_cache is not None:
-            self._files_cache.save()
-            self._files_cache = None
 
     def _alias(self) -> str:
         """`LLMOPS_PROMPT_ALIAS` (a pull request's CI job sets `pr-N`, so a candidate never moves
