@@ -15,14 +15,15 @@ the newest `KEEP_FILES` stay and older ones are removed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from llmops.fsutil import atomic_write_bytes
 from llmops.monitor.drift import REFERENCE_VERSION, Reference
 
 CACHE_DIR = Path(".llmops") / "monitor" / "reference"
@@ -76,18 +77,10 @@ def _load(path: Path, key: str) -> Reference | None:
 
 
 def _store(path: Path, key: str, reference: Reference) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, key=np.asarray(key), **reference.to_arrays())
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, key=np.asarray(key), **reference.to_arrays())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, buf.getvalue())
         _prune(path.parent)
     except OSError:
         return  # a read-only or full disk: the next run builds the reference again

@@ -116,14 +116,14 @@ class Provider(ABC):
       in_place_fields: top-level spec keys whose change alone is an `update` rather than
         a `replace` (e.g. an eval's `thresholds`, a deployment's `alias`).
       upstream_change: the action planned when only an upstream changed.
-      heavy_modules: imported by `warm_up` in the main thread before apply's threads start.
+      heavy_modules: imported by `warm_up`, in apply's one warm-up thread, before this kind's changes start.
     """
 
     kind: ClassVar[str]
     in_place_fields: ClassVar[frozenset[str]] = frozenset()
     upstream_change: ClassVar[str] = "replace"
-    # Libraries apply imports in the main thread before it starts worker threads: concurrent
-    # first imports of torch/transformers/mlflow from several threads are not safe.
+    # Libraries one thread (apply's warm-up) imports before this kind's changes start:
+    # concurrent first imports of torch/transformers/mlflow from several threads are not safe.
     heavy_modules: ClassVar[tuple[str, ...]] = ()
     uses_tracking: ClassVar[bool] = False  # opens the MLflow store: checked once before apply
 
