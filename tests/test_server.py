@@ -629,3 +629,84 @@ def test_server_that_cannot_start_fails_fast_with_its_log(model_dir: Path, tmp_p
         wait_healthy(handle.url, timeout=60, handle=handle)
     assert "exited while starting" in err.value.message
     assert stop_server(handle.state_file) is False
+
+
+# --- graceful shutdown -------------------------------------------------------------------
+
+
+def _slow_server(model_dir: Path, grace: float, step_s: float = 0.03):
+    """A server whose model takes `step_s` per forward pass (a real pre-hook on the real model),
+    so a request is reliably still generating when shutdown begins."""
+    from llmops.serve.model import load_model
+    from llmops.serve.openai_api import RequestLimits
+    from llmops.serve.server import make_server
+    from llmops.serve.service import ModelService
+
+    lm = load_model(model_dir)
+    lm.model.register_forward_pre_hook(lambda *_: time.sleep(step_s))
+    records: list[dict[str, Any]] = []
+    srv = make_server(ModelService(lm, RequestLimits(max_tokens=64)), "127.0.0.1", 0, MODEL, TOKEN, records.append,
+                      grace=grace)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    host, port = srv.server_address[:2]
+    return srv, thread, {"url": f"http://{host}:{port}", "records": records}
+
+
+def _complete_in_background(server: dict, max_tokens: int) -> tuple[threading.Thread, dict[str, Any]]:
+    got: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            got["answer"] = call(server, "POST", "/v1/completions",
+                                 {"model": MODEL, "prompt": "Where is my order?", "max_tokens": max_tokens,
+                                  "temperature": 0, "stop": []})
+        except Exception as exc:  # recorded for the assertion
+            got["error"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, got
+
+
+def test_shutdown_finishes_the_request_in_flight_and_stops_accepting(model_dir: Path) -> None:
+    import socket
+
+    srv, serving, server = _slow_server(model_dir, grace=30.0)
+    host, port = srv.server_address[:2]
+    client, got = _complete_in_background(server, max_tokens=40)  # about 1.2 s of generation
+    assert wait_for(lambda: srv.app._busy == 1, timeout=30)
+    t0 = time.monotonic()
+    stopper = threading.Thread(target=srv.shutdown)
+    stopper.start()
+    assert wait_for(lambda: _refused(socket, host, port), timeout=5), "still accepting after shutdown began"
+    client.join(60)
+    stopper.join(60)
+    waited = time.monotonic() - t0
+    srv.server_close()
+    assert not client.is_alive() and not stopper.is_alive() and not serving.is_alive()
+    status, answer = got["answer"]
+    assert status == 200 and answer["usage"]["completion_tokens"] == 40, got  # finished, not cut
+    assert [r["status"] for r in server["records"] if r["path"] == "/v1/completions"] == [200]  # and logged
+    print(f"\nshutdown waited {waited:.2f}s for the request in flight")
+
+
+def test_shutdown_gives_up_on_a_request_after_the_grace_period(model_dir: Path) -> None:
+    srv, serving, server = _slow_server(model_dir, grace=0.5, step_s=0.2)
+    client, got = _complete_in_background(server, max_tokens=60)  # about 12 s of generation
+    assert wait_for(lambda: srv.app._busy == 1, timeout=30)
+    t0 = time.monotonic()
+    srv.shutdown(timeout=30)
+    took = time.monotonic() - t0
+    srv.server_close()
+    assert not serving.is_alive() and took < 8, took  # the grace period, not the request, set the wait
+    client.join(60)
+    assert "error" in got or got["answer"][0] != 200, got  # the client saw the connection end, not an answer
+
+
+def _refused(socket_mod: Any, host: str, port: int) -> bool:
+    try:
+        socket_mod.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return True
+    return False

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmops.serve.openai_api import MAX_N, MAX_PROMPTS, MAX_REQUEST_TOKENS, RequestLimits
-from llmops.serve.server import CLIENT_TIMEOUT_S, MAX_CONNECTIONS, OnFeedback, OnRequest, make_server
+from llmops.serve.server import (CLIENT_TIMEOUT_S, MAX_CONNECTIONS, SHUTDOWN_GRACE_S, OnFeedback, OnRequest,
+                                 make_server)
 from llmops.serve.service import MAX_BATCH, MAX_QUEUE, QUEUE_TIMEOUT_S
 
-SHUTDOWN_GRACE_S = 10.0
-DEFAULT_CPU_THREADS = 1  # requests still running at SIGTERM get this long to finish and be logged
+DEFAULT_CPU_THREADS = 1
 
 
 class JsonlRequestLog:
@@ -87,8 +87,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-request-tokens", type=_positive(int), default=MAX_REQUEST_TOKENS,
                    help="prompt tokens plus prompts x n x max_tokens of one request (default %(default)s)")
     p.add_argument("--max-connections", type=_positive(int), default=MAX_CONNECTIONS,
-                   help="connections handled at once, one thread each; more wait to be accepted (default "
-                        "%(default)s)")
+                   help="requests handled at once; more get 503 with Retry-After (default %(default)s)")
+    p.add_argument("--shutdown-grace", type=_positive(float), default=SHUTDOWN_GRACE_S, metavar="SECONDS",
+                   help="on SIGTERM, how long running requests get to finish (default %(default)s)")
     p.add_argument("--client-timeout", type=_positive(float), default=CLIENT_TIMEOUT_S, metavar="SECONDS",
                    help="a request must arrive within this of its first byte (else 408), and an idle connection "
                         "is closed after it (default %(default)s)")
@@ -227,19 +228,24 @@ def main(argv: list[str] | None = None) -> int:
                            max_queue=args.max_queue, queue_timeout=args.queue_timeout)
     server = make_server(service, args.host, args.port, args.model_name, token,
                          fan_out(hooks), log=log, feedback=feedback_hook(store) if store is not None else None,
-                         max_connections=args.max_connections, client_timeout=args.client_timeout, served=served)
+                         max_connections=args.max_connections, client_timeout=args.client_timeout, served=served,
+                         grace=args.shutdown_grace)
     host, port = server.server_address[:2]
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    # uvicorn handles SIGTERM/SIGINT while it serves (stop accepting, let running requests
+    # finish within --shutdown-grace) and raises the signal again once it is done: these
+    # handlers take that second delivery (and one arriving before uvicorn's are installed),
+    # so the store below is still closed.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(server.uvicorn, "should_exit", True))
     logging_to = f", logging requests to {store.describe()}" if store is not None else ""
     log(f"serving {args.model_name} on http://{host}:{port} (auth {'on' if token else 'off'}{logging_to})")
     try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever()
     finally:
         server.server_close()
-        if not server.app.wait_idle(SHUTDOWN_GRACE_S):
-            log(f"shutting down with requests still running after {SHUTDOWN_GRACE_S:g}s; their records are lost")
+        if not server.app.wait_idle(args.shutdown_grace):
+            log(f"shutting down with requests still running after {args.shutdown_grace:g}s; their records are lost")
         if store is not None:
             store.close()  # stores what is queued: SIGTERM loses no answered request
+        log("server stopped")
     return 0
