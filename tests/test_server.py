@@ -323,8 +323,10 @@ def test_on_request_hook_sees_every_request(server: dict) -> None:
     records.clear()
     complete(server, prompt="Where is my order?", max_tokens=3)
     call(server, "POST", "/v1/completions", {"model": MODEL, "prompt": 1})
-    # The hook runs after the answer is sent (and a previous test's last record may land late).
-    assert wait_for(lambda: any(r["status"] == 400 for r in records))
+    # The hook runs after the answer is sent, so records may land in either order (and a
+    # previous test's last record late): wait for both.
+    assert wait_for(lambda: any(r["status"] == 400 for r in records)
+                    and any(r["status"] == 200 and r["path"] == "/v1/completions" for r in records))
     ok = next(r for r in records if r["status"] == 200 and r["path"] == "/v1/completions")
     bad = next(r for r in records if r["status"] == 400)
     assert (ok["status"], ok["path"], ok["method"], ok["error"]) == (200, "/v1/completions", "POST", None)
@@ -643,14 +645,16 @@ def _slow_server(model_dir: Path, grace: float, step_s: float = 0.03):
     from llmops.serve.service import ModelService
 
     lm = load_model(model_dir)
-    lm.model.register_forward_pre_hook(lambda *_: time.sleep(step_s))
+    slow = threading.Event()
+    slow.set()
+    lm.model.register_forward_pre_hook(lambda *_: time.sleep(step_s) if slow.is_set() else None)
     records: list[dict[str, Any]] = []
     srv = make_server(ModelService(lm, RequestLimits(max_tokens=64)), "127.0.0.1", 0, MODEL, TOKEN, records.append,
                       grace=grace)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     host, port = srv.server_address[:2]
-    return srv, thread, {"url": f"http://{host}:{port}", "records": records}
+    return srv, thread, {"url": f"http://{host}:{port}", "records": records, "slow": slow}
 
 
 def _complete_in_background(server: dict, max_tokens: int) -> tuple[threading.Thread, dict[str, Any]]:
@@ -702,6 +706,9 @@ def test_shutdown_gives_up_on_a_request_after_the_grace_period(model_dir: Path) 
     assert not serving.is_alive() and took < 8, took  # the grace period, not the request, set the wait
     client.join(60)
     assert "error" in got or got["answer"][0] != 200, got  # the client saw the connection end, not an answer
+    server["slow"].clear()  # the cut request's generation still runs: let it end before the test does
+    assert srv.app.service.lock.acquire(timeout=60)
+    srv.app.service.lock.release()
 
 
 def _refused(socket_mod: Any, host: str, port: int) -> bool:

@@ -192,6 +192,7 @@ def _batching(lm: Any, max_queue: int):
     yield info
     srv.shutdown()
     srv.server_close()
+    srv.app.service.close()
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=_positive(int), default=MAX_BATCH,
                    help="sequences of concurrent requests generated together; 1 turns batching off (default "
                         "%(default)s)")
+    p.add_argument("--batching", choices=("continuous", "waves"), default="continuous",
+                   help="continuous: greedy requests join the running batch at the next decode step (one paged KV "
+                        "cache); waves: a batch runs to its end before the next starts (sampled requests always "
+                        "batch in waves) (default %(default)s)")
     p.add_argument("--max-queue", type=_positive(int), default=MAX_QUEUE,
                    help="requests waiting for the model; more get 503 at once (default %(default)s)")
     p.add_argument("--queue-timeout", type=_positive(float), default=QUEUE_TIMEOUT_S, metavar="SECONDS",
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         hooks.append(store)
     limits = RequestLimits(args.max_tokens_limit, args.max_prompts, args.max_n, args.max_request_tokens)
     service = ModelService(lm, limits, prompt=prompt, batching=args.max_batch > 1, max_batch=args.max_batch,
-                           max_queue=args.max_queue, queue_timeout=args.queue_timeout)
+                           max_queue=args.max_queue, queue_timeout=args.queue_timeout,
+                           continuous=args.batching == "continuous")
     server = make_server(service, args.host, args.port, args.model_name, token,
                          fan_out(hooks), log=log, feedback=feedback_hook(store) if store is not None else None,
                          max_connections=args.max_connections, client_timeout=args.client_timeout, served=served,
@@ -245,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         server.server_close()
         if not server.app.wait_idle(args.shutdown_grace):
             log(f"shutting down with requests still running after {args.shutdown_grace:g}s; their records are lost")
+        service.close()
         if store is not None:
             store.close()  # stores what is queued: SIGTERM loses no answered request
         log("server stopped")

@@ -111,7 +111,11 @@ class _Job:
 
 
 class Batcher:
-    """Dynamic batching of concurrent requests: while one batch generates, arriving requests
+    """Batching of concurrent requests. Greedy ones (temperature 0) go to the continuous
+    batching `engine` when there is one (`llmops.serve.engine`): they join the sequences being
+    decoded at the next step; at most `max_batch` decode at once, and `max_queue` more wait.
+
+    Sampled requests (and all of them without an engine) batch in waves: while one batch generates, arriving requests
     queue; the next batch takes the oldest request and every queued one whose decoding settings
     match it (temperature, top_p, stop strings, max new tokens), up to `max_batch` sequences,
     and generates them in one left-padded `generate` call. Requests never wait for company:
@@ -119,16 +123,29 @@ class Batcher:
     once) and so is the wait (`timeout`: 503, and the request is dropped from its batch)."""
 
     def __init__(self, service: "ModelService", max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
-                 timeout: float = QUEUE_TIMEOUT_S) -> None:
+                 timeout: float = QUEUE_TIMEOUT_S, engine: Any = None) -> None:
         self.service = service
         self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
         self.queue: list[_Job] = []
         self.cond = threading.Condition()
         self.arriving = 0  # requests being prepared that will join the queue
         self.last_size, self.last_end = 0, 0.0  # the last batch's sequences and when it ended
-        self.batches = 0  # batches generated (for tests and benchmarks)
-        self.largest = 0
+        self.waves = 0  # sampled batches generated (for tests and benchmarks)
+        self.wave_largest = 0
+        self.engine = engine  # greedy requests: continuous batching (llmops.serve.engine)
+        self.in_engine = 0  # requests in it now
         threading.Thread(target=self._work, name="llmops-batcher", daemon=True).start()
+
+    @property
+    def batches(self) -> int:
+        """Batches generated: sampled waves, plus the engine's busy periods (requests that
+        decoded beside each other count once)."""
+        return self.waves + (self.engine.busy_periods if self.engine is not None else 0)
+
+    @property
+    def largest(self) -> int:
+        """Most sequences generated together."""
+        return max(self.wave_largest, self.engine.largest if self.engine is not None else 0)
 
     @contextlib.contextmanager
     def arrival(self):
@@ -151,12 +168,47 @@ class Batcher:
             if arrival is not None and not arrival["queued"]:
                 arrival["queued"] = True
                 self.arriving -= 1
-            if len(self.queue) >= self.max_queue:
-                raise RequestError(503, f"The server is busy: {len(self.queue)} requests are waiting for the model. "
+            greedy = self.engine is not None and key[0] == 0
+            # the engine decodes `max_batch` requests' sequences at once; the rest wait in it
+            waiting = max(self.in_engine - self.max_batch, 0) if greedy else len(self.queue)
+            if waiting >= self.max_queue:
+                raise RequestError(503, f"The server is busy: {waiting} requests are waiting for the model. "
                                    "Retry in a moment.", None, "server_busy", type_="server_error",
                                    headers={"Retry-After": "1"})
-            self.queue.append(job)
-            self.cond.notify()
+            if greedy:
+                self.in_engine += 1
+            else:
+                self.queue.append(job)
+                self.cond.notify()
+        if not greedy:
+            return self._wait(job)
+        try:
+            return self._continuous(key, texts)
+        finally:
+            with self.cond:
+                self.in_engine -= 1
+
+    def _continuous(self, key: tuple, texts: list[str]) -> list[Any]:
+        """Greedy requests decode in the continuous-batching engine, joining at the next step."""
+        from llmops.serve.engine import EngineError
+        from llmops.serve.model import _finish
+
+        _, _, stop, special, wanted = key
+        service = self.service
+        with service._tok_lock:
+            prompt_ids = [service._encode(t, special) for t in texts]
+        try:
+            outs = self.engine.generate(prompt_ids, wanted, stop, timeout=self.timeout)
+        except EngineError as exc:
+            if "timed out" not in str(exc):
+                raise
+            raise RequestError(503, f"The request waited {self.timeout:g} s for the model and was dropped; the "
+                               "server is overloaded. Retry later.", None, "queue_timeout", type_="server_error",
+                               headers={"Retry-After": "5"}) from None
+        with service._tok_lock:
+            return [_finish(service.lm, tokens, len(ids), list(stop)) for ids, tokens in zip(prompt_ids, outs)]
+
+    def _wait(self, job: _Job) -> list[Any]:
         if not job.done.wait(self.timeout):
             with self.cond:
                 if job in self.queue:
@@ -211,13 +263,28 @@ class Batcher:
                     j.error = exc
                     j.done.set()
                 continue
-            self.batches += 1
-            self.largest = max(self.largest, len(texts))
+            self.waves += 1
+            self.wave_largest = max(self.wave_largest, len(texts))
             self.last_size, self.last_end = len(texts), time.monotonic()
             at = 0
             for j in batch:
                 j.result, at = outs[at : at + len(j.texts)], at + len(j.texts)
                 j.done.set()
+
+
+def _start_engine(lm: Any, max_batch: int) -> Any:
+    """The continuous-batching engine for greedy requests, or None where the model cannot run
+    on transformers' paged cache (its sampled and greedy requests then batch in waves)."""
+    import logging
+
+    from llmops.serve.engine import ContinuousEngine
+
+    try:
+        return ContinuousEngine(lm, max_batch)
+    except Exception as exc:  # noqa: BLE001 - e.g. an architecture without paged attention
+        logging.getLogger("llmops.serve").warning("continuous batching is off (%s: %s); batching in waves",
+                                                  type(exc).__name__, exc)
+        return None
 
 
 class ModelService:
@@ -229,7 +296,7 @@ class ModelService:
 
     def __init__(self, lm: Any, limits: RequestLimits | None = None, default_chat_max_tokens: int = 256,
                  prompt: ServedPrompt | None = None, batching: bool = False, max_batch: int = MAX_BATCH,
-                 max_queue: int = MAX_QUEUE, queue_timeout: float = QUEUE_TIMEOUT_S) -> None:
+                 max_queue: int = MAX_QUEUE, queue_timeout: float = QUEUE_TIMEOUT_S, continuous: bool = True) -> None:
         self.lm = lm
         self.lock = threading.Lock()  # the model (and its tokenizer, which generation pads with)
         # Requests are rendered and counted with a copy of the tokenizer under a lock of their
@@ -240,7 +307,16 @@ class ModelService:
         self.limits = limits or RequestLimits()
         self.default_chat_max_tokens = default_chat_max_tokens
         self.prompt = prompt
-        self.batcher = Batcher(self, max_batch, max_queue, queue_timeout) if batching and max_batch > 1 else None
+        self.batcher = None
+        if batching and max_batch > 1:
+            engine = _start_engine(lm, max_batch) if continuous else None
+            self.batcher = Batcher(self, max_batch, max_queue, queue_timeout, engine)
+
+    def close(self) -> None:
+        """Stop the continuous-batching engine's threads (requests still in it fail)."""
+        if self.batcher is not None and self.batcher.engine is not None:
+            self.batcher.engine.close()
+            self.batcher.engine = None
 
     def chat_inputs(self, req: GenerationRequest) -> dict[str, Any] | None:
         """The prompt variables of a request: a chat's ({variable: last user message}) when
