@@ -70,8 +70,13 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
-def load_document(path: Path, display: str | None = None) -> Document:
-    """Parse YAML with positions; syntax errors and duplicate keys raise ValidationError."""
+def load_document(path: Path, display: str | None = None, cache_dir: Path | None = None) -> Document:
+    """Parse YAML with positions; syntax errors and duplicate keys raise ValidationError.
+
+    With `cache_dir`, a document that parsed without a problem before is rebuilt from its
+    *skeleton* (see `_skeleton`): the shape of the document and, for every scalar, where its
+    text is, so the values themselves are read from these very bytes again and never written
+    to disk (llmops.yaml may hold passwords in URLs)."""
     display = display or path.name
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -87,7 +92,154 @@ def load_document(path: Path, display: str | None = None) -> Document:
                           "Save it as UTF-8.") from None
     except OSError as exc:
         raise LlmopsError(f"{display}: cannot read it ({exc.strerror}). Check that it is a readable file.") from None
-    return parse_document(text, display)
+    if cache_dir is None:
+        return parse_document(text, display)
+    from llmops.digestcache import DigestCache, digest
+
+    cache = DigestCache(cache_dir / "config-skeleton.json")
+    key = digest("llmops.yaml skeleton", str(_SKELETON_VERSION), text)
+    doc = _from_skeleton(cache.get(key), text, display)
+    if doc is None:
+        doc, node = _parse(text, display)
+        try:
+            skeleton = _skeleton(node, text) if node is not None else None
+        finally:
+            _constructor.constructed_objects.clear()
+        rebuilt = _from_skeleton(skeleton, text, display)
+        if rebuilt is not None and _same(rebuilt.data, doc.data) and rebuilt.positions == doc.positions:
+            cache.put(key, skeleton)  # only one that gives back exactly this parse
+        else:
+            cache.discard(key)
+    cache.save()
+    try:  # a reverted earlier cache kept the parsed values, passwords in URLs included
+        (cache_dir / "config-parsed.json").unlink(missing_ok=True)
+    except OSError:
+        pass
+    return doc
+
+
+# --- The parse cache: a skeleton of offsets, never values ----------------------------------
+#
+# Parsing with positions costs about a second at 10,000 resources, and even libyaml's plain
+# load costs half of that; JSON of the same document loads in a tenth. But the parsed values
+# must not be written to disk: llmops.yaml may carry credentials (`postgresql://u:pw@host`).
+# So the cache holds the document's shape and, per node, its (line, column) and the span of
+# its text: a node is [code, line, column, ...]. Codes: 0 mapping [key, value, key, value...],
+# 1 sequence [items], 2 null or boolean (the only literal values kept), 3 plain string (the
+# span's text), 4 quoted string without escapes (the span less its quotes), 5 int and 6
+# float (`int`/`float` of the span), 7 anything else (the span parsed as YAML again). The
+# entry is keyed by the digest of the text, written only when rebuilding it from the skeleton
+# gives back exactly the full parse, and authenticated (`llmops.digestcache`).
+
+_SKELETON_VERSION = 1
+_NULL_OR_BOOL = (type(None), bool)
+
+
+def _skeleton(node: yaml.Node, text: str) -> list | None:
+    """The skeleton of a parsed node tree (see above), or None when a scalar has no span."""
+    line, col = node.start_mark.line + 1, node.start_mark.column + 1
+    if isinstance(node, yaml.MappingNode):
+        items: list = []
+        for key_node, value_node in node.value:
+            for part in (key_node, value_node):
+                sub = _skeleton(part, text)
+                if sub is None:
+                    return None
+                items.append(sub)
+        return [0, line, col, items]
+    if isinstance(node, yaml.SequenceNode):
+        out = [_skeleton(item, text) for item in node.value]
+        return None if any(s is None for s in out) else [1, line, col, out]
+    value = _constructor.construct_object(node)
+    a, b = node.start_mark.index, node.end_mark.index
+    span = text[a:b]
+    if isinstance(value, _NULL_OR_BOOL):
+        return [2, line, col, value]
+    if type(value) is str:
+        if not node.style and span == value:
+            return [3, line, col, a, b]
+        if node.style in ("'", '"') and len(span) >= 2 and span[1:-1] == value:
+            return [4, line, col, a, b]
+    if type(value) is int and _scalar(5, span) == value:
+        return [5, line, col, a, b]
+    if type(value) is float and _scalar(6, span) == value:
+        return [6, line, col, a, b]
+    return [7, line, col, a, b]  # checked by the rebuild in load_document
+
+
+def _scalar(code: int, span: str) -> Any:
+    try:
+        if code == 3:
+            return span
+        if code == 4:
+            return span[1:-1]
+        if code == 5:
+            return int(span)
+        if code == 6:
+            return float(span)
+        return yaml.load(span, Loader=_Loader)  # noqa: S506 - the safe loader
+    except (ValueError, yaml.YAMLError):
+        return _NO_VALUE
+
+
+_NO_VALUE = object()
+
+
+class _BadSkeleton(Exception):
+    pass
+
+
+def _from_skeleton(skeleton: Any, text: str, display: str) -> Document | None:
+    """The Document a skeleton rebuilds from `text`, or None when it is not a valid skeleton."""
+    if not isinstance(skeleton, list):
+        return None
+    doc = Document(file=display, data=None, text=text)
+    try:
+        doc.data = _rebuild(skeleton, (), text, doc.positions)
+    except (_BadSkeleton, IndexError, TypeError, ValueError, RecursionError):
+        return None
+    return doc
+
+
+def _rebuild(node: list, path: tuple, text: str, positions: dict[tuple, tuple[int, int]]) -> Any:
+    code, line, col = node[0], node[1], node[2]
+    if type(line) is not int or type(col) is not int:
+        raise _BadSkeleton
+    positions[path] = (line, col)
+    if code == 0:
+        items, out = node[3], {}
+        for i in range(0, len(items), 2):
+            key_node = items[i]
+            key = _rebuild(key_node, path + ("<key>",), text, positions)
+            if type(key) is not str:
+                raise _BadSkeleton
+            out[key] = _rebuild(items[i + 1], path + (key,), text, positions)
+            positions[path + (key,)] = (key_node[1], key_node[2])  # the key's place, as `_build` keeps
+        positions.pop(path + ("<key>",), None)
+        return out
+    if code == 1:
+        return [_rebuild(item, path + (i,), text, positions) for i, item in enumerate(node[3])]
+    if code == 2:
+        if not isinstance(node[3], _NULL_OR_BOOL):
+            raise _BadSkeleton
+        return node[3]
+    if code not in (3, 4, 5, 6, 7) or type(node[3]) is not int or type(node[4]) is not int:
+        raise _BadSkeleton
+    value = _scalar(code, text[node[3]:node[4]])
+    if value is _NO_VALUE:
+        raise _BadSkeleton
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same types all the way down (1, 1.0 and True are all `==`)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b) or (a != a and b != b)  # NaN
 
 
 class _TooBig(Exception):
@@ -106,6 +258,11 @@ class _BuildState:
 
 
 def parse_document(text: str, display: str) -> Document:
+    return _parse(text, display)[0]
+
+
+def _parse(text: str, display: str) -> tuple[Document, yaml.Node | None]:
+    """The Document, and the node tree it was built from (None for an empty file)."""
     try:
         loader = _Loader(text)
         try:
@@ -133,7 +290,7 @@ def parse_document(text: str, display: str) -> Document:
         _constructor.constructed_objects.clear()
     if diags:
         raise ValidationError(diags)
-    return doc
+    return doc, node
 
 
 def _at(doc: Document, node: yaml.Node, path: tuple, summary: str, hint: str) -> Diagnostic:

@@ -299,3 +299,197 @@ def git_commit(root: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+# --- Refresh in bulk ------------------------------------------------------------------------
+#
+# Plan's refresh used to ask the registry once per resource (a `get_*` per prompt alias, model
+# version, run): thousands of round trips on a big project. These read what a whole kind needs
+# in one search (names and run ids go `IN (...)` filters, BULK_CHUNK at a time). They answer
+# only "known healthy"; a provider still asks about anything else one resource at a time, with
+# the exact checks and messages it always had, so drift is found exactly as before. None means
+# the store could not answer the search (then every resource is asked about singly).
+#
+# A local SQLite store (the embedded default) is read with the standard library instead, read
+# only: loading MLflow and its SQLAlchemy store costs over a second before the first query,
+# and its ORM another ~0.1 ms per entity, which made a refresh of a healthy project several
+# times slower than the plan itself. Only the columns MLflow's own lookups decide by are read
+# (alias -> version, a version's stage, a run's lifecycle stage), under the same rules (see
+# `_sqlite_*`); a database whose tables lack them, or MLflow workspaces in use, goes through
+# MLflow. `connect` is the MlflowClient, or a function making it (so the fast path never does).
+
+BULK_CHUNK = 500
+PROMPT_TAG = "mlflow.prompt.is_prompt"
+_DELETED_VERSION = "Deleted_Internal"  # mlflow.entities.model_registry.model_version_stages
+SQLITE_BULK = True  # tests turn it off to drive the MlflowClient path
+
+
+def _chunks(values: list[str]) -> list[list[str]]:
+    values = sorted(set(values))
+    return [values[i:i + BULK_CHUNK] for i in range(0, len(values), BULK_CHUNK)]
+
+
+def _in_list(values: list[str]) -> str:
+    return "(" + ", ".join(filter_value(v) for v in values) + ")"
+
+
+def _paged(search: Any, **kwargs: Any) -> list[Any]:
+    out: list[Any] = []
+    token = None
+    while True:
+        page = search(page_token=token, **kwargs)
+        out.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
+def _client_of(connect: Any) -> Any:
+    return connect() if callable(connect) and not hasattr(connect, "search_registered_models") else connect
+
+
+def _aliases(model: Any) -> dict[str, str]:
+    raw = getattr(model, "aliases", None) or {}
+    if isinstance(raw, dict):
+        return {str(k): str(v) for k, v in raw.items()}
+    return {str(a.alias): str(a.version) for a in raw}  # a list of RegisteredModelAlias
+
+
+def bulk_aliases(connect: Any, names: list[str], prompts: bool = False,
+                 uri: str | None = None) -> dict[str, dict[str, str]] | None:
+    """{registered model (or prompt) name: {alias: version}} for those of `names` that exist.
+    `uri`: the registry's URI (a local SQLite one is read directly)."""
+    if not names:
+        return {}
+    fast = _sqlite_aliases(uri, names, prompts) if uri else None
+    if fast is not None:
+        return fast
+    out: dict[str, dict[str, str]] = {}
+    try:
+        mlflow_client = _client_of(connect)
+        for chunk in _chunks(names):
+            where = f"name IN {_in_list(chunk)}"
+            if prompts:  # naming the prompt tag stops MLflow from leaving prompts out
+                where += f" AND tags.`{PROMPT_TAG}` = 'true'"
+            for model in _paged(mlflow_client.search_registered_models, filter_string=where, max_results=1000):
+                out[str(model.name)] = _aliases(model)
+    except Exception:  # noqa: BLE001 - a store without IN filters, or a dead one: ask singly
+        return None
+    return out
+
+
+def bulk_model_versions(connect: Any, names: list[str], uri: str | None = None) -> set[tuple[str, str]] | None:
+    """{(registered model name, version)} of every version of `names` in the registry."""
+    if not names:
+        return set()
+    fast = _sqlite_versions(uri, names) if uri else None
+    if fast is not None:
+        return fast
+    out: set[tuple[str, str]] = set()
+    try:
+        mlflow_client = _client_of(connect)
+        for chunk in _chunks(names):
+            for mv in _paged(mlflow_client.search_model_versions, filter_string=f"name IN {_in_list(chunk)}",
+                             max_results=10_000):
+                out.add((str(mv.name), str(mv.version)))
+    except Exception:  # noqa: BLE001 - as in bulk_aliases
+        return None
+    return out
+
+
+def bulk_runs(connect: Any, run_ids: list[str], uri: str | None = None) -> dict[str, str] | None:
+    """{run id: lifecycle stage} of those of `run_ids` in the tracking store (deleted ones too)."""
+    if not run_ids:
+        return {}
+    fast = _sqlite_runs(uri, run_ids) if uri else None
+    if fast is not None:
+        return fast
+    out: dict[str, str] = {}
+    try:
+        from mlflow.entities import ViewType
+
+        mlflow_client = _client_of(connect)
+        experiments = [e.experiment_id for e in _paged(mlflow_client.search_experiments,
+                                                        view_type=ViewType.ALL, max_results=1000)]
+        if not experiments:
+            return out
+        for chunk in _chunks(run_ids):
+            for run in _paged(mlflow_client.search_runs, experiment_ids=experiments,
+                              filter_string=f"attributes.run_id IN {_in_list(chunk)}",
+                              run_view_type=ViewType.ALL, max_results=BULK_CHUNK):
+                out[str(run.info.run_id)] = str(run.info.lifecycle_stage)
+    except Exception:  # noqa: BLE001 - as in bulk_aliases
+        return None
+    return out
+
+
+def _sqlite_rows(uri: str, tables: dict[str, set[str]], query: str, values: list[str]) -> list[tuple] | None:
+    """Rows of `query` (its `{in}` is a `?` list) over `values` BULK_CHUNK at a time, on the
+    SQLite database of `uri` opened read only; None when that is not a local SQLite store
+    holding `tables` with these columns, MLflow workspaces are on, or the query fails."""
+    import sqlite3
+    from contextlib import closing
+    from urllib.parse import quote
+
+    if not SQLITE_BULK or not uri.startswith("sqlite:////"):
+        return None
+    if os.environ.get("MLFLOW_WORKSPACE") or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not Path(path).is_file():
+        return None  # MLflow would create it; then nothing is in it
+    try:
+        with closing(sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=10)) as db:
+            for table, columns in tables.items():
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if not columns <= have or ("workspace" in have) != ("workspace" in columns):
+                    return None
+            rows: list[tuple] = []
+            for chunk in _chunks(values):
+                sql = query.format(**{"in": ", ".join("?" * len(chunk))})
+                rows.extend(db.execute(sql, chunk).fetchall())
+        return rows
+    except sqlite3.Error:
+        return None
+
+
+_WS = "workspace"  # MLflow 3.x registry tables carry one; only its 'default' is read here
+
+
+def _sqlite_aliases(uri: str, names: list[str], prompts: bool) -> dict[str, dict[str, str]] | None:
+    """As `bulk_aliases`: an alias counts when it points at a version that is not deleted, and
+    the model is a prompt (`prompts`) or not one, as MLflow's search tells them apart."""
+    is_prompt = ("EXISTS (SELECT 1 FROM registered_model_tags t WHERE t.workspace = 'default' AND t.name = m.name "
+                 f"AND t.key = '{PROMPT_TAG}' AND t.value = 'true')")
+    rows = _sqlite_rows(uri, {"registered_models": {"name", _WS}, "registered_model_aliases": {"name", "alias",
+                              "version", _WS}, "model_versions": {"name", "version", "current_stage", _WS},
+                              "registered_model_tags": {"name", "key", "value", _WS}},
+                        "SELECT m.name, a.alias, a.version FROM registered_models m "
+                        "LEFT JOIN registered_model_aliases a ON a.workspace = m.workspace AND a.name = m.name "
+                        "AND EXISTS (SELECT 1 FROM model_versions v WHERE v.workspace = a.workspace "
+                        f"AND v.name = a.name AND v.version = a.version AND COALESCE(v.current_stage, '') != '{_DELETED_VERSION}') "
+                        "WHERE m.workspace = 'default' AND m.name IN ({in}) AND " + ("" if prompts else "NOT ")
+                        + is_prompt, names)
+    return None if rows is None else _grouped(rows)
+
+
+def _grouped(rows: list[tuple]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, alias, version in rows:
+        entry = out.setdefault(str(name), {})
+        if alias is not None:
+            entry[str(alias)] = str(version)
+    return out
+
+
+def _sqlite_versions(uri: str, names: list[str]) -> set[tuple[str, str]] | None:
+    rows = _sqlite_rows(uri, {"model_versions": {"name", "version", "current_stage", _WS}},
+                        "SELECT name, version FROM model_versions WHERE workspace = 'default' AND name IN ({in}) "
+                        f"AND COALESCE(current_stage, '') != '{_DELETED_VERSION}'", names)
+    return None if rows is None else {(str(n), str(v)) for n, v in rows}
+
+
+def _sqlite_runs(uri: str, run_ids: list[str]) -> dict[str, str] | None:
+    rows = _sqlite_rows(uri, {"runs": {"run_uuid", "lifecycle_stage"}},
+                        "SELECT run_uuid, lifecycle_stage FROM runs WHERE run_uuid IN ({in})", run_ids)
+    return None if rows is None else {str(r): str(stage) for r, stage in rows}

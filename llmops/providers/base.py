@@ -116,14 +116,14 @@ class Provider(ABC):
       in_place_fields: top-level spec keys whose change alone is an `update` rather than
         a `replace` (e.g. an eval's `thresholds`, a deployment's `alias`).
       upstream_change: the action planned when only an upstream changed.
-      heavy_modules: imported by `warm_up`, in apply's one warm-up thread, before this kind's changes start.
+      heavy_modules: imported by `warm_up` in the main thread before apply's threads start.
     """
 
     kind: ClassVar[str]
     in_place_fields: ClassVar[frozenset[str]] = frozenset()
     upstream_change: ClassVar[str] = "replace"
-    # Libraries one thread (apply's warm-up) imports before this kind's changes start:
-    # concurrent first imports of torch/transformers/mlflow from several threads are not safe.
+    # Libraries apply imports in the main thread before it starts worker threads: concurrent
+    # first imports of torch/transformers/mlflow from several threads are not safe.
     heavy_modules: ClassVar[tuple[str, ...]] = ()
     uses_tracking: ClassVar[bool] = False  # opens the MLflow store: checked once before apply
 
@@ -157,6 +157,41 @@ class Provider(ABC):
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         """Read live state; return how it differs from the lock (empty: in sync)."""
         return []
+
+    def begin_refresh(self, entries: list[tuple[str, dict[str, Any], LockedResource]]) -> None:
+        """Once per plan with refresh, after `check_live` and before any `refresh`: (name, spec,
+        lock entry) of every resource of this kind the lock holds. What `refresh` needs from a
+        store is then read for all of them at once, on first use (`bulk`), not once per resource.
+        The base keeps them in `refreshing`; a provider may also start work here (probes) and
+        keep what it found in `_bulk_values`."""
+        self.refreshing = list(entries)
+        self._bulk_values = {}
+
+    # What begin_refresh was given; `_bulk_values` is None outside a plan's refresh, so a
+    # refresh called on its own never answers from a bulk read of an earlier plan.
+    refreshing: list[tuple[str, dict[str, Any], LockedResource]] = []
+    _bulk_values: dict[Any, Any] | None = None
+
+    def bulk(self, key: Any, fetch: Callable[[], Any]) -> Any:
+        """`fetch()` once per plan's refresh (per `key`): live state read in bulk for every
+        resource in `refreshing`. Outside a refresh, `fetch()` every time (nothing is kept).
+
+        The contract of a bulk read: it may only show a resource *in sync*. Whatever it does
+        not show as in sync, or a None (the store could not answer the bulk query), `refresh`
+        asks about one resource at a time with its exact checks and messages, so the drift
+        found, and its wording, is the same as without bulk reads."""
+        values = self._bulk_values
+        if values is None:
+            return fetch()
+        if key not in values:
+            values[key] = fetch()
+        return values[key]
+
+    def plan_done(self) -> None:
+        """Once at the end of every plan: keep what the provider cached (see `llmops.digestcache`)
+        and forget what it read in bulk for this plan (the next plan reads live state again)."""
+        self.refreshing = []
+        self._bulk_values = None
 
     def alerts(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[str]:
         """Open alerts about the live resource (e.g. monitoring drift), shown by plan with refresh."""

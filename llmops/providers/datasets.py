@@ -230,21 +230,32 @@ def ensure_dvc_repo(root: Path, log: Callable[[str], None]) -> None:
 
 def read_dvc_lock_stage(root: Path, stage: str) -> dict[str, Any]:
     """The stage's entry in dvc.lock: {"deps": {path: md5}, "outs": {path: md5}}."""
+    path = root / "dvc.lock"
+    stages = read_dvc_lock(root)
+    if stages is None:
+        raise ProviderError(f"{path}: missing after `dvc repro`; run `llmops apply` again.")
+    if stage not in stages:
+        raise ProviderError(f"{path}: no entry for stage {stage!r}; run `llmops apply` again.")
+    return stages[stage]
+
+
+def read_dvc_lock(root: Path) -> dict[str, dict[str, Any]] | None:
+    """Every stage entry of dvc.lock, as `read_dvc_lock_stage` gives one; None without dvc.lock.
+    (Plan's refresh reads it once, not once per dataset: it grows with the project.)"""
     import yaml
 
     path = root / "dvc.lock"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError:
-        raise ProviderError(f"{path}: missing after `dvc repro`; run `llmops apply` again.") from None
-    entry = (data.get("stages") or {}).get(stage)
-    if not isinstance(entry, dict):
-        raise ProviderError(f"{path}: no entry for stage {stage!r}; run `llmops apply` again.")
+        return None
+    stages = (data or {}).get("stages") or {}
 
-    def table(key: str) -> dict[str, str]:
+    def table(entry: dict[str, Any], key: str) -> dict[str, str]:
         return {str(i["path"]): str(i.get("md5", "")) for i in entry.get(key) or [] if isinstance(i, dict)}
 
-    return {"deps": table("deps"), "outs": table("outs")}
+    return {str(name): {"deps": table(entry, "deps"), "outs": table(entry, "outs")}
+            for name, entry in stages.items() if isinstance(entry, dict)}
 
 
 def _dvc_config(root: Path) -> configparser.ConfigParser:
@@ -307,10 +318,13 @@ def default_remote(root: Path) -> Remote | None:
     return Remote(name, redact_url(url), redact_url(endpoint) if endpoint else None)
 
 
-def dvc_store_holding(root: Path, stage: str, md5s: list[str]) -> str | None:
+def dvc_store_holding(root: Path, stage: str, md5s: list[str],
+                      statuses: Callable[[], dict[str, dict[str, str]]] | None = None) -> str | None:
     """Which DVC store holds every one of these output md5s: "the DVC cache", "the DVC remote
     URL", or None. The local cache is looked up on disk; a remote through `dvc status --cloud`
     (only asked when the cache lacks something, so a plan of a healthy project never calls DVC).
+    `statuses` gives {stage: remote status} read for many stages in one `dvc status` (plan's
+    refresh); without it, or when it lacks `stage`, this stage is asked about alone.
     Raises ProviderError when the remote does not answer: an unreachable store is not drift."""
     if not md5s or not all(md5s):
         return None
@@ -319,11 +333,25 @@ def dvc_store_holding(root: Path, stage: str, md5s: list[str]) -> str | None:
     remote = default_remote(root)
     if remote is None or not (root / "dvc.lock").is_file():
         return None
-    with _DVC_LOCK:
-        status = remote_status(root, stage, remote, lambda line: None)
+    status = (statuses() if statuses else {}).get(stage)
+    if status is None:
+        with _DVC_LOCK:
+            status = remote_status(root, stage, remote, lambda line: None)
     if any(v == "missing" for v in status.values()):
         return None
     return f"the DVC remote {remote}"
+
+
+def remote_statuses(root: Path, outs: dict[str, list[str]]) -> dict[str, dict[str, str]]:
+    """{stage: its `remote_status`} for the stages of `outs` ({stage: its output paths}) in one
+    `dvc status --cloud` run; {} without a remote or dvc.lock, or for no stages."""
+    remote = default_remote(root)
+    if not outs or remote is None or not (root / "dvc.lock").is_file():
+        return {}
+    with _DVC_LOCK:
+        status = remote_status(root, sorted(outs), remote, lambda line: None)
+    return {stage: {k: v for k, v in status.items() if any(k == p or k.startswith(p.rstrip("/") + "/") for p in paths)}
+            for stage, paths in outs.items()}
 
 
 # --- DVC remotes answer within a deadline -------------------------------------------------
@@ -378,10 +406,11 @@ def _remote_command(root: Path, args: list[str], remote: Remote, log: Callable[[
     return proc
 
 
-def remote_status(root: Path, stage: str, remote: Remote, log: Callable[[str], None]) -> dict[str, str]:
-    """`dvc status --cloud --json STAGE`: {output path: "new" (cache only), "deleted" (remote
+def remote_status(root: Path, stage: str | list[str], remote: Remote, log: Callable[[str], None]) -> dict[str, str]:
+    """`dvc status --cloud --json STAGE...`: {output path: "new" (cache only), "deleted" (remote
     only), "missing" (neither), ...}; up-to-date outputs are left out. Caller holds _DVC_LOCK."""
-    proc = _remote_command(root, ["status", "--cloud", "--json", stage], remote, log,
+    stages = [stage] if isinstance(stage, str) else list(stage)
+    proc = _remote_command(root, ["status", "--cloud", "--json", *stages], remote, log,
                            _seconds(REMOTE_TIMEOUT_ENV, REMOTE_TIMEOUT), REMOTE_TIMEOUT_ENV)
     lines = proc.stdout.strip().splitlines()
     try:
@@ -642,12 +671,30 @@ class DatasetsProvider(Provider):
 
     def _outs(self, name: str, locked: LockedResource) -> dict[str, str]:
         """{path: md5} of every output of the stage: dvc.lock's (the report and profile too),
-        with the splits as llmops.lock pins them."""
-        try:
-            outs = read_dvc_lock_stage(self.ctx.root, stage_name(name))["outs"]
-        except ProviderError:  # no dvc.lock entry: only what llmops.lock pins can be checked
-            outs = {}
-        return {**outs, **self._pinned(locked)}
+        with the splits as llmops.lock pins them. dvc.lock is read once per plan's refresh."""
+        stages = self.bulk("dvc.lock", lambda: read_dvc_lock(self.ctx.root)) or {}
+        entry = stages.get(stage_name(name))  # none: only what llmops.lock pins can be checked
+        return {**(entry["outs"] if entry else {}), **self._pinned(locked)}
+
+    def _lost(self, name: str, locked: LockedResource) -> tuple[dict[str, str], list[str], list[str]]:
+        """(every output, those missing here, pinned ones whose md5 differs from the lock)."""
+        pinned = self._pinned(locked)
+        outs = self._outs(name, locked)
+        missing = self._absent(outs)
+        changed = [p for p, md5 in pinned.items() if p not in missing and file_md5(self.ctx.root / p) != md5]
+        return outs, missing, changed
+
+    def _remote_statuses(self) -> dict[str, dict[str, str]]:
+        """The remote's status of every stage of this refresh that needs it (outputs lost here
+        that the DVC cache lacks too): one `dvc status --cloud` for the project, not one per stage."""
+        cache = cache_dir(self.ctx.root)
+        need: dict[str, list[str]] = {}
+        for name, _, locked in self.refreshing:
+            outs, missing, changed = self._lost(name, locked)
+            md5s = [outs[p] for p in missing + changed]
+            if md5s and all(md5s) and not all(in_cache(cache, m) for m in md5s):
+                need[stage_name(name)] = list(outs)
+        return remote_statuses(self.ctx.root, need)
 
     def _missing_or_changed(self, locked: LockedResource) -> list[str]:
         """Locked split outputs that are missing here or whose md5 differs from the lock."""
@@ -658,20 +705,18 @@ class DatasetsProvider(Provider):
         return [p for p in outs if not (self.ctx.root / p).exists()]
 
     def _uncached(self, outs: dict[str, str]) -> list[str]:
-        cache = cache_dir(self.ctx.root)
+        cache = self.bulk("cache-dir", lambda: cache_dir(self.ctx.root))  # the DVC config, read once per refresh
         return [p for p, md5 in outs.items() if not in_cache(cache, md5)]
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         root = self.ctx.root
-        pinned = self._pinned(locked)
-        outs = self._outs(name, locked)
-        missing = self._absent(outs)
-        changed = [p for p, md5 in pinned.items() if p not in missing and file_md5(root / p) != md5]
+        outs, missing, changed = self._lost(name, locked)
         if missing or changed:
             what = "; ".join(
                 part for part in (f"outputs missing: {', '.join(missing)}" if missing else "",
                                   f"outputs changed on disk: {', '.join(changed)}" if changed else "") if part)
-            store = dvc_store_holding(root, stage_name(name), [outs[p] for p in missing + changed])
+            store = dvc_store_holding(root, stage_name(name), [outs[p] for p in missing + changed],
+                                      lambda: self.bulk("remote-status", self._remote_statuses))
             if store:
                 return [Drift(f"{what}; {store} holds the locked content: will be checked out, not rebuilt", "restore")]
             return [Drift(f"{what}; neither the DVC cache nor a remote holds the locked content: will be rebuilt")]

@@ -193,9 +193,20 @@ class EvalsProvider(Provider):
         run_id = locked.outputs.get("run_id")
         if not run_id:
             return []
+        runs = self.bulk("runs", self._bulk_runs)
+        if runs is not None and runs.get(str(run_id)) == "active":
+            return []  # in sync; anything else is asked about singly, as before
         lost = lost_run(client(self.ctx.root, self.ctx.settings), str(run_id),
                         tracking_uri(self.ctx.root, self.ctx.settings))
         return [Drift(f"eval {lost}: it will be run again")] if lost else []
+
+    def _bulk_runs(self) -> dict[str, str] | None:
+        """{run id: lifecycle stage} of every eval run the lock holds: one tracking-store search."""
+        from llmops.tracking import bulk_runs, client, tracking_uri
+
+        ids = [str(locked.outputs["run_id"]) for _, _, locked in self.refreshing if locked.outputs.get("run_id")]
+        return bulk_runs(lambda: client(self.ctx.root, self.ctx.settings), ids,
+                         uri=tracking_uri(self.ctx.root, self.ctx.settings))
 
     # -- shared results -------------------------------------------------------------------
     def find_existing(self, name: str, spec: dict[str, Any], fingerprint: str) -> Found | None:

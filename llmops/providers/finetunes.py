@@ -80,6 +80,8 @@ class FinetunesProvider(Provider):
 
     def _lost(self, out: dict[str, Any]) -> str | None:
         """Why the lock's MLflow run or registered version is gone from its store, or None."""
+        if self._live_ok(out):
+            return None
         c = tracking.client(self.ctx.root, self.ctx.settings)
         if out.get("run_id"):
             lost = tracking.lost_run(c, str(out["run_id"]), tracking.tracking_uri(self.ctx.root, self.ctx.settings))
@@ -89,6 +91,33 @@ class FinetunesProvider(Provider):
             return tracking.lost_model_version(c, str(out["model_name"]), str(out["model_version"]),
                                                tracking.registry_uri(self.ctx.root, self.ctx.settings))
         return None
+
+    def _live_ok(self, out: dict[str, Any]) -> bool:
+        """Whether the bulk reads of this plan (one search for the runs, one for the registered
+        versions of every fine-tune the lock holds) show the run and the version are there."""
+        def outs() -> list[dict[str, Any]]:
+            return [locked.outputs or {} for _, _, locked in self.refreshing]
+
+        def connect() -> Any:
+            return tracking.client(self.ctx.root, self.ctx.settings)
+
+        def runs() -> dict[str, str] | None:
+            return tracking.bulk_runs(connect, [str(o["run_id"]) for o in outs() if o.get("run_id")],
+                                      uri=tracking.tracking_uri(self.ctx.root, self.ctx.settings))
+
+        def versions() -> set[tuple[str, str]] | None:
+            return tracking.bulk_model_versions(connect, [str(o["model_name"]) for o in outs() if o.get("model_name")],
+                                                uri=tracking.registry_uri(self.ctx.root, self.ctx.settings))
+
+        if out.get("run_id"):
+            live = self.bulk("runs", runs)
+            if live is None or live.get(str(out["run_id"])) != "active":
+                return False
+        if out.get("model_name") and out.get("model_version"):
+            held = self.bulk("versions", versions)
+            if held is None or (str(out["model_name"]), str(out["model_version"])) not in held:
+                return False
+        return True
 
     def _run_holds_model(self, run_id: str) -> str | None:
         """"MLflow run R at URI" when the tracking store has run R with its `model` artifact."""

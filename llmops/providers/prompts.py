@@ -23,13 +23,41 @@ class PromptsProvider(Provider):
     uses_tracking = True
 
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
-        from llmops.prompts import PromptError, prompt_files
+        """The template files the prompt reads (its own and static includes). Compiling every
+        template on every plan dominated plan time at scale, so the list is cached by the
+        digest of the spec and kept while the sha256 of every file the compile asked for
+        (found or not) is unchanged (see `llmops.digestcache`)."""
+        import json
 
+        from llmops.digestcache import DigestCache, digest
+        from llmops.prompts import PromptError, load_prompt, template_stamp
+
+        if self._files_cache is None:
+            self._files_cache = DigestCache(self.ctx.state_dir / "cache" / "prompt-files.json")
+        key = digest("prompt-files", json.dumps(spec, sort_keys=True, default=repr))
+        hit = self._files_cache.get(key)
+        if (isinstance(hit, dict) and isinstance(hit.get("deps"), dict) and isinstance(hit.get("files"), list)
+                and all(isinstance(f, str) for f in hit["files"])
+                and all(template_stamp(self.ctx.root, rel) == stamp for rel, stamp in hit["deps"].items())):
+            return list(hit["files"])
+        reads: set[str] = set()
         try:
-            return prompt_files(spec, self.ctx.root)
+            files = load_prompt(spec, self.ctx.root, reads=reads).files()
         except PromptError:
+            self._files_cache.discard(key)
             rel = spec.get("template")
             return [rel] if isinstance(rel, str) else []
+        self._files_cache.put(key, {"files": files,
+                                    "deps": {rel: template_stamp(self.ctx.root, rel) for rel in sorted(reads)}})
+        return files
+
+    _files_cache: Any = None
+
+    def plan_done(self) -> None:
+        super().plan_done()
+        if self._files_cache is not None:
+            self._files_cache.save()
+            self._files_cache = None
 
     def _alias(self) -> str:
         """`LLMOPS_PROMPT_ALIAS` (a pull request's CI job sets `pr-N`, so a candidate never moves
@@ -106,9 +134,12 @@ class PromptsProvider(Provider):
         out = locked.outputs
         if "version" not in out:
             return [Drift("no registered prompt version recorded", "replace")]
+        alias = out.get("alias", self._alias())
+        live = self.bulk("aliases", self._bulk_aliases)
+        if live is not None and live.get(name, {}).get(str(alias)) == str(out["version"]):
+            return []  # in sync; anything else is asked about singly, as before
         client = self._client()
         uri = registry_uri(self.ctx.root, self.ctx.settings)
-        alias = out.get("alias", self._alias())
         try:
             pv = client.get_prompt_version_by_alias(name, alias)
         except Exception as exc:  # noqa: BLE001 - MlflowException, or a transport error of a dead server
@@ -122,6 +153,13 @@ class PromptsProvider(Provider):
         if int(pv.version) != int(out["version"]):
             return [Drift(f"prompt alias {alias} -> v{pv.version}, lock says v{out['version']}", "update")]
         return []
+
+    def _bulk_aliases(self) -> dict[str, dict[str, str]] | None:
+        """{prompt: {alias: version}} of every prompt the lock holds: one registry search."""
+        from llmops.tracking import bulk_aliases, registry_uri
+
+        names = [name for name, _, locked in self.refreshing if "version" in locked.outputs]
+        return bulk_aliases(self._client, names, prompts=True, uri=registry_uri(self.ctx.root, self.ctx.settings))
 
     def _version_gone(self, client, name: str, version: int) -> bool:
         from llmops.tracking import not_found
