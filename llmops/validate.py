@@ -58,7 +58,7 @@ class Config:
 
 def load_config(root: Path, target: str | None = None, config_name: str = CONFIG_NAME) -> Config:
     """Parse, overlay the target, and validate; raise ValidationError with every problem."""
-    doc = load_document(root / config_name, display=config_name)
+    doc = load_document(root / config_name, display=config_name, cache_dir=_cache_dir(root))
     doc = apply_target(doc, target)
     cache = _CheckCache(root)
     key = cache.key("schema", doc.text, str(target), _schema_stamp())
@@ -239,14 +239,15 @@ def _check_other_targets(doc: Document, selected: str | None) -> list[Diagnostic
     return out
 
 
-def _inside_project(root: Path, rel: str) -> str | None:
+def _inside_project(root: Path, rel: str, base: Path | None = None) -> str | None:
     """Why `rel` may not be used as a project file (None: it may): absolute, or resolving
-    (symlinks included) outside the project folder."""
+    (symlinks included) outside the project folder. `base`: `root.resolve()`, when the
+    caller checks many files."""
     if Path(rel).is_absolute() or rel.startswith("~"):
         return "is absolute; paths are relative to the project folder"
     try:
         real = (root / rel).resolve()
-        base = root.resolve()
+        base = base or root.resolve()
     except (OSError, RuntimeError):
         return "cannot be resolved (a symlink loop?)"
     if not real.is_relative_to(base):
@@ -260,6 +261,10 @@ def _inside_project(root: Path, rel: str) -> str | None:
 
 def _check_files(config: Config) -> list[Diagnostic]:
     diags = []
+    try:
+        base = config.root.resolve()
+    except (OSError, RuntimeError):
+        base = None
     for r in config.resources.values():
         field_kind = _FILE_FIELDS.get(r.kind)
         if not field_kind:
@@ -270,15 +275,16 @@ def _check_files(config: Config) -> list[Diagnostic]:
             places += [((r.kind, r.name, "sources", i), rel) for i, rel in enumerate(r.spec["sources"])]
         for where, rel in places:
             if isinstance(rel, str):
-                diags += _check_file(config, r.kind, where, rel, what)
+                diags += _check_file(config, r.kind, where, rel, what, base)
     return diags
 
 
-def _check_file(config: Config, kind: str, where: tuple, rel: str, what: str) -> list[Diagnostic]:
+def _check_file(config: Config, kind: str, where: tuple, rel: str, what: str,
+                base: Path | None = None) -> list[Diagnostic]:
     from llmops.prompts import PromptError, template_path
 
     shown = rel if len(rel) <= 120 else rel[:117] + "..."
-    problem = _inside_project(config.root, rel)
+    problem = _inside_project(config.root, rel, base)
     if problem:
         return [config.doc.diagnostic(where, f"{what} {shown} {problem}",
                                       "name a file inside the project, not a link to one outside")]
@@ -322,7 +328,12 @@ def _check_combinations(config: Config) -> list[Diagnostic]:
                     f"serve.host {host} opens the model to the network without authentication",
                     "set serve.auth_token_env to the variable holding a bearer token, or serve on 127.0.0.1"))
             runner = serve.get("runner") or config.settings.get("runner")
-            if runner == "docker" and not serve.get("image"):
+            if serve.get("engine") == "vllm":  # its image has a default; it always runs on Docker
+                from llmops.serve.vllm import serve_problems
+
+                diags += [config.doc.diagnostic((r.kind, r.name, "serve", *where), summary, hint)
+                          for where, summary, hint in serve_problems(serve)]
+            elif runner == "docker" and not serve.get("image"):
                 diags.append(config.doc.diagnostic(
                     (r.kind, r.name, "serve"), "serving with runner docker needs serve.image",
                     "build one with `docker build -f templates/Dockerfile.serve -t IMAGE .` and name it here"))
@@ -522,6 +533,13 @@ class _CheckCache:
             atomic_write_text(self.path, json.dumps(self.new, sort_keys=True))
         except OSError:
             pass
+
+
+def _cache_dir(root: Path) -> Path | None:
+    """`.llmops/cache` of the project when it may be written (an existing state folder, or a
+    project folder we can create it in); None: no caching."""
+    state = root / ".llmops"
+    return state / "cache" if state.is_dir() or os.access(root, os.W_OK) else None
 
 
 def _cache_secret() -> bytes | None:

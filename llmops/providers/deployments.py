@@ -22,10 +22,17 @@ from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider, Pr
 
 if TYPE_CHECKING:
     from llmops.runners.docker import DockerRunner
+    from llmops.serve.vllm import VllmContainer
 
 
 def _serve_state(ctx: ProviderContext, name: str) -> Path:
     return ctx.state_dir / "serve" / f"{name}.json"
+
+
+def _vllm_state(ctx: ProviderContext, name: str) -> Path:
+    """The vLLM container behind deployment NAME's proxy (`serve.engine: vllm`); the proxy's
+    own state is `_serve_state`, as a built-in server's is."""
+    return ctx.state_dir / "serve" / f"{name}.vllm.json"
 
 
 def live_endpoint(ctx: ProviderContext, name: str) -> str | None:
@@ -48,6 +55,9 @@ def _endpoint_drift(ctx: ProviderContext, name: str, endpoint: str) -> Drift | N
     if status.running and not status.instance:  # started by an llmops that recorded no token
         return Drift(f"endpoint {endpoint} is served by a server started without an instance token; "
                      "apply restarts it", "update")
+    # Our proxy (`serve.engine: vllm`) answers 503 while the container behind it is down.
+    if status.running and _vllm_state(ctx, name).exists() and not server_status(_vllm_state(ctx, name)).running:
+        return Drift(f"endpoint {endpoint}: the vLLM container behind it is not running; apply restarts it", "update")
     other = other_server_at(endpoint, status.instance)
     if other:
         return Drift(f"endpoint {endpoint} is answered by {other}, not by the server llmops started", "update")
@@ -192,7 +202,10 @@ class DeploymentsProvider(Provider):
 
         if not current.get("adapter") or not current.get("base_model"):
             raise ProviderError("the model's lock entry has no base model/adapter path to serve.")
-        runner = self._docker_runner(name, spec)  # checked before the running server is stopped
+        vllm = serve.get("engine") == "vllm"
+        # checked before the running server is stopped
+        runner = self._vllm_runner(name, spec) if vllm else self._docker_runner(name, spec)
+        container = self._vllm_container(name, serve, model_name, current) if vllm else None
         monitor = serving_monitor(self.ctx, name)
         port = int(serve.get("port", 0))
         if not port:
@@ -207,6 +220,9 @@ class DeploymentsProvider(Provider):
             log_text=bool(monitor and monitor.log_text),
             served_file=self._served_file(name, spec, model_name, current),
         )
+        if container is not None:
+            assert runner is not None
+            return self._serve_vllm(name, serve, runner, container, current, common)
         if runner is not None:
             return self._serve_container(name, serve, runner, current, common)
         root = self.ctx.root
@@ -313,31 +329,139 @@ class DeploymentsProvider(Provider):
         wait_container_healthy(server, runner, timeout=float(serve.get("startup_timeout", 180)))
         return {"endpoint": server.url, "served_model": common["model_name"], "image_digest": server.image_digest}
 
+    def _vllm_runner(self, name: str, spec: dict[str, Any]) -> DockerRunner:
+        """The Docker runner `serve.engine: vllm` always runs on, once the vLLM image is on the
+        engine (pulled: llmops never pulls it), so a missing image leaves the running server alone."""
+        from llmops.runners.select import get_runner
+        from llmops.serve.vllm import DEFAULT_IMAGE
+
+        serve = spec["serve"]
+        if serve.get("runner") == "local":
+            raise ProviderError(f"llmops.yaml: deployments.{name}.serve.runner is local, but serve.engine: vllm "
+                                "runs in a container; drop serve.runner (vLLM always uses the Docker runner).")
+        runner = cast("DockerRunner", get_runner(self.ctx.settings, {"serve": {**serve, "runner": "docker"}},
+                                                 self.ctx.root))
+        runner.image_digest(str(serve.get("image") or DEFAULT_IMAGE), "")  # missing: says `docker pull IMAGE`
+        return runner
+
+    def _vllm_container(self, name: str, serve: dict[str, Any], model_name: str,
+                        current: dict[str, Any]) -> VllmContainer:
+        """vLLM's container for `current`'s adapter, with a fresh random key (only the proxy
+        gets it): built before the running server is stopped, so a bad setting leaves it alone."""
+        import secrets
+
+        from llmops.serve.vllm import check_extra_args, vllm_container
+
+        root = self.ctx.root.resolve()
+        return vllm_container(model_name=model_name, base_model=root / current["base_model"],
+                              adapter=root / current["adapter"], gpus=int(serve.get("gpus", 0)),
+                              api_key=secrets.token_urlsafe(24), image=serve.get("image"),
+                              extra_args=check_extra_args(serve.get("vllm_args"), f"deployments.{name}.serve"))
+
+    def _serve_vllm(self, name: str, serve: dict[str, Any], runner: DockerRunner, spec: VllmContainer,
+                    current: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+        """Start vLLM's container (base model and adapter mounted read-only, `serve.gpus` GPUs,
+        published on 127.0.0.1 only, a random key only the proxy holds), wait for its /health,
+        then start the logging proxy (`llmops.serve.proxy`) on `serve.host:serve.port` in front
+        of it. Either failing stops both: nothing is left half-started."""
+        import time
+
+        from llmops.runners.docker import ServiceSpec
+        from llmops.serve.process import _write_json, free_port, start_server, stop_server, wait_healthy
+        from llmops.serve.proxy import UPSTREAM_KEY_ENV
+        from llmops.serve.vllm import API_KEY_ENV, wait_vllm_healthy
+
+        root = self.ctx.root.resolve()
+        key = spec.env[API_KEY_ENV]
+        timeout = float(serve.get("startup_timeout", 180))
+        port = free_port()
+        service = ServiceSpec(name=f"vllm-{name}", image=spec.image, command=spec.command, port=port,
+                              container_port=spec.container_port, entrypoint=spec.entrypoint, mounts=spec.mounts,
+                              env=spec.env, gpus=spec.gpus, healthcheck=spec.healthcheck, health_start_s=timeout,
+                              shm_size=spec.shm_size)
+        container, digest = runner.run_service(service)
+        state_dir = self.ctx.state_dir / "serve"
+        upstream = f"http://127.0.0.1:{port}"
+        state_file = _vllm_state(self.ctx, name)
+        _write_json(state_file, {"container": container, "url": upstream, "port": port, "host": "127.0.0.1",
+                                 "image": spec.image, "image_digest": digest, "model_name": common["model_name"],
+                                 "log_path": str(state_dir / f"{name}.vllm.log"), "instance": None,
+                                 "docker_host": runner.docker_host or os.environ.get("DOCKER_HOST") or None,
+                                 "engine": "vllm", "gpus": spec.gpus, "command": [*spec.entrypoint, *spec.command],
+                                 "started_at": time.time()})
+        try:
+            wait_vllm_healthy(runner, container, upstream, timeout)
+            handle = start_server(state_dir, name, root / current["base_model"], adapter_dir=root / current["adapter"],
+                                  module="llmops.serve.proxy", extra_args=["--upstream", upstream],
+                                  env={UPSTREAM_KEY_ENV: key}, **common)
+            wait_healthy(handle.url, timeout=60.0, handle=handle)
+        except BaseException:
+            stop_server(_serve_state(self.ctx, name))
+            stop_server(state_file)
+            raise
+        return {"endpoint": handle.url, "served_model": common["model_name"], "engine": "vllm", "image": spec.image,
+                "image_digest": digest}
+
     def _stop(self, name: str) -> None:
-        """Stop deployment NAME's server, local process or container alike."""
+        """Stop deployment NAME's server, local process or container alike (and, with
+        `serve.engine: vllm`, the vLLM container behind its proxy)."""
         from llmops.serve.process import stop_server
 
         stop_server(_serve_state(self.ctx, name))
+        stop_server(_vllm_state(self.ctx, name))
 
     # -- refresh / delete --------------------------------------------------------------
+    def begin_refresh(self, entries: list[tuple[str, dict[str, Any], LockedResource]]) -> None:
+        """Probe every deployment's endpoint at once (each probe has a short timeout), so a plan
+        waits for the slowest one, not for the sum of them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        super().begin_refresh(entries)
+        probed = [(name, locked.outputs["endpoint"]) for name, _, locked in entries if locked.outputs.get("endpoint")]
+        if len(probed) > 1:
+            with ThreadPoolExecutor(max_workers=min(16, len(probed)), thread_name_prefix="llmops-probe") as pool:
+                found = list(pool.map(lambda item: _endpoint_drift(self.ctx, *item), probed))
+            self._bulk_values["endpoints"] = {item: drift for item, drift in zip(probed, found)}
+
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         out = locked.outputs
         drifts: list[Drift] = []
         if out.get("model_name") and out.get("alias"):
-            try:
-                live = _alias_version(self._client(), out["model_name"], out["alias"])
-            except LlmopsError as exc:
-                return [Drift(f"cannot read the registry: {exc.message}", "update")]
-            if live != str(out.get("version")):
-                where = f"v{live}" if live else "nothing"
-                drifts.append(Drift(f"alias {out['alias']} -> {where}, lock says v{out.get('version')}", "update"))
-        endpoint_drift = _endpoint_drift(self.ctx, name, out["endpoint"]) if out.get("endpoint") else None
+            aliases = self.bulk("aliases", self._bulk_aliases)
+            if aliases is not None and aliases.get(str(out["model_name"]), {}).get(str(out["alias"])) == str(
+                    out.get("version")):
+                pass  # in sync; anything else is asked about singly, as before
+            else:
+                try:
+                    live = _alias_version(self._client(), out["model_name"], out["alias"])
+                except LlmopsError as exc:
+                    return [Drift(f"cannot read the registry: {exc.message}", "update")]
+                if live != str(out.get("version")):
+                    where = f"v{live}" if live else "nothing"
+                    drifts.append(Drift(f"alias {out['alias']} -> {where}, lock says v{out.get('version')}",
+                                        "update"))
+        probes = self.bulk("endpoints", dict)
+        if out.get("endpoint") and (name, out["endpoint"]) in probes:
+            endpoint_drift = probes[(name, out["endpoint"])]
+        else:
+            endpoint_drift = _endpoint_drift(self.ctx, name, out["endpoint"]) if out.get("endpoint") else None
         if endpoint_drift:
             drifts.append(endpoint_drift)
         elif spec.get("serve") and not out.get("endpoint") and out.get("version"):
             # `llmops down` dropped the endpoint: the next apply serves again, as llmops.yaml asks.
             drifts.append(Drift("serve: no server is running (stopped by `llmops down`); apply starts it", "update"))
         return drifts
+
+    def _bulk_aliases(self) -> dict[str, dict[str, str]] | None:
+        """{registered model: {alias: version}} of every model a deployment the lock holds
+        promoted to: one registry search."""
+        from llmops.tracking import bulk_aliases, registry_uri
+
+        names = [str(locked.outputs["model_name"]) for _, _, locked in self.refreshing
+                 if locked.outputs.get("model_name") and locked.outputs.get("alias")]
+        if not names:
+            return {}
+        return bulk_aliases(self._client, names, uri=registry_uri(self.ctx.root, self.ctx.settings))
 
     def alerts(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[str]:
         from llmops.monitor import open_alerts
@@ -410,7 +534,8 @@ def rollback(ctx: ProviderContext, name: str, locked: LockedResource) -> dict[st
 
 
 def down(ctx: ProviderContext, name: str) -> bool:
-    """Stop deployment NAME's server; True when one was running."""
+    """Stop deployment NAME's server (and a vLLM container behind it); True when one was running."""
     from llmops.serve.process import stop_server
 
-    return stop_server(_serve_state(ctx, name))
+    stopped = stop_server(_serve_state(ctx, name))
+    return stop_server(_vllm_state(ctx, name)) or stopped

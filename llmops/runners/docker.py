@@ -17,6 +17,7 @@ import re
 import threading
 import uuid
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -97,6 +98,70 @@ def build_create_kwargs(
     return kwargs
 
 
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A long-running container that is not a `python -m` job, such as vLLM's server: its
+    own entrypoint and arguments, bind mounts `(host, container, "ro"|"rw")` and nothing else
+    of the host (no project folder, no environment but `env`), `container_port` published on
+    `host:port`, GPUs as a device request, and a Docker healthcheck (`healthcheck` is its test,
+    e.g. `["CMD", "python3", "-c", "..."]`; `health_start_s` the grace before failures count).
+    `user` None keeps the image's own user (vLLM's image runs as root)."""
+
+    name: str
+    image: str
+    command: list[str]
+    port: int
+    container_port: int
+    entrypoint: list[str] | None = None
+    mounts: list[tuple[str, str, str]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    gpus: int = 0
+    host: str = "127.0.0.1"
+    healthcheck: list[str] = field(default_factory=list)
+    health_interval_s: float = 10.0
+    health_start_s: float = 180.0
+    shm_size: str | None = None
+    user: str | None = None
+
+
+def build_service_kwargs(spec: ServiceSpec) -> dict[str, Any]:
+    """The keyword arguments for `client.containers.create` that run `spec`.
+
+    Pure: talks to no engine, so the GPU request, mounts, port and healthcheck can be checked
+    where neither the image nor a GPU exists.
+    """
+    from docker.types import DeviceRequest, Healthcheck, Mount
+
+    mounts = []
+    for host_path, container_path, mode in spec.mounts:
+        if mode not in ("ro", "rw"):
+            raise ProviderError(f"mount {host_path}:{container_path} has mode {mode!r}; use 'ro' or 'rw'.")
+        mounts.append(Mount(target=container_path, source=str(host_path), type="bind", read_only=mode == "ro"))
+    kwargs: dict[str, Any] = {
+        "image": spec.image,
+        "command": [str(a) for a in spec.command],
+        "environment": dict(spec.env),
+        "mounts": mounts,
+        "name": container_name(spec.name),
+        "labels": {MANAGED_LABEL: "true", JOB_LABEL: spec.name},
+        "ports": {f"{spec.container_port}/tcp": (spec.host, spec.port)},
+        "tty": False,
+    }
+    if spec.entrypoint is not None:
+        kwargs["entrypoint"] = list(spec.entrypoint)
+    if spec.user is not None:
+        kwargs["user"] = spec.user
+    if spec.shm_size:
+        kwargs["shm_size"] = spec.shm_size
+    if spec.healthcheck:
+        ns = 1_000_000_000
+        kwargs["healthcheck"] = Healthcheck(test=list(spec.healthcheck), interval=int(spec.health_interval_s * ns),
+                                            timeout=int(5 * ns), retries=3, start_period=int(spec.health_start_s * ns))
+    if spec.gpus > 0:
+        kwargs["device_requests"] = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
+    return kwargs
+
+
 class DockerRunner(Runner):
     """Runs jobs in containers on the engine at `docker_host` (default: `$DOCKER_HOST`).
 
@@ -146,16 +211,17 @@ class DockerRunner(Runner):
     def image_digest(self, image: str, dockerfile: str = TRAIN_DOCKERFILE) -> str:
         """The image's repo digest (`name@sha256:...`) when pushed, else its id (`sha256:...`).
 
-        A missing image's error says to build it from `dockerfile` (or pull it)."""
+        A missing image's error says to build it from `dockerfile` (or pull it; only that with
+        no `dockerfile`)."""
         import docker
 
         try:
             found = self.client().images.get(image)
         except docker.errors.ImageNotFound as exc:
+            build = f"build it with `{BUILD_HINT.format(dockerfile=dockerfile, image=image)}` or " if dockerfile else ""
             raise ProviderError(
                 f"image {image} is not on the Docker engine ({describe_host(self.docker_host)}); "
-                f"build it with `{BUILD_HINT.format(dockerfile=dockerfile, image=image)}` "
-                f"or pull it with `docker pull {image}`."
+                f"{build}pull it with `docker pull {image}`."
             ) from exc
         repo_digests = found.attrs.get("RepoDigests") or []
         return sorted(repo_digests)[0] if repo_digests else found.id
@@ -165,38 +231,42 @@ class DockerRunner(Runner):
 
         On any failure nothing is left behind on the engine.
         """
-        import docker
-
         kwargs = build_create_kwargs(job, python=self.python, user=self.user, extra_mounts=self.extra_mounts)
         if ports:
             kwargs["ports"] = ports
         digest = self.image_digest(kwargs["image"])
+        return self._create_and_start(kwargs, job.name, job.gpus), digest
+
+    def _create_and_start(self, kwargs: dict[str, Any], name: str, gpus: int) -> Any:
+        """Create and start a container from `kwargs`; on any failure nothing is left behind."""
+        import docker
+
         try:
             container = self.client().containers.create(**kwargs)
         except docker.errors.APIError as exc:  # e.g. a bind-mount source the engine lacks
-            raise self._start_error(job, exc) from exc
+            raise self._start_error(name, str(kwargs["image"]), gpus, exc) from exc
         try:
             container.start()
         except docker.errors.APIError as exc:
             _remove(container)
-            raise self._start_error(job, exc) from exc
+            raise self._start_error(name, str(kwargs["image"]), gpus, exc) from exc
         except BaseException:
             _remove(container)
             raise
-        return container, digest
+        return container
 
-    def _start_error(self, job: Job, exc: Exception) -> ProviderError:
+    def _start_error(self, name: str, image: str, gpus: int, exc: Exception) -> ProviderError:
         text = str(getattr(exc, "explanation", None) or exc)
-        if job.gpus > 0 and ("device driver" in text or "nvidia" in text.lower()):
+        if gpus > 0 and ("device driver" in text or "nvidia" in text.lower()):
             return ProviderError(
                 f"this Docker engine has no GPU support: {text} ({describe_host(self.docker_host)}). "
-                f"Job {job.name} asks for {job.gpus} GPU(s); install the NVIDIA Container Toolkit on "
+                f"Job {name} asks for {gpus} GPU(s); install the NVIDIA Container Toolkit on "
                 "the engine's host, point DOCKER_HOST at an engine with GPUs, or set resources.gpus: 0 "
                 "(serve.gpus: 0 for a server)."
             )
         return ProviderError(
-            f"the Docker engine ({describe_host(self.docker_host)}) could not start job {job.name} "
-            f"in image {job.image}: {text}"
+            f"the Docker engine ({describe_host(self.docker_host)}) could not start job {name} "
+            f"in image {image}: {text}"
         )
 
     # -- jobs -------------------------------------------------------------------------
@@ -277,6 +347,25 @@ class DockerRunner(Runner):
         """
         container, _ = self._start(job, ports={f"{container_port or port}/tcp": (host, port)})
         return str(container.id)
+
+    def run_service(self, spec: ServiceSpec, dockerfile: str | None = None) -> tuple[str, str]:
+        """Start `spec`'s container detached; returns its id and its image's digest. A missing
+        image fails first, saying how to pull it (or build it from `dockerfile`)."""
+        digest = self.image_digest(spec.image, dockerfile or "")  # before anything is created
+        container = self._create_and_start(build_service_kwargs(spec), spec.name, spec.gpus)
+        return str(container.id), digest
+
+    def health(self, container_id: str) -> str | None:
+        """Docker's healthcheck status of a container (`starting`, `healthy`, `unhealthy`);
+        None when it has no healthcheck or no longer exists."""
+        import docker
+
+        try:
+            container = self.client().containers.get(container_id)
+        except docker.errors.NotFound:
+            return None
+        state = container.attrs.get("State") or {}
+        return (state.get("Health") or {}).get("Status")
 
     def is_running(self, container_id: str) -> bool:
         """Whether the container exists and is running (a crashed server reads False)."""
