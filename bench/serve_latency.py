@@ -11,13 +11,16 @@ noise), until `--requests` per server are done or `--max-seconds` pass. Prints r
 p50/p95 latency and generated tokens/s for each, and the p50 overhead of logging (target
 < 5%).
 
-With `--batching` the two servers are instead the batched one (the default: concurrent
-requests generated together) and the one-lock one (`--max-batch 1`, the server before
-batching: one request at a time), and the run ends with each one's concurrency-8 vs
-concurrency-1 ratios (goal for the batched server: >= 4x requests/s, p95 <= 2x).
+With `--batching` the servers are instead: `continuous` (the default: greedy requests join
+the running batch at the next decode step, transformers' paged-cache manager), `waves`
+(`--batching waves`: a batch of concurrent requests runs to its end before the next starts)
+and `one-lock` (`--max-batch 1`: one request at a time). `--baseline COMMIT` adds that
+commit's server, run from a git worktree (e.g. `089ad8c^`, the http.server one-lock server
+before batching). The run ends with each one's concurrency-8 vs concurrency-1 ratios (goal
+for the default server: >= 4x requests/s, p95 <= 2x).
 
     .venv/bin/python bench/serve_latency.py [--requests 48] [--concurrency 1,4] [--max-tokens 32] [--log-text]
-    .venv/bin/python bench/serve_latency.py --batching --concurrency 1,8 --requests 96 [--threads N]
+    .venv/bin/python bench/serve_latency.py --batching --concurrency 1,8 --requests 96 [--baseline 089ad8c^]
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -117,7 +122,7 @@ def compare_level(urls: dict[str, str], prompts: list[str], level: int,
             results, wall = run_level(url, prompts, level, per_round, args.max_seconds / args.rounds,
                                       args.max_tokens)
             got[name] = (got[name][0] + results, got[name][1] + wall)
-    p50 = {name: report(f"concurrency {level:>2} {name:<9}", *got[name]) for name in urls}
+    p50 = {name: report(f"concurrency {level:>2} {name:<14}", *got[name]) for name in urls}
     if "logged" in p50:
         overhead = (p50["logged"] - p50["plain"]) / p50["plain"] * 100.0
         print(f"concurrency {level:>2}: request-store logging adds {overhead:+.1f}% to p50 latency (target < 5%)")
@@ -136,8 +141,19 @@ def batching_verdict(levels: dict[int, dict[str, dict[str, float]]]) -> None:
         return
     for name in levels[1]:
         one, eight = levels[1][name], levels[8][name]
-        print(f"{name:<9}: concurrency 8 vs 1: {eight['rps'] / one['rps']:.2f}x requests/s (goal >= 4x), "
+        print(f"{name:<14}: concurrency 8 vs 1: {eight['rps'] / one['rps']:.2f}x requests/s (goal >= 4x), "
               f"p95 {eight['p95'] / one['p95']:.2f}x (goal <= 2x)")
+
+
+def baseline_tree(commit: str, where: Path) -> Path:
+    """A git worktree of `commit` (its `llmops` package comes first on PYTHONPATH)."""
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(where), commit], check=True)
+    found = subprocess.run([sys.executable, "-c", "import llmops; print(llmops.__file__)"], env={
+        **os.environ, "PYTHONPATH": str(where)}, capture_output=True, text=True, check=True).stdout.strip()
+    assert found.startswith(str(where)), f"the baseline imports {found}, not the worktree's llmops"
+    print(f"baseline server: {commit} from {where}")
+    return where
 
 
 def main() -> int:
@@ -151,6 +167,7 @@ def main() -> int:
     p.add_argument("--batching", action="store_true",
                    help="compare the batched server with the one-lock server (--max-batch 1) instead of logging")
     p.add_argument("--threads", type=int, help="torch CPU threads of the servers (default: the server's)")
+    p.add_argument("--baseline", metavar="COMMIT", help="with --batching: also run this commit's server")
     args = p.parse_args()
     rows = load_rows()
     prompts = [render_prompt(PROMPT, EXAMPLE, {"question": r["question"]}) for r in rows]
@@ -165,7 +182,14 @@ def main() -> int:
         if args.batching:
             handles = {"one-lock": start_server(state, "onelock", model_dir, model_name=MODEL,
                                                 extra_args=["--max-batch", "1", *extra]),
-                       "batched": start_server(state, "batched", model_dir, model_name=MODEL, extra_args=extra)}
+                       "waves": start_server(state, "waves", model_dir, model_name=MODEL,
+                                             extra_args=["--batching", "waves", *extra]),
+                       "continuous": start_server(state, "continuous", model_dir, model_name=MODEL, extra_args=extra)}
+            if args.baseline:
+                os.chdir(tmp)  # `python -m` puts the working folder first on sys.path: not this checkout
+                old = baseline_tree(args.baseline, Path(tmp) / "baseline")
+                handles[f"at {args.baseline}"] = start_server(state, "baseline", model_dir, model_name=MODEL,
+                                                              env={"PYTHONPATH": str(old)}, extra_args=extra)
         else:
             handles = {"plain": start_server(state, "plain", model_dir, model_name=MODEL, extra_args=extra),
                        "logged": start_server(state, "logged", model_dir, model_name=MODEL, monitor_store=store,
@@ -186,6 +210,9 @@ def main() -> int:
         finally:
             for handle in handles.values():
                 stop_server(handle.state_file)
+            if args.batching and args.baseline:
+                subprocess.run(["git", "-C", str(EXAMPLE.parent), "worktree", "remove", "--force",
+                                str(Path(tmp) / "baseline")], check=False)
         if not args.batching:
             with open_store(store) as logged:
                 print(f"request store holds {logged.count()} requests")
