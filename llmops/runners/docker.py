@@ -262,7 +262,7 @@ class DockerRunner(Runner):
                 f"this Docker engine has no GPU support: {text} ({describe_host(self.docker_host)}). "
                 f"Job {name} asks for {gpus} GPU(s); install the NVIDIA Container Toolkit on "
                 "the engine's host, point DOCKER_HOST at an engine with GPUs, or set resources.gpus: 0 "
-                "(serve.gpus: 0 for a server)."
+                "(serve.gpus: 0 for a built-in server; serve.engine: vllm needs a GPU)."
             )
         return ProviderError(
             f"the Docker engine ({describe_host(self.docker_host)}) could not start job {name} "
