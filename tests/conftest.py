@@ -89,6 +89,17 @@ class Project:
             os.chdir(old)
 
 
+@pytest.fixture(scope="session")
+def docker_engine() -> str:
+    """The Docker engine's host (`.ci/docker-setup.sh` starts one), or a skip saying why not."""
+    from dockerd import ensure_docker, skip_reason
+
+    host = ensure_docker()
+    if host is None:
+        pytest.skip(f"no Docker engine can run here: {skip_reason()}")
+    return host
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
     root = tmp_path / "proj"

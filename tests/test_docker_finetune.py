@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dockerd import ensure_base_image, ensure_docker, skip_reason, tiny_project
+from dockerd import ensure_base_image, tiny_project
 from llmops.errors import ProviderError
 from llmops.runners.select import get_runner, parse_mount
 
@@ -25,11 +25,8 @@ ADDR = f"finetunes.{NAME}"
 
 
 @pytest.fixture(scope="module")
-def engine() -> str:
-    host = ensure_docker()
-    if host is None:
-        pytest.skip(f"no Docker engine can run here: {skip_reason()}")
-    return host
+def engine(docker_engine: str) -> str:
+    return docker_engine
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dockerd import ensure_base_image, ensure_docker, python_mounts, skip_reason
+from dockerd import ensure_base_image, python_mounts
 from llmops.errors import ProviderError
 from llmops.runners.base import Job
 from llmops.runners.docker import JOB_LABEL, DockerRunner, build_create_kwargs
@@ -26,11 +26,8 @@ pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="session")
-def engine() -> str:
-    host = ensure_docker()
-    if host is None:
-        pytest.skip(f"no Docker engine can run here: {skip_reason()}")
-    return host
+def engine(docker_engine: str) -> str:
+    return docker_engine
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dockerd import ensure_base_image, ensure_docker, python_mounts, skip_reason, tiny_project
+from dockerd import ensure_base_image, python_mounts, tiny_project
 from llmops.serve.process import free_port
 
 NAME = "dock-prod"
@@ -27,11 +27,8 @@ TOKEN = "s3cret-token-for-the-container-only"
 
 
 @pytest.fixture(scope="module")
-def engine() -> str:
-    host = ensure_docker()
-    if host is None:
-        pytest.skip(f"no Docker engine can run here: {skip_reason()}")
-    return host
+def engine(docker_engine: str) -> str:
+    return docker_engine
 
 
 @pytest.fixture(scope="module")

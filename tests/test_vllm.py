@@ -318,13 +318,8 @@ def test_the_schema_documents_engine_builtin_as_the_default() -> None:
 
 
 @pytest.fixture(scope="module")
-def engine() -> str:
-    from dockerd import ensure_docker, skip_reason
-
-    host = ensure_docker()
-    if host is None:
-        pytest.skip(f"no Docker engine can run here: {skip_reason()}")
-    return host
+def engine(docker_engine: str) -> str:
+    return docker_engine
 
 
 @pytest.fixture(scope="module")
