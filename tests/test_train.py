@@ -340,3 +340,53 @@ def test_job_exits_non_zero_with_a_clear_error(tmp_path, base, capsys):
     (tmp_path / "job.json").write_text(json.dumps(spec))
     assert main([str(tmp_path / "job.json")]) == 1
     assert "no field 'reply'" in capsys.readouterr().err
+
+
+def test_job_process_never_imports_mlflow_and_still_logs(tmp_path, base):
+    """The job's MLflow calls run in its helper process: the job itself never imports mlflow."""
+    import subprocess
+    import sys
+
+    spec = job_spec(tmp_path, base, training={"epochs": 1})
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    probe = (
+        "import json, runpy, sys\n"
+        "sys.argv = ['llmops.train', sys.argv[1]]\n"
+        "code = 0\n"
+        "try:\n"
+        "    runpy.run_module('llmops.train', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'pandas'))\n"
+        "print('LOADED ' + json.dumps(loaded), file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "job.json")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(next(line for line in proc.stderr.splitlines() if line.startswith("LOADED "))[7:])
+    assert loaded == []
+    done = next(json.loads(line) for line in proc.stdout.splitlines() if '"event": "done"' in line)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(spec["tracking_uri"])
+    run = client.get_run(done["run_id"])
+    assert run.info.status == "FINISHED" and len(client.get_metric_history(done["run_id"], "loss")) == 6
+    assert client.get_model_version("colours", done["model_version"]).run_id == done["run_id"]
+
+
+def test_a_dead_tracking_helper_is_a_clear_error(tmp_path):
+    from llmops.errors import ProviderError
+    from llmops.train.track import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        assert tracker.experiment("t", None)
+        tracker._proc.kill()
+        tracker._proc.wait()
+        with pytest.raises(ProviderError, match="MLflow helper process stopped .*during `start`"):
+            tracker.start(None, "r", {})
+    finally:
+        tracker.close()

@@ -6,7 +6,8 @@ when asked), logs them to the MLflow run as a pyfunc model (llmops.train.mlflow_
 registers that as a new model version with lineage tags. Progress goes to stdout as one
 JSON object per line; logs go to stderr. State in `output_dir/state.json` lets a re-run
 skip finished trials and resume the unfinished one from its newest checkpoint, inside the
-same MLflow run.
+same MLflow run. MLflow is never imported here: llmops.train.track's helper process does the
+logging, and starts first, so that its imports run beside this process's torch imports.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        job = specs.read_job_spec(Path(argv[0]))
+        tracker = _tracker(job)  # first: its helper imports mlflow while this process imports torch
         _quiet_libraries()
-        result = run_job(specs.read_job_spec(Path(argv[0])))
+        result = run_job(job, tracker)
     except KeyboardInterrupt:
         log("error: the training job was stopped; run it again to resume from the last checkpoint.")
         return 130
@@ -99,19 +102,30 @@ class _State:
         os.replace(tmp, self.path)
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any] | None:
+def run_job(job: dict[str, Any], tracker: Any = None) -> dict[str, Any] | None:
     """Run every trial and export the best; returns the `done` event's fields (None off rank 0)."""
-    return TrainingJob(job).run()
+    tracker = tracker if tracker is not None else _tracker(job)
+    try:
+        return TrainingJob(job, tracker).run()
+    finally:
+        tracker.close()
+
+
+def _tracker(job: dict[str, Any]) -> Any:
+    """The job's MLflow tracker (rank 0 only); it starts its helper process at once."""
+    from llmops.train.track import Tracker
+
+    return Tracker(job.get("tracking_uri") if _is_main() else None, job.get("registry_uri"))
 
 
 class TrainingJob:
     """One fine-tune's job: its trials, their MLflow runs, the export of the best."""
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: dict[str, Any], tracker: Any) -> None:
         from llmops.train.model import load_tokenizer, pick_device
-        from llmops.train.track import Tracker
 
         self.job = job
+        self.tracker = tracker
         self.out_dir = Path(job["output_dir"])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.adapter = specs.resolve_adapter(job.get("adapter"))
@@ -122,7 +136,6 @@ class TrainingJob:
         self.method = str(job.get("method") or "sft")
         self.tokenizer = load_tokenizer(Path(job["base_model"]))
         self.state = _State(self.out_dir / "state.json")
-        self.tracker = Tracker(job.get("tracking_uri") if _is_main() else None, job.get("registry_uri"))
         self.tags = {str(k): str(v) for k, v in (job.get("tags") or {}).items()}
         self.experiment_id: str | None = None
         self.run_id = ""
@@ -297,16 +310,12 @@ class TrainingJob:
         if best["run_id"] != self.run_id:  # a sweep: the parent run gets the best trial's metrics
             tracker.metrics(self.run_id, {k: v for k, v in outcome["metrics"].items() if k != "resumed_from_step"})
         tracker.tags(self.run_id, {"llmops.adapter_sha256": adapter_sha})
-        tracker.log_model(
-            self.run_id,
-            MODEL_ARTIFACT,
-            lambda path: mlflow_model.save_model(path, model_dir / "adapter", model_dir / "tokenizer", base_ref),
-            scratch=self.out_dir,
-        )
+        model = {"adapter_dir": model_dir / "adapter", "tokenizer_dir": model_dir / "tokenizer", "base": base_ref}
+        tracker.log_model(self.run_id, MODEL_ARTIFACT, model, scratch=self.out_dir)
         if "merged" in outcome:
             tracker.artifacts(self.run_id, model_dir / "merged", MERGED_ARTIFACT)
         name = self.job.get("registered_model")
-        if name and tracker.client is not None:
+        if name and tracker.enabled:
             registered = self.state.data.get("registered") or {}
             if registered.get("adapter_sha256") != adapter_sha:  # not yet registered by an earlier attempt
                 lineage = {**self.tags, "llmops.adapter_sha256": adapter_sha, "llmops.run_id": self.run_id}
