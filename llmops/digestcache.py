@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,37 @@ def digest(*parts: str | bytes) -> str:
         h.update(f"{len(data)}:".encode())
         h.update(data)
     return h.hexdigest()
+
+
+def cache_secret() -> bytes | None:
+    """This user's key for local cache entries (the validation cache and `DigestCache`), kept
+    outside any project; None if it cannot be kept."""
+    import secrets
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmops"
+    path = base / "checks.key"
+    try:
+        data = path.read_bytes()
+        if len(data) >= 32:
+            return data
+    except OSError:
+        pass
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = base / f".checks.key.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        data = path.read_bytes()
+        return data if len(data) >= 32 else None
+    except (OSError, RuntimeError):
+        return None
 
 
 class DigestCache:
@@ -56,9 +88,7 @@ class DigestCache:
     def _load(self) -> dict[str, Any]:
         if self._old is not None:
             return self._old
-        from llmops.validate import _cache_secret
-
-        self._secret = _cache_secret()
+        self._secret = cache_secret()
         self._old = {}
         if self._secret is None:
             return self._old

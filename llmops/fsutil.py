@@ -7,12 +7,13 @@ would not).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def _current_umask() -> int:
@@ -26,6 +27,11 @@ _FILE_MODE = 0o666 & ~_current_umask()
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path | str, data: Any, indent: int | None = 2) -> None:
+    """`data` as JSON with sorted keys and a final newline (the form of every state file)."""
+    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=True) + "\n")
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:

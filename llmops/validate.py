@@ -18,6 +18,7 @@ from typing import Any
 
 from llmops.addrs import KINDS, address_sort_key
 from llmops.config import CONFIG_NAME, Document, apply_target, load_document, resolved_settings
+from llmops.digestcache import cache_secret
 from llmops.errors import Diagnostic, ValidationError
 from llmops.graph import Graph
 from llmops.refs import references, resolve
@@ -486,7 +487,7 @@ class _CheckCache:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.path = root / ".llmops" / "cache" / "checks.json"
-        self.secret = _cache_secret()
+        self.secret = cache_secret()
         try:
             self.old = json.loads(self.path.read_text()) if self.secret and self.path.is_file() else {}
         except (OSError, ValueError):
@@ -540,36 +541,6 @@ def _cache_dir(root: Path) -> Path | None:
     project folder we can create it in); None: no caching."""
     state = root / ".llmops"
     return state / "cache" if state.is_dir() or os.access(root, os.W_OK) else None
-
-
-def _cache_secret() -> bytes | None:
-    """This user's key for validation-cache entries (see `_CheckCache`); None if it cannot be kept."""
-    import secrets
-
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmops"
-    path = base / "checks.key"
-    try:
-        data = path.read_bytes()
-        if len(data) >= 32:
-            return data
-    except OSError:
-        pass
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = base / f".checks.key.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-        try:
-            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-        data = path.read_bytes()
-        return data if len(data) >= 32 else None
-    except (OSError, RuntimeError):
-        return None
 
 
 def _check_prompts(config: Config, cache: _CheckCache) -> list[Diagnostic]:

@@ -43,7 +43,7 @@ def _alone(lm, prompt: str, max_new: int, stop=()) -> str:
 
 
 def _finish(lm, prompt: str, tokens: list[int], stop=()):
-    from llmops.serve.model import _finish
+    from llmops.serve.model import finish_generated as _finish
 
     return _finish(lm, tokens, len(lm.encode(prompt)), list(stop))
 

@@ -386,7 +386,8 @@ def test_apply_serves_vllm_behind_the_proxy_and_down_stops_both(tmp_path: Path, 
     from llmops.errors import ProviderError
     from llmops.monitor.store import open_store
     from llmops.providers.base import ProviderContext
-    from llmops.providers.deployments import DeploymentsProvider, _serve_state, _vllm_state, down, live_endpoint
+    from llmops.providers.deployments import DeploymentsProvider, _vllm_state, down, live_endpoint
+    from llmops.providers.deployments import serve_state_file as _serve_state
     from llmops.providers.monitors import serving_monitor
     from llmops.runners.docker import DockerRunner
     from llmops.serve.process import free_port, server_status

@@ -15,13 +15,15 @@ project_dir = click.option("-C", "--chdir", "root", type=click.Path(file_okay=Fa
 target_opt = click.option("--target", "target", metavar="NAME", help="Apply the `targets.NAME` overlay.")
 
 
-def _console():
+def make_console():
+    """The console every command renders to (shared by the command modules)."""
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=True)
 
 
-def _open(root: Path, target: str | None):
+def open_at(root: Path, target: str | None):
+    """The project in ROOT with the `targets.TARGET` overlay applied."""
     from llmops.project import open_project
 
     return open_project(root, target=target)
@@ -106,7 +108,7 @@ def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, 
 
     gha = ActionsEnv.detect()
     try:
-        project = _open(root, target)
+        project = open_at(root, target)
         plan = make_plan(project, refresh=refresh, select=select, replace=replace)
     except LlmopsError as exc:
         _report_to_actions(gha, "plan", exc, root, {"error": "true"})
@@ -129,7 +131,7 @@ def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, 
     else:
         from llmops.cli.render import render_plan
 
-        console = _console()
+        console = make_console()
         render_plan(console, plan)
         if out:
             console.print(f"\nSaved the plan to {out}. Apply exactly it with `llmops apply {out}`.")
@@ -160,8 +162,8 @@ def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, pa
     from llmops.cli.render import RichHooks, render_plan, render_report
     from llmops.planner import check_saved_plan, make_plan
 
-    console = _console()
-    project = _open(root, target)
+    console = make_console()
+    project = open_at(root, target)
     if approved_by:
         project.options["approved_by"] = approved_by
     with ApplyLock.for_project(project, command="apply", timeout=parse_duration(lock_timeout)) as lock:
@@ -211,14 +213,14 @@ def show_cmd(address, root, target, as_json, refresh) -> int:
     """Show the lock's record (and live status) of every resource, or of ADDRESS."""
     from llmops.inspect import show_resources
 
-    project = _open(root, target)
+    project = open_at(root, target)
     rows = show_resources(project, address, refresh=refresh)
     if as_json:
         click.echo(json.dumps(rows if address is None else rows[0], indent=2, sort_keys=True, default=str))
         return 0
     from llmops.cli.show import render_show
 
-    render_show(_console(), rows, detailed=address is not None)
+    render_show(make_console(), rows, detailed=address is not None)
     return 0
 
 
@@ -257,7 +259,7 @@ def lock_cmd(root, target, check) -> int:
     """Check that llmops.lock records exactly what llmops.yaml declares (no refresh)."""
     from llmops.planner import make_plan
 
-    plan = make_plan(_open(root, target), refresh=False)
+    plan = make_plan(open_at(root, target), refresh=False)
     if not plan.has_changes:
         click.echo("llmops.lock matches llmops.yaml.")
         return 0
@@ -278,7 +280,7 @@ def rollback_cmd(address, root, target, lock_timeout) -> int:
     from llmops.applylock import parse_duration
     from llmops.operations import rollback_deployment
 
-    entry = rollback_deployment(_open(root, target), address, lock_timeout=parse_duration(lock_timeout))
+    entry = rollback_deployment(open_at(root, target), address, lock_timeout=parse_duration(lock_timeout))
     out = entry.outputs
     click.echo(f"{entry.address}: alias {out['alias']} of {out['model_name']} now points to v{out['version']} "
                f"(was v{out.get('rolled_back_from')}); recorded in llmops.lock.")
@@ -295,6 +297,6 @@ def down_cmd(address, root, target, lock_timeout) -> int:
     from llmops.applylock import parse_duration
     from llmops.operations import stop_deployment
 
-    stopped = stop_deployment(_open(root, target), address, lock_timeout=parse_duration(lock_timeout))
+    stopped = stop_deployment(open_at(root, target), address, lock_timeout=parse_duration(lock_timeout))
     click.echo("Server stopped." if stopped else "No server was running.")
     return 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from llmops.cli.commands import _console, _open, project_dir, target_opt
+from llmops.cli.commands import make_console, open_at, project_dir, target_opt
 
 EXIT_ALERTS = 3
 
@@ -31,13 +31,13 @@ def monitor_cmd(name: str | None, root: Path, target: str | None, as_json: bool,
     from llmops.monitor.run import run_project_monitors
 
     warnings: list[str] = []
-    outcomes = run_project_monitors(_open(root, target), name, html=html, log=warnings.append)
+    outcomes = run_project_monitors(open_at(root, target), name, html=html, log=warnings.append)
     for message in warnings:
         click.echo(f"Warning: {message}", err=True)
     if as_json:
         click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2, sort_keys=True, default=str))
     else:
-        console = _console()
+        console = make_console()
         for outcome in outcomes:
             _render(console, outcome)
     return EXIT_ALERTS if any(o.report.alerts for o in outcomes) else 0
@@ -126,7 +126,7 @@ def feedback_export_cmd(name: str, to: Path, min_rating: str | None, pairs: Path
     from llmops.monitor.run import export_project_feedback
 
     rating: Any = int(min_rating) if min_rating and min_rating.strip().isdigit() else min_rating
-    count = export_project_feedback(_open(root, target), name, to, rating, pairs)
+    count = export_project_feedback(open_at(root, target), name, to, rating, pairs)
     click.echo(f"Exported {count} rated request{'s' if count != 1 else ''} to {to}"
                + (f"; preference pairs to {pairs}." if pairs else "."))
     return 0

@@ -28,14 +28,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from llmops.monitor.records import _WORD, MAX_BAG_TOKENS, TOKEN_BUCKETS, token_bag, words
+from llmops.monitor.records import MAX_BAG_TOKENS, TOKEN_BUCKETS, WORD_PATTERN, token_bag, words
 
 EPS = 1e-4
 ANSWER_FIELDS = ("answer", "response", "completion", "output", "target")
 MAX_REFERENCE_ROWS = 200_000
 LENGTH_BINS = 10
 # What a Reference depends on besides its rows: bump `v` when building it changes.
-REFERENCE_VERSION = (f"v1 words={_WORD.pattern} buckets={TOKEN_BUCKETS}/crc32 bag={MAX_BAG_TOKENS} "
+REFERENCE_VERSION = (f"v1 words={WORD_PATTERN.pattern} buckets={TOKEN_BUCKETS}/crc32 bag={MAX_BAG_TOKENS} "
                      f"rows<={MAX_REFERENCE_ROWS} bins={LENGTH_BINS} fields={','.join(ANSWER_FIELDS)}")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 TOKEN_BUCKETS = 256
 MAX_BAG_TOKENS = 512  # words hashed per prompt; long prompts are sampled by their first words
-_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+WORD_PATTERN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 # Phrases typical of prompt-injection and jailbreak attempts (case-insensitive).
 INJECTION_PATTERNS: tuple[str, ...] = (
@@ -46,7 +46,7 @@ ROW_FIELDS = ("id", "ts", "client", "path", "status", "error", "latency_ms", "pr
 
 def words(text: str) -> list[str]:
     """The word/punctuation units used for lengths and token-frequency drift (lower-cased)."""
-    return _WORD.findall(text.lower())
+    return WORD_PATTERN.findall(text.lower())
 
 
 def bucket_of(word: str) -> int:

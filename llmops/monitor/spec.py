@@ -14,10 +14,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
+from llmops.errors import ProviderError
 from llmops.monitor.errors import MonitorError
 from llmops.redact import redact_url
+
+if TYPE_CHECKING:
+    from llmops.providers.base import ProviderContext
 
 DEFAULT_WINDOW = 1000
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
@@ -165,3 +169,29 @@ def store_url(root: Path, name: str, store: str | None) -> str:
         p = Path(path)
         return "sqlite:///" + str(p if p.is_absolute() else (root / p).resolve())
     raise MonitorError(f"store {redact_url(store)!r} is neither sqlite:///PATH nor postgresql://...; fix monitors.{name}.store.")
+
+
+@dataclass(frozen=True)
+class ServedMonitor:
+    """What a deployment's server needs from the monitor watching it."""
+
+    name: str
+    store: str  # full store URL (may hold a password: never record it as is)
+    log_text: bool
+
+
+def monitor_deployment(name: str, spec: dict[str, Any] | None) -> str:
+    return str((spec or {}).get("deployment") or name)
+
+
+def serving_monitor(ctx: ProviderContext, deployment: str) -> ServedMonitor | None:
+    """The monitor of `deployment` in the resolved llmops.yaml, or None when none watches it."""
+    monitors = ctx.config.get("monitors") or {}
+    names = sorted(n for n, spec in monitors.items() if monitor_deployment(n, spec) == deployment)
+    if not names:
+        return None
+    if len(names) > 1:
+        raise ProviderError(f"deployments.{deployment} is watched by monitors {', '.join(names)}; a server logs to "
+                            "one request store, so keep one monitor per deployment in llmops.yaml.")
+    spec = monitors[names[0]] or {}
+    return ServedMonitor(names[0], store_url(ctx.root, names[0], spec.get("store")), bool(spec.get("log_text", False)))

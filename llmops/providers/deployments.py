@@ -25,13 +25,14 @@ if TYPE_CHECKING:
     from llmops.serve.vllm import VllmContainer
 
 
-def _serve_state(ctx: ProviderContext, name: str) -> Path:
+def serve_state_file(ctx: ProviderContext, name: str) -> Path:
+    """The state file of deployment NAME's server (a built-in server's, or the vLLM proxy's)."""
     return ctx.state_dir / "serve" / f"{name}.json"
 
 
 def _vllm_state(ctx: ProviderContext, name: str) -> Path:
     """The vLLM container behind deployment NAME's proxy (`serve.engine: vllm`); the proxy's
-    own state is `_serve_state`, as a built-in server's is."""
+    own state is `serve_state_file`, as a built-in server's is."""
     return ctx.state_dir / "serve" / f"{name}.vllm.json"
 
 
@@ -40,7 +41,7 @@ def live_endpoint(ctx: ProviderContext, name: str) -> str | None:
     not merely something answering on its port), else None."""
     from llmops.serve.process import server_status
 
-    status = server_status(_serve_state(ctx, name), probe=True)
+    status = server_status(serve_state_file(ctx, name), probe=True)
     return status.url if status.running and status.healthy else None
 
 
@@ -49,7 +50,7 @@ def _endpoint_drift(ctx: ProviderContext, name: str, endpoint: str) -> Drift | N
     other server that answers there instead."""
     from llmops.serve.process import other_server_at, server_status
 
-    status = server_status(_serve_state(ctx, name), probe=True)
+    status = server_status(serve_state_file(ctx, name), probe=True)
     if status.running and status.healthy:
         return None
     if status.running and not status.instance:  # started by an llmops that recorded no token
@@ -197,7 +198,7 @@ class DeploymentsProvider(Provider):
         Without `serve.port`, a running server's port is kept so the endpoint stays put.
         With runner docker the server runs in `serve.image` (see `_serve_container`)."""
         serve = spec["serve"]
-        from llmops.providers.monitors import serving_monitor
+        from llmops.monitor.spec import serving_monitor
         from llmops.serve.process import server_status, start_server, wait_healthy
 
         if not current.get("adapter") or not current.get("base_model"):
@@ -209,7 +210,7 @@ class DeploymentsProvider(Provider):
         monitor = serving_monitor(self.ctx, name)
         port = int(serve.get("port", 0))
         if not port:
-            running = server_status(_serve_state(self.ctx, name))
+            running = server_status(serve_state_file(self.ctx, name))
             port = running.port if running.running and running.port else 0
         self._stop(name)
         common: dict[str, Any] = dict(
@@ -366,8 +367,9 @@ class DeploymentsProvider(Provider):
         of it. Either failing stops both: nothing is left half-started."""
         import time
 
+        from llmops.fsutil import atomic_write_json
         from llmops.runners.docker import ServiceSpec
-        from llmops.serve.process import _write_json, free_port, start_server, stop_server, wait_healthy
+        from llmops.serve.process import free_port, start_server, stop_server, wait_healthy
         from llmops.serve.proxy import UPSTREAM_KEY_ENV
         from llmops.serve.vllm import API_KEY_ENV, wait_vllm_healthy
 
@@ -383,12 +385,13 @@ class DeploymentsProvider(Provider):
         state_dir = self.ctx.state_dir / "serve"
         upstream = f"http://127.0.0.1:{port}"
         state_file = _vllm_state(self.ctx, name)
-        _write_json(state_file, {"container": container, "url": upstream, "port": port, "host": "127.0.0.1",
-                                 "image": spec.image, "image_digest": digest, "model_name": common["model_name"],
-                                 "log_path": str(state_dir / f"{name}.vllm.log"), "instance": None,
-                                 "docker_host": runner.docker_host or os.environ.get("DOCKER_HOST") or None,
-                                 "engine": "vllm", "gpus": spec.gpus, "command": [*spec.entrypoint, *spec.command],
-                                 "started_at": time.time()})
+        atomic_write_json(state_file, {
+            "container": container, "url": upstream, "port": port, "host": "127.0.0.1",
+            "image": spec.image, "image_digest": digest, "model_name": common["model_name"],
+            "log_path": str(state_dir / f"{name}.vllm.log"), "instance": None,
+            "docker_host": runner.docker_host or os.environ.get("DOCKER_HOST") or None,
+            "engine": "vllm", "gpus": spec.gpus, "command": [*spec.entrypoint, *spec.command],
+            "started_at": time.time()})
         try:
             wait_vllm_healthy(runner, container, upstream, timeout)
             handle = start_server(state_dir, name, root / current["base_model"], adapter_dir=root / current["adapter"],
@@ -396,7 +399,7 @@ class DeploymentsProvider(Provider):
                                   env={UPSTREAM_KEY_ENV: key}, **common)
             wait_healthy(handle.url, timeout=60.0, handle=handle)
         except BaseException:
-            stop_server(_serve_state(self.ctx, name))
+            stop_server(serve_state_file(self.ctx, name))
             stop_server(state_file)
             raise
         return {"endpoint": handle.url, "served_model": common["model_name"], "engine": "vllm", "image": spec.image,
@@ -407,7 +410,7 @@ class DeploymentsProvider(Provider):
         `serve.engine: vllm`, the vLLM container behind its proxy)."""
         from llmops.serve.process import stop_server
 
-        stop_server(_serve_state(self.ctx, name))
+        stop_server(serve_state_file(self.ctx, name))
         stop_server(_vllm_state(self.ctx, name))
 
     # -- refresh / delete --------------------------------------------------------------
@@ -514,6 +517,13 @@ def _describe_gate(g: dict[str, Any]) -> str:
     return GateResult(**{k: g.get(k) for k in ("metric", "value", "op", "threshold", "passed", "margin", "baseline")}).describe()
 
 
+def serve_deployment(ctx: ProviderContext, name: str, spec: dict[str, Any], model_name: str,
+                     current: dict[str, Any]) -> dict[str, Any]:
+    """(Re)start deployment NAME's server on `current`'s model (see `DeploymentsProvider._serve`);
+    the monitors provider calls it when the server logs with other settings than wanted."""
+    return DeploymentsProvider(ctx)._serve(name, spec, model_name, current)
+
+
 def rollback(ctx: ProviderContext, name: str, locked: LockedResource) -> dict[str, Any]:
     """Move the deployment's alias back to its previous version (and serve that); new outputs."""
     out = dict(locked.outputs)
@@ -537,5 +547,5 @@ def down(ctx: ProviderContext, name: str) -> bool:
     """Stop deployment NAME's server (and a vLLM container behind it); True when one was running."""
     from llmops.serve.process import stop_server
 
-    stopped = stop_server(_serve_state(ctx, name))
+    stopped = stop_server(serve_state_file(ctx, name))
     return stop_server(_vllm_state(ctx, name)) or stopped

@@ -2,7 +2,8 @@
 
 A monitor (`monitors.NAME`) watches the deployment of the same name (or `deployment:`).
 Its apply makes sure the request store exists and records where it is; the deployment's
-server logs to it because `DeploymentsProvider._serve` asks `serving_monitor` which store
+server logs to it because `DeploymentsProvider._serve` asks `serving_monitor` (in
+`llmops.monitor.spec`, below both providers) which store
 to pass. When the server runs with other monitor settings than llmops.yaml now asks for
 (a monitor added, `store` or `log_text` changed), apply restarts it through the
 deployments provider. The monitor's checks themselves run with `llmops monitor`; their
@@ -11,41 +12,13 @@ open alerts are shown by plan (`alerts`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
 from llmops.lockfile import LockedResource
-from llmops.providers.base import ApplyRequest, ApplyResult, Provider, ProviderContext
-
-
-@dataclass(frozen=True)
-class ServedMonitor:
-    """What a deployment's server needs from the monitor watching it."""
-
-    name: str
-    store: str  # full store URL (may hold a password: never record it as is)
-    log_text: bool
-
-
-def monitor_deployment(name: str, spec: dict[str, Any] | None) -> str:
-    return str((spec or {}).get("deployment") or name)
-
-
-def serving_monitor(ctx: ProviderContext, deployment: str) -> ServedMonitor | None:
-    """The monitor of `deployment` in the resolved llmops.yaml, or None when none watches it."""
-    from llmops.monitor.spec import store_url
-
-    monitors = ctx.config.get("monitors") or {}
-    names = sorted(n for n, spec in monitors.items() if monitor_deployment(n, spec) == deployment)
-    if not names:
-        return None
-    if len(names) > 1:
-        raise ProviderError(f"deployments.{deployment} is watched by monitors {', '.join(names)}; a server logs to "
-                            "one request store, so keep one monitor per deployment in llmops.yaml.")
-    spec = monitors[names[0]] or {}
-    return ServedMonitor(names[0], store_url(ctx.root, names[0], spec.get("store")), bool(spec.get("log_text", False)))
+from llmops.monitor.spec import ServedMonitor, monitor_deployment, serving_monitor
+from llmops.providers.base import ApplyRequest, ApplyResult, Provider
 
 
 def _wanted(monitor: ServedMonitor | None) -> dict[str, Any] | None:
@@ -99,10 +72,10 @@ class MonitorsProvider(Provider):
 
     def _restart_if_changed(self, deployment: str, dep: LockedResource, monitor: ServedMonitor | None) -> bool:
         """Restart the deployment's running server when it logs with other settings than wanted."""
-        from llmops.providers.deployments import DeploymentsProvider, _serve_state
+        from llmops.providers.deployments import serve_deployment, serve_state_file
         from llmops.serve.process import server_monitor, server_status
 
-        state = _serve_state(self.ctx, deployment)
+        state = serve_state_file(self.ctx, deployment)
         if not server_status(state).running or server_monitor(state) == _wanted(monitor):
             return False
         spec = (self.ctx.config.get("deployments") or {}).get(deployment) or {}
@@ -111,7 +84,7 @@ class MonitorsProvider(Provider):
             return False
         current = {"version": out.get("version"), "adapter": out.get("adapter"), "base_model": out.get("base_model")}
         self.ctx.log(f"deployments.{deployment}", "restarting the server with the monitor's request-log settings")
-        served = DeploymentsProvider(self.ctx)._serve(deployment, spec, str(out["model_name"]), current)
+        served = serve_deployment(self.ctx, deployment, spec, str(out["model_name"]), current)
         if out.get("endpoint") and served["endpoint"] != out["endpoint"]:
             raise ProviderError(f"deployments.{deployment} restarted on {served['endpoint']}, but llmops.lock says "
                                 f"{out['endpoint']}; run `llmops apply` to record the new endpoint.")

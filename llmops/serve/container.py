@@ -82,8 +82,9 @@ def start_container_server(
     start while a server (of either kind) recorded under NAME still runs, or when a fixed
     port is taken.
     """
-    from llmops.serve.process import (INSTANCE_ENV, ServeError, _url_host, _write_json, check_port, free_port,
-                                      server_args, server_status)
+    from llmops.fsutil import atomic_write_json
+    from llmops.serve.process import (INSTANCE_ENV, ServeError, check_port, free_port, server_args, server_status,
+                                      url_host)
 
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -113,10 +114,10 @@ def start_container_server(
               log_path=state_dir / f"{name}.log", env=env, gpus=int(gpus), image=image)
     container = runner.run_detached(job, port=port, container_port=port, host=host)
     docker_host = runner.docker_host or os.environ.get("DOCKER_HOST") or None
-    server = ContainerServer(container, port, host, f"http://{_url_host(host)}:{port}", image, digest, model_name,
+    server = ContainerServer(container, port, host, f"http://{url_host(host)}:{port}", image, digest, model_name,
                              str(state_file), str(job.log_path), docker_host, instance)
-    _write_json(state_file, dict(asdict(server), started_at=time.time(), gpus=int(gpus),
-                                 command=[SERVER_MODULE, *args], monitor=monitor))
+    atomic_write_json(state_file, dict(asdict(server), started_at=time.time(), gpus=int(gpus),
+                                      command=[SERVER_MODULE, *args], monitor=monitor))
     return server
 
 
@@ -134,7 +135,7 @@ def wait_container_healthy(server: ContainerServer, runner: DockerRunner, timeou
     seconds, fails with the container's last output in the message; the container is
     removed and the state file deleted, so nothing is left half-started.
     """
-    from llmops.serve.process import HTTP_ERRORS, ServeError, _get_json, describe_health
+    from llmops.serve.process import HTTP_ERRORS, ServeError, describe_health, get_json
 
     deadline = time.monotonic() + timeout
     last = ""
@@ -143,7 +144,7 @@ def wait_container_healthy(server: ContainerServer, runner: DockerRunner, timeou
             problem = f"the model server container {server.container[:12]} (image {server.image}) exited while starting"
             break
         try:
-            body = _get_json(server.url + "/health", timeout=5.0)
+            body = get_json(server.url + "/health", timeout=5.0)
         except HTTP_ERRORS as exc:
             last = str(getattr(exc, "reason", exc)) or type(exc).__name__
         else:

@@ -150,12 +150,13 @@ def generate_batch(
     width = enc["input_ids"].shape[1]
     prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
     return [
-        _finish(lm, out[i, width:].tolist(), int(prompt_lens[i]), stop)
+        finish_generated(lm, out[i, width:].tolist(), int(prompt_lens[i]), stop)
         for i in range(len(prompts))
     ]
 
 
-def _finish(lm: LoadedModel, ids: list[int], prompt_tokens: int, stop: Sequence[str]) -> Generated:
+def finish_generated(lm: LoadedModel, ids: list[int], prompt_tokens: int, stop: Sequence[str]) -> Generated:
+    """The answer in the generated token IDS: cut at the first end token or stop string."""
     ends = lm.eos_ids | ({lm.tokenizer.pad_token_id} if lm.tokenizer.pad_token_id is not None else set())
     cut = next((k for k, t in enumerate(ids) if t in ends), None)
     finish = "stop" if cut is not None else "length"
@@ -291,7 +292,7 @@ class TokenStream:
             thread.join()
         if "error" in box:
             raise box["error"]
-        done = _finish(lm, box["out"][0, width:].tolist(), width, self.stop)
+        done = finish_generated(lm, box["out"][0, width:].tolist(), width, self.stop)
         reason = "stop" if hit else done.finish_reason
         self.result = Generated(final, width, done.completion_tokens, reason)
 

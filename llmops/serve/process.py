@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from llmops.errors import ProviderError
+from llmops.fsutil import atomic_write_json
 from llmops.serve.server import INSTANCE_ENV
 
 SERVER_MODULE = "llmops.serve"
@@ -150,10 +151,10 @@ def start_server(
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=full_env, start_new_session=True, close_fds=True)
     _CHILDREN[proc.pid] = proc
-    url = f"http://{_url_host(host)}:{port}"
+    url = f"http://{url_host(host)}:{port}"
     handle = ServerHandle(proc.pid, port, host, url, str(log_path), str(state_file), model_name, instance)
     state = dict(asdict(handle), started_at=time.time(), command=cmd[1:], monitor=monitor, module=module)
-    _write_json(state_file, state)
+    atomic_write_json(state_file, state)
     return handle
 
 
@@ -215,7 +216,7 @@ def check_port(host: str, port: int, name: str) -> None:
     where = f"server '{name}' cannot start on {host}:{port}"
     if problem.errno != errno.EADDRINUSE:
         raise ServeError(f"{where}: {problem.strerror or problem}; choose another serve.host or serve.port.")
-    body = _health(f"http://{_url_host(host)}:{port}", timeout=2.0)
+    body = _health(f"http://{url_host(host)}:{port}", timeout=2.0)
     if body is not None and _is_llmops(body):
         pid = body["pid"]
         if _alive(pid) and _is_our_server(pid):
@@ -232,7 +233,7 @@ def check_port(host: str, port: int, name: str) -> None:
 def _health(url: str, timeout: float = 5.0) -> dict[str, Any] | None:
     """GET `URL/health`: its JSON object, `{}` for any other HTTP answer, None when nothing answers."""
     try:
-        body = _get_json(url.rstrip("/") + "/health", timeout=timeout)
+        body = get_json(url.rstrip("/") + "/health", timeout=timeout)
     except urllib.error.HTTPError:
         return {}
     except ValueError:  # not JSON
@@ -274,16 +275,11 @@ def other_server_at(url: str, instance: str | None = None) -> str | None:
     return describe_health(body)
 
 
-def _url_host(host: str) -> str:
+def url_host(host: str) -> str:
+    """HOST as the host part of a URL a client here can reach (a wildcard bind: loopback)."""
     if host in ("0.0.0.0", ""):
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _read_state(state_file: Path | str) -> dict[str, Any] | None:
@@ -334,7 +330,8 @@ def _log_tail(path: str | None, lines: int = 20) -> str:
         return ""
 
 
-def _get_json(url: str, timeout: float) -> dict[str, Any]:
+def get_json(url: str, timeout: float) -> dict[str, Any]:
+    """GET URL and parse its JSON body (raises what urlopen and json.loads raise)."""
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read().decode("utf-8"))
 
@@ -355,7 +352,7 @@ def wait_healthy(url: str, timeout: float = 120.0, handle: ServerHandle | None =
                 f"{_log_tail(handle.log_path)}"
             )
         try:
-            body = _get_json(url.rstrip("/") + "/health", timeout=5.0)
+            body = get_json(url.rstrip("/") + "/health", timeout=5.0)
         except HTTP_ERRORS as exc:
             last = str(getattr(exc, "reason", exc)) or type(exc).__name__
         else:

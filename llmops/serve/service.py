@@ -191,7 +191,7 @@ class Batcher:
     def _continuous(self, key: tuple, texts: list[str]) -> list[Any]:
         """Greedy requests decode in the continuous-batching engine, joining at the next step."""
         from llmops.serve.engine import EngineError
-        from llmops.serve.model import _finish
+        from llmops.serve.model import finish_generated
 
         _, _, stop, special, wanted = key
         service = self.service
@@ -206,7 +206,7 @@ class Batcher:
                                "server is overloaded. Retry later.", None, "queue_timeout", type_="server_error",
                                headers={"Retry-After": "5"}) from None
         with service._tok_lock:
-            return [_finish(service.lm, tokens, len(ids), list(stop)) for ids, tokens in zip(prompt_ids, outs)]
+            return [finish_generated(service.lm, tokens, len(ids), list(stop)) for ids, tokens in zip(prompt_ids, outs)]
 
     def _wait(self, job: _Job) -> list[Any]:
         if not job.done.wait(self.timeout):

@@ -167,7 +167,7 @@ def wait_vllm_healthy(runner: Any, container: str, url: str, timeout: float) -> 
     fails with its last output in the message; the caller removes it."""
     import time
 
-    from llmops.serve.process import HTTP_ERRORS, ServeError, _get_json
+    from llmops.serve.process import HTTP_ERRORS, ServeError, get_json
 
     deadline = time.monotonic() + timeout
     last = ""
@@ -176,7 +176,7 @@ def wait_vllm_healthy(runner: Any, container: str, url: str, timeout: float) -> 
             problem = f"the vLLM container {container[:12]} exited while starting"
             break
         try:
-            _get_json(url + "/health", timeout=5.0)
+            get_json(url + "/health", timeout=5.0)
             return
         except ValueError:  # vLLM's /health answers 200 with an empty body
             return
