@@ -31,9 +31,9 @@ def measure(n: int) -> dict:
     """Apply a fresh n-resource project with trivial providers; engine seconds and bytes written."""
     from plan_scale import KINDS, Timing, Trivial, generate
 
-    from llmops.apply import apply_plan
-    from llmops.planner import make_plan
-    from llmops.project import open_project
+    from llmops.engine.apply import apply_plan
+    from llmops.engine.planner import make_plan
+    from llmops.engine.project import open_project
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmops.apply import ApplyHooks, apply_plan
-from llmops.planner import make_plan
-from llmops.project import open_project
+from llmops.engine.apply import ApplyHooks, apply_plan
+from llmops.engine.planner import make_plan
+from llmops.engine.project import open_project
 from llmops.providers.base import ApplyResult, Provider
 
 KINDS = ("datasets", "prompts", "base_models", "finetunes", "evals")
@@ -115,7 +115,7 @@ def seed_live_state(root: Path, n: int) -> dict[str, dict]:
 
     import yaml
 
-    from llmops import tracking
+    from llmops.integrations import mlflow as tracking
 
     per = n // len(KINDS)
     out: dict[str, dict] = {}
@@ -165,7 +165,7 @@ def in_process_refresh(root: Path) -> dict[str, object]:
     off (every resource asked about on its own, as before #15)."""
     from mlflow.tracking import MlflowClient
 
-    from llmops import tracking
+    from llmops.integrations import mlflow as tracking
 
     counts: dict[str, int] = {}
     for name in [m for m in dir(MlflowClient) if m.startswith(("search_", "get_"))]:

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 from llmops.evals.metrics import percentile
 from llmops.monitor.store import open_store
-from llmops.prompts import render_prompt
+from llmops.templating.prompt_template import render_prompt
 from llmops.serve.process import start_server, stop_server, wait_healthy
 from llmops.train.build import build_tiny_model
 

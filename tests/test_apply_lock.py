@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from llmops.applylock import ApplyLock, force_unlock, parse_duration, read_apply_lock
+from llmops.engine.applylock import ApplyLock, force_unlock, parse_duration, read_apply_lock
 from llmops.errors import ApplyLockedError, LlmopsError, ProviderError
-from llmops.lockfile import load_lock
+from llmops.engine.lockfile import load_lock
 
 from test_engine import CONFIG
 
@@ -27,7 +27,7 @@ from test_engine import CONFIG
 _HOLDER = r"""
 import sys, time
 from pathlib import Path
-from llmops.applylock import ApplyLock
+from llmops.engine.applylock import ApplyLock
 lock = ApplyLock(Path(sys.argv[1]))
 lock.acquire()
 print(lock.info.id, flush=True)
@@ -161,7 +161,7 @@ def test_apply_lock_timeout_option(project):
 _RACER = r"""
 import json, os, sys, time
 from pathlib import Path
-from llmops.applylock import ApplyLock
+from llmops.engine.applylock import ApplyLock
 from llmops.errors import ApplyLockedError
 state, sentinel = Path(sys.argv[1]), Path(sys.argv[2])
 while sys.stdin.readline():
@@ -212,10 +212,10 @@ _APPLY_SCRIPT = r"""
 import sys
 sys.path.insert(0, {tests!r})
 import engine_providers as ep
-from llmops.apply import apply_plan
-from llmops.applylock import ApplyLock
-from llmops.planner import make_plan
-from llmops.project import open_project
+from llmops.engine.apply import apply_plan
+from llmops.engine.applylock import ApplyLock
+from llmops.engine.planner import make_plan
+from llmops.engine.project import open_project
 p = open_project(__import__("pathlib").Path({root!r}), provider_overrides=ep.OVERRIDES)
 with ApplyLock(p.state_dir):
     apply_plan(p, make_plan(p), parallelism=1)
@@ -255,9 +255,9 @@ import json, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
 sys.path.insert(0, {tests!r})
 import engine_providers as ep
-from llmops.apply import apply_plan
-from llmops.planner import make_plan
-from llmops.project import open_project
+from llmops.engine.apply import apply_plan
+from llmops.engine.planner import make_plan
+from llmops.engine.project import open_project
 p = open_project(__import__("pathlib").Path({root!r}), provider_overrides=ep.OVERRIDES)
 report = apply_plan(p, make_plan(p), parallelism=1)
 print(json.dumps({{"interrupted": report.interrupted, "applied": report.applied,
@@ -309,7 +309,7 @@ def _checkouts(tmp_path: Path, url: str, project: str) -> tuple[Path, Path]:
 
 
 def _lock(root: Path, **kwargs) -> ApplyLock:
-    from llmops.project import open_project
+    from llmops.engine.project import open_project
 
     return ApplyLock.for_project(open_project(root), **kwargs)
 
@@ -381,8 +381,8 @@ def test_force_unlock_removes_the_shared_lease_by_id(tmp_path, lock_server):
 _LEASE_HOLDER = r"""
 import sys, time
 from pathlib import Path
-from llmops.applylock import ApplyLock
-from llmops.project import open_project
+from llmops.engine.applylock import ApplyLock
+from llmops.engine.project import open_project
 lock = ApplyLock.for_project(open_project(Path(sys.argv[1])), lease_ttl=2.0, renew_every=0.3)
 lock.acquire()
 print(lock.info.id, flush=True)
@@ -438,7 +438,7 @@ def test_racing_takers_of_a_shared_lease_never_both_hold_it(tmp_path, lock_serve
 def test_an_apply_that_waited_for_the_lock_plans_from_the_lock_the_other_left(project):
     """`--lock-timeout`: the waiting apply opened llmops.lock before the holder finished; once it
     holds the lock it reads the lock again, so it neither plans from nor saves over a stale one."""
-    from llmops.lockfile import save_lock
+    from llmops.engine.lockfile import save_lock
 
     project.write({"llmops.yaml": "version: 1\nproject: race\ndatasets:\n  a: {source: data/a.jsonl}\n"
                                   "  b: {source: data/b.jsonl}\n",

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 import engine_providers as ep
-from llmops.apply import ApplyHooks, apply_plan
-from llmops.applylock import ApplyLock
+from llmops.engine.apply import ApplyHooks, apply_plan
+from llmops.engine.applylock import ApplyLock
 from llmops.errors import LockfileError
-from llmops.lockfile import (Lock, LockedResource, LockJournal, compact_journal, journal_path, load_lock,
+from llmops.engine.lockfile import (Lock, LockedResource, LockJournal, compact_journal, journal_path, load_lock,
                              save_lock)
-from llmops.planner import make_plan
-from llmops.project import open_project
+from llmops.engine.planner import make_plan
+from llmops.engine.project import open_project
 
 from test_engine import CONFIG
 
@@ -163,10 +163,10 @@ _APPLY_SCRIPT = r"""
 import sys
 sys.path.insert(0, {tests!r})
 import engine_providers as ep
-from llmops.apply import apply_plan
-from llmops.applylock import ApplyLock
-from llmops.planner import make_plan
-from llmops.project import open_project
+from llmops.engine.apply import apply_plan
+from llmops.engine.applylock import ApplyLock
+from llmops.engine.planner import make_plan
+from llmops.engine.project import open_project
 p = open_project(__import__("pathlib").Path({root!r}), provider_overrides=ep.OVERRIDES)
 with ApplyLock.for_project(p):
     apply_plan(p, make_plan(p), parallelism=1)
@@ -239,7 +239,7 @@ def test_the_next_engine_apply_resumes_from_the_journal(proj):
 _JOURNAL_SCRIPT = r"""
 import os, signal, sys
 from pathlib import Path
-from llmops.lockfile import LockedResource, LockJournal, load_lock
+from llmops.engine.lockfile import LockedResource, LockJournal, load_lock
 path = Path(sys.argv[1])
 journal = LockJournal(load_lock(path), path)
 journal.set(LockedResource("datasets.a", "sha256:1"))  # a whole write, then the journal starts

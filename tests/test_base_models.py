@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmops.errors import ProviderError
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ProviderContext
 from llmops.providers.base_models import BaseModelsProvider, FileHashCache, find_hf_snapshot, model_folder
 from llmops.train.build import BOS, EOS, PAD, build_tiny_model

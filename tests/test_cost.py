@@ -1,4 +1,4 @@
-"""Cost estimates (llmops.cost): scaled from the last recorded run, else a stated default;
+"""Cost estimates (llmops.engine.cost): scaled from the last recorded run, else a stated default;
 what the plan shows of them; the comparison of two evals in the PR comment."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from llmops.cost import DEFAULTS, actual, describe, estimate_eval, estimate_finetune, total
-from llmops.plan import Plan, ResourceChange
-from llmops.plan_markdown import plan_to_markdown
+from llmops.engine.cost import DEFAULTS, actual, describe, estimate_eval, estimate_finetune, total
+from llmops.engine.plan import Plan, ResourceChange
+from llmops.operations.plan_markdown import plan_to_markdown
 
 LAST = {"cost": actual("cpu", 20.0, tokens=60_000, train_s=6.0, train_rows=200, trials=1, steps=150)}
 TRAINING = {"epochs": 6}
@@ -71,7 +71,7 @@ def _change(address, action, details):
 
 
 def test_plan_totals_and_renders_cost_and_comparison(tmp_path):
-    from llmops.planfile import plan_to_json
+    from llmops.engine.planfile import plan_to_json
 
     ft = {"trials": 1, "cost": estimate_finetune(tmp_path, TRAINING, 1, 0, LAST, TRAINING, DATASET, None)}
     ev = {"cost": estimate_eval(20, 1, 32, None), "compared_to": "evals.base",
@@ -102,7 +102,7 @@ def test_no_cost_no_total():
 
 def _recheck(tmp_path, compare_to, mine: dict, theirs: dict):
     """Apply an eval whose metrics are recorded (an `update`: gates re-checked, no model run)."""
-    from llmops.lockfile import LockedResource
+    from llmops.engine.lockfile import LockedResource
     from llmops.providers.base import ApplyRequest, ProviderContext
     from llmops.providers.evals import EvalsProvider
 
@@ -145,7 +145,7 @@ def test_compare_to_without_recorded_metrics_says_what_to_apply(tmp_path):
 
 
 def test_pretraining_is_priced_from_the_last_build_or_the_texts_size():
-    from llmops.cost import estimate_pretrain
+    from llmops.engine.cost import estimate_pretrain
 
     last = {"pretrain": {"steps": 160, "tokens": 150_000, "seconds": 10.0}}
     same = estimate_pretrain(20, last, 20, 200, 200, None)

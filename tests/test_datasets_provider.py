@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from llmops.errors import ProviderError
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ProviderContext
 from llmops.providers.datasets import DVC_YAML_HEADER, DatasetsProvider, load_split, render_dvc_yaml
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from llmops.fingerprint import fingerprint, locked_spec
-from llmops.schema import KIND_DEFS, documented_defaults
+from llmops.engine.fingerprint import fingerprint, locked_spec
+from llmops.config.schema import KIND_DEFS, documented_defaults
 
 BASE: dict[str, dict[str, Any]] = {
     "datasets": {"source": "data/d.jsonl"},

@@ -56,7 +56,7 @@ def _free_port() -> int:
 
 
 def _client(project):
-    from llmops.tracking import client
+    from llmops.integrations.mlflow import client
 
     return client(project.root, {})
 

@@ -87,7 +87,7 @@ def test_finetune_trains_in_a_container_through_the_cli(project, engine, base_im
     assert weights.stat().st_uid == os.getuid()
 
     # The job wrote its MLflow run into the project's SQLite database from inside the container.
-    from llmops.tracking import client as mlflow_client
+    from llmops.integrations.mlflow import client as mlflow_client
 
     tracker = mlflow_client(project.root, {})
     run = tracker.get_run(entry["outputs"]["run_id"])

@@ -77,7 +77,7 @@ def test_a_dpo_fine_tune_trains_on_pairs_registers_and_is_gated_and_new_ratings_
         ft = lock["finetunes.liked"]["outputs"]
         assert ft["model_name"] == "liked" and ft["model_version"] == "1"
         assert ft["metrics"]["steps"] >= 2 and ft["cost"]["tokens"] > 0
-        from llmops.tracking import client
+        from llmops.integrations.mlflow import client
 
         mlflow = client(project.root, {})
         run = mlflow.get_run(ft["run_id"])

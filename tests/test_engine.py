@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 import engine_providers as ep
-from llmops.apply import ApplyHooks, apply_plan
+from llmops.engine.apply import ApplyHooks, apply_plan
 from llmops.errors import PlanError, ProviderError, StalePlanError
-from llmops.lockfile import load_lock
-from llmops.planner import check_saved_plan, make_plan
-from llmops.project import open_project
+from llmops.engine.lockfile import load_lock
+from llmops.engine.planner import check_saved_plan, make_plan
+from llmops.engine.project import open_project
 
 CONFIG = """\
 version: 1
@@ -247,7 +247,7 @@ def test_open_alerts_are_shown_by_plan_but_are_not_changes(proj):
     assert not plan.has_changes
     assert plan.alerts == [("deployments.d", "drift: PSI 0.31 > 0.2 on prompt length")]
     assert plan_of(proj, refresh=False).alerts == []
-    from llmops.plan_markdown import plan_to_markdown
+    from llmops.operations.plan_markdown import plan_to_markdown
 
     assert "> - `deployments.d`: drift: PSI 0.31 > 0.2 on prompt length" in plan_to_markdown(plan)
 

@@ -222,7 +222,7 @@ def test_down_then_apply_serves_again(example):
 
 @pytest.mark.slow
 def test_versions_carry_lineage_and_a_retrain_is_priced_then_recorded(example):
-    from llmops.tracking import client
+    from llmops.integrations.mlflow import client
 
     project, _, _ = example
     mlflow = client(project.root, {})

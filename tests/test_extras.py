@@ -1,4 +1,4 @@
-"""llmops.extras: which optional package a store URL needs, and the refusal naming the extra."""
+"""llmops.integrations.extras: which optional package a store URL needs, and the refusal naming the extra."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import importlib.util
 
 import pytest
 
-from llmops import extras
+from llmops.integrations import extras
 from llmops.errors import LlmopsError
-from llmops.extras import DVC_REMOTE, MLFLOW_ARTIFACTS, MONITOR_STORE, require_store_support
+from llmops.integrations.extras import DVC_REMOTE, MLFLOW_ARTIFACTS, MONITOR_STORE, require_store_support
 
 _real_find_spec = importlib.util.find_spec
 
@@ -84,7 +84,7 @@ def test_unknown_purpose_is_a_programming_error():
 
 @pytest.mark.parametrize("module, importable", [
     ("json", True),
-    ("llmops.extras", True),
+    ("llmops.integrations.extras", True),
     ("llmops_no_such_package", False),
     ("llmops_no_such_package.sub", False),  # find_spec raises for a missing parent: still False
 ])

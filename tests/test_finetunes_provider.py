@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmops.errors import ProviderError
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ProgressEvent, ProviderContext
 from llmops.providers.finetunes import FinetunesProvider
 from llmops.runners.base import Job
@@ -141,7 +141,7 @@ def test_cancelled_apply_fails_then_resumes_and_records_outputs(setup, project):
 
     # Embedded MLflow under the project; one run for both attempts; lineage on the version.
     assert project.path(".llmops/mlflow.db").is_file()
-    from llmops import tracking
+    from llmops.integrations import mlflow as tracking
 
     client = tracking.client(project.root, {})
     run = client.get_run(out["run_id"])

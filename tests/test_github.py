@@ -506,8 +506,8 @@ def test_cli_pr_comment_creates_then_updates(gh, tmp_path: Path, monkeypatch):
 def test_cli_pr_comment_from_a_saved_plan(gh, tmp_path: Path, monkeypatch):
     """`llmops pr comment --plan FILE` renders a saved plan (from `llmops plan --out`) as the comment."""
     from llmops.cli.gitops import pr_group
-    from llmops.plan import Plan, ResourceChange
-    from llmops.planfile import save_plan
+    from llmops.engine.plan import Plan, ResourceChange
+    from llmops.engine.planfile import save_plan
 
     n = merged_pr(gh, 13)
     for key, value in {"GITHUB_TOKEN": TOKEN, "GITHUB_REPOSITORY": REPO, "GITHUB_API_URL": gh.url}.items():
@@ -566,7 +566,7 @@ def _promotion_repo(tmp_path: Path) -> tuple[Path, Path, str]:
 
 
 def _request(root: Path, sha: str, applied: str | None = None):
-    from llmops.config import parse_document
+    from llmops.config.document import parse_document
     from llmops.gitops import PromotionRequest
 
     config = parse_document((root / "llmops.yaml").read_text(), "llmops.yaml").data
@@ -578,7 +578,7 @@ def test_deployment_inputs_follow_references_and_named_files(tmp_path: Path):
 
     _, root, _ = _promotion_repo(tmp_path)
     (root / "llmops.yaml").write_text(PROMO_CONFIG + PROMO_DEPLOYMENT)
-    from llmops.config import parse_document
+    from llmops.config.document import parse_document
 
     data = parse_document((root / "llmops.yaml").read_text(), "llmops.yaml").data
     addresses, files = deployment_inputs(data, "prod", root)

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from llmops.addrs import KINDS
+from llmops.engine.addrs import KINDS
 from llmops.cli.gitops import init_command
 import llmops
-from llmops.scaffold import ScaffoldError, detect_default_branch, init_project
+from llmops.operations.scaffold import ScaffoldError, detect_default_branch, init_project
 
 SCAFFOLD = [
     ".github/workflows/llmops-apply.yml",
@@ -89,7 +89,7 @@ def test_scaffold_config_is_small_and_shows_every_kind(tmp_path: Path, monkeypat
 
 
 def test_scaffold_passes_llmops_validation(tmp_path: Path):
-    from llmops.validate import load_config
+    from llmops.config.validate import load_config
 
     init_project(tmp_path, name="demo")
     config = load_config(tmp_path)
@@ -161,7 +161,7 @@ def test_cli_module_imports_nothing_heavy():
 
 @pytest.mark.parametrize("rel", SCAFFOLD[:2])
 def test_scaffolded_workflows_are_the_rendered_templates(tmp_path: Path, rel: str):
-    from llmops.scaffold import render_workflows
+    from llmops.operations.scaffold import render_workflows
 
     init_project(tmp_path, name="demo")
     assert (tmp_path / rel).read_text() == render_workflows()[rel]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmops.errors import LockfileError
-from llmops.lockfile import Lock, LockedResource, load_lock, save_lock
+from llmops.engine.lockfile import Lock, LockedResource, load_lock, save_lock
 
 GOLDEN = """\
 # llmops.lock: maintained by llmops; do not edit by hand.

@@ -246,7 +246,7 @@ def write_lock(root: Path, md5: str) -> None:
 
 def reference_of(root: Path) -> tuple[Reference | None, str]:
     from llmops.monitor.run import training_reference
-    from llmops.project import open_project
+    from llmops.engine.project import open_project
 
     rows, reference, how = training_reference(open_project(root), "prod")
     assert rows is None  # no embedding drift: the rows are not handed on

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from llmops.planner import make_plan
-from llmops.project import open_project
+from llmops.engine.planner import make_plan
+from llmops.engine.project import open_project
 
 CONFIG = """\
 version: 1
@@ -105,7 +105,7 @@ def test_values_json_cannot_carry_are_not_cached(cached):
     """A YAML date is a datetime.date: the skeleton keeps its span and parses it again."""
     import datetime
 
-    from llmops.config import load_document
+    from llmops.config.document import load_document
 
     root = cached.root
     (root / "dated.yaml").write_text("when: 2024-01-02\n")
@@ -154,8 +154,8 @@ datasets:
 def test_no_value_of_the_config_reaches_the_cache(cached):
     """The skeleton holds offsets into llmops.yaml, never its values: passwords inside URIs
     stay in the one file they were written in, whatever is cached."""
-    from llmops.config import load_document, parse_document
-    from llmops.validate import _cache_dir
+    from llmops.config.document import load_document, parse_document
+    from llmops.config.validate import _cache_dir
 
     root = cached.root
     cached.write({"llmops.yaml": SECRET_CONFIG})
@@ -178,7 +178,7 @@ def test_every_kind_of_scalar_rebuilds_exactly(cached):
     back is the full parse, value and type, with the same positions."""
     import datetime
 
-    from llmops.config import _same, load_document, parse_document
+    from llmops.config.document import _same, load_document, parse_document
 
     root = cached.root
     text = ("a: 1\nb: [1, 2.5, \"x\", 'y', yes, ~, 012, 0x1F, 1_000, .inf, 2024-01-02, -0.0]\n"
@@ -201,8 +201,8 @@ def test_every_kind_of_scalar_rebuilds_exactly(cached):
 ])
 def test_the_planners_fingerprint_is_the_fingerprint(kind, spec):
     """Plan normalises each spec once and hashes that: the very hash `fingerprint` gives."""
-    from llmops.fingerprint import fingerprint, locked_spec
-    from llmops.planner import _fingerprint
+    from llmops.engine.fingerprint import fingerprint, locked_spec
+    from llmops.engine.planner import _fingerprint
 
     files, ups = {"data/d.jsonl": "0" * 32}, {"datasets.d": "sha256:1"}
     for content in (None, "sha256:c"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops.prompts import (
+from llmops.templating.prompt_template import (
     PromptError,
     check_prompt,
     load_prompt,
@@ -194,7 +194,7 @@ def test_loaded_prompt_knows_its_form_and_response_field(root: Path) -> None:
 
 
 def test_templates_never_read_outside_the_project_or_leak_the_environment(root: Path, monkeypatch) -> None:
-    from llmops.prompts import check_prompt
+    from llmops.templating.prompt_template import check_prompt
 
     monkeypatch.setenv("GITHUB_TOKEN", "ghp_unit_test_secret_value")
     (root / "prompts").mkdir(exist_ok=True)
@@ -217,7 +217,7 @@ def test_templates_never_read_outside_the_project_or_leak_the_environment(root: 
     "{{ q|center(300000000) }}",
 ])
 def test_example_rendering_has_a_size_and_time_budget(root: Path, body: str) -> None:
-    from llmops.prompts import check_prompt
+    from llmops.templating.prompt_template import check_prompt
 
     spec = {"text": body, "variables": ["q"], "examples": [{"inputs": {"q": "x"}, "expect": {"contains": "x"}}]}
     found = [d.format() for d in check_prompt("p", spec, root)]

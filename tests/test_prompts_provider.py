@@ -19,7 +19,7 @@ prompts:
 
 
 def _client(project):
-    from llmops.tracking import client
+    from llmops.integrations.mlflow import client
 
     return client(project.root, {})
 

@@ -12,10 +12,10 @@ from collections import Counter
 
 import pytest
 
-from llmops import tracking
-from llmops.lockfile import LockedResource
-from llmops.planner import make_plan
-from llmops.project import open_project
+from llmops.integrations import mlflow as tracking
+from llmops.engine.lockfile import LockedResource
+from llmops.engine.planner import make_plan
+from llmops.engine.project import open_project
 
 
 def _changes(plan) -> dict[str, tuple[str, list[str]]]:
@@ -199,8 +199,8 @@ def test_a_healthy_refresh_of_a_local_store_never_loads_mlflow(project):
     project.write({"llmops.yaml": PROMPTS})
     res = project.run("apply", "--auto-approve")
     assert res.returncode == 0, res.stdout + res.stderr
-    code = ("import sys; from pathlib import Path; from llmops.planner import make_plan; "
-            "from llmops.project import open_project; plan = make_plan(open_project(Path('.')), refresh=True); "
+    code = ("import sys; from pathlib import Path; from llmops.engine.planner import make_plan; "
+            "from llmops.engine.project import open_project; plan = make_plan(open_project(Path('.')), refresh=True); "
             "print(plan.has_changes, 'mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=project.root, capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr

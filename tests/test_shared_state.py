@@ -194,7 +194,7 @@ def test_a_clone_restores_and_main_promotes_the_version_its_pull_request_trained
 
 
 def test_mlflow_environment_variables_apply_when_llmops_yaml_sets_no_store(project, monkeypatch):
-    from llmops.config import resolved_settings
+    from llmops.config.document import resolved_settings
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.invalid:5000")
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", "http://registry.invalid:5000")

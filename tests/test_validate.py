@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llmops.errors import ValidationError
-from llmops.validate import load_config
+from llmops.config.validate import load_config
 
 BAD = """\
 version: 1

@@ -274,7 +274,7 @@ deployments:
 
 def validate(project, serve: str, settings: str = "") -> list[str]:
     from llmops.errors import ValidationError
-    from llmops.validate import load_config
+    from llmops.config.validate import load_config
 
     project.write({"llmops.yaml": settings + PROJECT.replace("SERVE", serve), "data/d.jsonl": '{"q": "a"}\n',
                    "models/base/config.json": "{}"})
@@ -303,12 +303,12 @@ def test_vllm_settings_are_validated_with_clear_messages(project) -> None:
 
 
 def test_the_schema_documents_engine_builtin_as_the_default() -> None:
-    from llmops.schema import documented_defaults
+    from llmops.config.schema import documented_defaults
 
     defaults = dict(documented_defaults("deployments"))
     assert defaults[("serve", "engine")] == "builtin"
     assert defaults[("serve", "vllm_args")] == []
-    from llmops.schema import load_schema
+    from llmops.config.schema import load_schema
     from llmops.serve.vllm import DEFAULT_IMAGE
 
     assert DEFAULT_IMAGE in load_schema()["$defs"]["deployment_serve"]["properties"]["image"]["description"]
@@ -467,6 +467,6 @@ def test_apply_serves_vllm_behind_the_proxy_and_down_stops_both(tmp_path: Path, 
 
 
 def _locked(outputs: dict):
-    from llmops.lockfile import LockedResource
+    from llmops.engine.lockfile import LockedResource
 
     return LockedResource(address="deployments.prod", fingerprint="x", outputs=outputs)

@@ -94,7 +94,7 @@ def test_wheel_is_the_renamed_distribution_with_schema_and_templates(wheel: Path
 def test_installed_wheel_inits_validates_and_plans(venv: Path, tmp_path: Path):
     env = _env(venv)
     where = _run([str(venv / "bin" / "python"), "-c",
-                  "import llmops, llmops.scaffold as s, importlib.metadata as m;"
+                  "import llmops, llmops.operations.scaffold as s, importlib.metadata as m;"
                   "print(llmops.__file__); print(s.templates_dir()); print(m.version('llmops-gitops'))"],
                  cwd=tmp_path, env=env).stdout.splitlines()
     for path in where[:2]:

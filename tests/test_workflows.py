@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmops.scaffold import render_workflows, workflow_context
+from llmops.operations.scaffold import render_workflows, workflow_context
 
 PLAN = ".github/workflows/llmops-plan.yml"
 APPLY = ".github/workflows/llmops-apply.yml"

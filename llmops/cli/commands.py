@@ -24,7 +24,7 @@ def make_console():
 
 def open_at(root: Path, target: str | None):
     """The project in ROOT with the `targets.TARGET` overlay applied."""
-    from llmops.project import open_project
+    from llmops.engine.project import open_project
 
     return open_project(root, target=target)
 
@@ -37,7 +37,7 @@ def validate_cmd(root: Path, target: str | None, as_json: bool) -> int:
     """Check llmops.yaml: syntax, schema, references, cycles, files, prompt examples."""
     from llmops.cli.github_actions import ActionsEnv
     from llmops.errors import ValidationError
-    from llmops.validate import load_config
+    from llmops.config.validate import load_config
 
     gha = ActionsEnv.detect()
     try:
@@ -103,8 +103,8 @@ def _plan_options(f):
 def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, detailed_exitcode) -> int:
     """Compare llmops.yaml with llmops.lock and live state; show what apply would do."""
     from llmops.cli.github_actions import ActionsEnv, plan_outputs
-    from llmops.plan_markdown import plan_to_markdown
-    from llmops.planner import make_plan
+    from llmops.operations.plan_markdown import plan_to_markdown
+    from llmops.engine.planner import make_plan
 
     gha = ActionsEnv.detect()
     try:
@@ -114,7 +114,7 @@ def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, 
         _report_to_actions(gha, "plan", exc, root, {"error": "true"})
         raise
     if out:
-        from llmops.planfile import save_plan
+        from llmops.engine.planfile import save_plan
 
         save_plan(plan, out)
     markdown = plan_to_markdown(plan, project_name=str(project.config.data.get("project", ""))) \
@@ -123,7 +123,7 @@ def plan_cmd(root, target, select, replace, refresh, as_json, as_markdown, out, 
         gha.write_summary(markdown)
         gha.write_outputs(plan_outputs(plan))
     if as_json:
-        from llmops.planfile import plan_to_json
+        from llmops.engine.planfile import plan_to_json
 
         click.echo(plan_to_json(plan), nl=False)
     elif as_markdown:
@@ -157,10 +157,10 @@ def _lock_timeout_opt(f):
 def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, parallelism, keep_going,
               approved_by, lock_timeout) -> int:
     """Apply the changes (or exactly those of a saved PLANFILE) and record them in llmops.lock."""
-    from llmops.apply import apply_plan
-    from llmops.applylock import ApplyLock, parse_duration
+    from llmops.engine.apply import apply_plan
+    from llmops.engine.applylock import ApplyLock, parse_duration
     from llmops.cli.render import RichHooks, render_plan, render_report
-    from llmops.planner import check_saved_plan, make_plan
+    from llmops.engine.planner import check_saved_plan, make_plan
 
     console = make_console()
     project = open_at(root, target)
@@ -172,7 +172,7 @@ def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, pa
             console.print(f"[yellow]Note: took over a stale apply lock ({lock.took_over.describe()}); "
                           "that apply died, resuming from llmops.lock.[/]")
         if planfile:
-            from llmops.planfile import load_plan
+            from llmops.engine.planfile import load_plan
 
             plan = load_plan(planfile)
             check_saved_plan(project, plan)
@@ -211,7 +211,7 @@ def apply_cmd(planfile, root, target, select, replace, refresh, auto_approve, pa
 @click.option("--refresh", type=click.BOOL, default=True, show_default=True, help="Also read live status.")
 def show_cmd(address, root, target, as_json, refresh) -> int:
     """Show the lock's record (and live status) of every resource, or of ADDRESS."""
-    from llmops.inspect import show_resources
+    from llmops.operations.show import show_resources
 
     project = open_at(root, target)
     rows = show_resources(project, address, refresh=refresh)
@@ -230,8 +230,8 @@ def show_cmd(address, root, target, as_json, refresh) -> int:
 @click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid", show_default=True)
 def graph_cmd(root, target, fmt) -> int:
     """Print the dependency graph of llmops.yaml."""
-    from llmops.inspect import graph_text
-    from llmops.validate import load_config
+    from llmops.operations.show import graph_text
+    from llmops.config.validate import load_config
 
     config = load_config(root.resolve(), target=target)
     click.echo(graph_text(config, fmt), nl=False)
@@ -244,7 +244,7 @@ def graph_cmd(root, target, fmt) -> int:
 @target_opt
 def force_unlock_cmd(lock_id, root, target) -> int:
     """Remove the apply lock LOCK_ID (local, and shared in the model registry) of an apply that is gone."""
-    from llmops.applylock import force_unlock_project
+    from llmops.engine.applylock import force_unlock_project
 
     holder = force_unlock_project(root, lock_id, target=target)
     click.echo(f"Removed the apply lock held by {holder.describe()}.")
@@ -257,7 +257,7 @@ def force_unlock_cmd(lock_id, root, target) -> int:
 @click.option("--check", is_flag=True, required=True, help="Exit 1 when llmops.lock does not match llmops.yaml.")
 def lock_cmd(root, target, check) -> int:
     """Check that llmops.lock records exactly what llmops.yaml declares (no refresh)."""
-    from llmops.planner import make_plan
+    from llmops.engine.planner import make_plan
 
     plan = make_plan(open_at(root, target), refresh=False)
     if not plan.has_changes:
@@ -277,8 +277,8 @@ def lock_cmd(root, target, check) -> int:
 @_lock_timeout_opt
 def rollback_cmd(address, root, target, lock_timeout) -> int:
     """Point deployment ADDRESS's alias back at its previous version (recorded in the lock)."""
-    from llmops.applylock import parse_duration
-    from llmops.operations import rollback_deployment
+    from llmops.engine.applylock import parse_duration
+    from llmops.operations.deployment import rollback_deployment
 
     entry = rollback_deployment(open_at(root, target), address, lock_timeout=parse_duration(lock_timeout))
     out = entry.outputs
@@ -294,8 +294,8 @@ def rollback_cmd(address, root, target, lock_timeout) -> int:
 @_lock_timeout_opt
 def down_cmd(address, root, target, lock_timeout) -> int:
     """Stop deployment ADDRESS's server (its registry alias stays)."""
-    from llmops.applylock import parse_duration
-    from llmops.operations import stop_deployment
+    from llmops.engine.applylock import parse_duration
+    from llmops.operations.deployment import stop_deployment
 
     stopped = stop_deployment(open_at(root, target), address, lock_timeout=parse_duration(lock_timeout))
     click.echo("Server stopped." if stopped else "No server was running.")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from llmops.errors import Diagnostic
-from llmops.plan import CHANGE_ACTIONS, Plan
+from llmops.engine.plan import CHANGE_ACTIONS, Plan
 
 _LEVEL = {"error": "error", "warning": "warning"}  # anything else is a notice
 

@@ -1,6 +1,6 @@
 """GitOps commands: `llmops init` and `llmops pr comment`.
 
-Each command calls one library function (`llmops.scaffold.init_project`,
+Each command calls one library function (`llmops.operations.scaffold.init_project`,
 `llmops.gitops.comments.comment_on_pr`) and renders its result. LlmopsError is left to
 the main CLI, which turns it into a message and an exit code. Registered in
 `llmops.cli.main` as `init_command` and `pr_group`.
@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from llmops.gitops.comments import PLAN_MARKER, comment_on_pr
-from llmops.scaffold import default_requirement, init_project
+from llmops.operations.scaffold import default_requirement, init_project
 
 
 @click.command("init")
@@ -72,8 +72,8 @@ def comment_command(body_file: Path | None, plan_file: Path | None, pr_number: i
         raise click.UsageError("give exactly one of --body-file or --plan.")
     if plan_file is not None:
         from llmops.gitops.comments import post_sticky_comment
-        from llmops.plan_markdown import plan_to_markdown
-        from llmops.planfile import load_plan
+        from llmops.operations.plan_markdown import plan_to_markdown
+        from llmops.engine.planfile import load_plan
 
         body = plan_to_markdown(load_plan(plan_file))
         result = post_sticky_comment(body, pr_number=pr_number, marker=marker)

@@ -8,10 +8,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from llmops.apply import ApplyHooks, ApplyReport
-from llmops.cost import describe as describe_cost
-from llmops.cost import describe_total
-from llmops.plan import Plan, ResourceChange
+from llmops.engine.apply import ApplyHooks, ApplyReport
+from llmops.engine.cost import describe as describe_cost
+from llmops.engine.cost import describe_total
+from llmops.engine.plan import Plan, ResourceChange
 from llmops.providers.base import ProgressEvent
 
 # `<=` is Terraform's symbol for reading (a data source): a restore reads a shared store.

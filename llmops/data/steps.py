@@ -186,7 +186,7 @@ def map_rows(
     """Rename fields, then render templated fields (sandboxed Jinja2, row as variables), then keep."""
     from jinja2 import TemplateError
 
-    from llmops.prompts import RenderBudgetError, bounded_env, render_bounded
+    from llmops.templating.prompt_template import RenderBudgetError, bounded_env, render_bounded
 
     env = bounded_env()  # the prompts' sandbox and budgets: a dataset's template is PR content too
     compiled = {}

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from llmops.errors import ProviderError
 from llmops.evals.metrics import Metric, aggregate_repeats, compute_metrics, latency_spread, resolve_metrics
 from llmops.evals.safety import SAFETY_METRICS, default_render
-from llmops.prompts import PromptTemplate, has_chat_template, load_prompt, messages_to_text
+from llmops.templating.prompt_template import PromptTemplate, has_chat_template, load_prompt, messages_to_text
 
 DECODING_DEFAULTS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 EVAL_CLIENT_ID = "llmops-eval"  # X-Client-Id of evaluation traffic, so monitors can tell it apart

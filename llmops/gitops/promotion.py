@@ -24,8 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-from llmops.addrs import KINDS
-from llmops.config import CONFIG_NAME, apply_target, parse_document
+from llmops.engine.addrs import KINDS
+from llmops.config.document import CONFIG_NAME, apply_target, parse_document
 from llmops.errors import LlmopsError
 from llmops.gitops.approval import (
     RULE_CLEAN_TREE,
@@ -41,7 +41,7 @@ from llmops.gitops.approval import (
 from llmops.gitops.codeowners import find_codeowners, parse_codeowners
 from llmops.gitops.github import GitHubClient
 from llmops.gitops.gitrepo import GitError, GitRepo
-from llmops.refs import references, resolve
+from llmops.config.refs import references, resolve
 
 # Paths (project-relative) that `llmops apply` writes before a deployment is promoted; a
 # change there is llmops' own work, not an unreviewed edit.

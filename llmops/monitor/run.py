@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, Callable
 from llmops.monitor.errors import MonitorError
 
 if TYPE_CHECKING:
-    from llmops.lockfile import LockedResource
+    from llmops.engine.lockfile import LockedResource
     from llmops.monitor.drift import Reference
     from llmops.monitor.runner import MonitorReport
-    from llmops.prompts import PromptTemplate
-    from llmops.project import Project
+    from llmops.templating.prompt_template import PromptTemplate
+    from llmops.engine.project import Project
 
 REPORTS_DIR = Path(".llmops") / "reports" / "monitor"
 BASE_MODEL = "base_model"  # `drift.embedding_model: base_model` (as in llmops.monitor.embedding, numpy-free here)
@@ -95,7 +95,7 @@ def base_model_dir(project: "Project", deployment: str) -> Path | None:
 def _training_source(project: "Project", deployment: str) -> "tuple[dict[str, Any], PromptTemplate] | None":
     """The locked outputs of the deployment's fine-tune's dataset and the fine-tune's prompt,
     or None when the deployment is not applied or serves a base model (no training data)."""
-    from llmops.prompts import load_prompt
+    from llmops.templating.prompt_template import load_prompt
 
     model, finetune = _locked_finetune(project, deployment)
     if finetune is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 
 
 def _no_log(address: str, message: str) -> None:
@@ -133,7 +133,7 @@ class Provider(ABC):
         for module in self.heavy_modules:
             importlib.import_module(module)
         if self.uses_tracking:
-            from llmops.tracking import check_store
+            from llmops.integrations.mlflow import check_store
 
             check_store(self.ctx.root, self.ctx.settings)
 
@@ -142,7 +142,7 @@ class Provider(ABC):
         when live state cannot be read at all (an unreachable tracking server), rather than
         hang in client retries or report every resource as drifted."""
         if self.uses_tracking:
-            from llmops.tracking import check_reachable, registry_uri, tracking_uri
+            from llmops.integrations.mlflow import check_reachable, registry_uri, tracking_uri
 
             check_reachable(tracking_uri(self.ctx.root, self.ctx.settings))
             check_reachable(registry_uri(self.ctx.root, self.ctx.settings))

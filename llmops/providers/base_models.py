@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, ProgressEvent, Provider, ProviderContext
 
 SOURCES: tuple[str, ...] = ("hf", "path", "build")
@@ -343,7 +343,7 @@ class BaseModelsProvider(Provider):
         build = spec.get("build") if isinstance(spec.get("build"), dict) else {}
         if not isinstance(build.get("pretrain"), dict):
             return None
-        from llmops.cost import estimate_pretrain
+        from llmops.engine.cost import estimate_pretrain
         from llmops.train.build import PRETRAIN_DEFAULTS
 
         def epochs(block: Any) -> int:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmops.errors import LlmopsError, ProviderError
-from llmops.lockfile import LockedResource, atomic_write_text
+from llmops.engine.lockfile import LockedResource, atomic_write_text
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
 from llmops.redact import redact_url
 
@@ -608,7 +608,7 @@ class DatasetsProvider(Provider):
     def _add_remote(self, root: Path, address: str, remote: str, log: Callable[[str], None]) -> None:
         # `dvc remote add` resolves a relative folder against the project root (its cwd) and
         # stores it relative to .dvc/, so the committed config stays portable.
-        from llmops.extras import DVC_REMOTE, require_store_support
+        from llmops.integrations.extras import DVC_REMOTE, require_store_support
 
         require_store_support(remote, DVC_REMOTE)
         url, credentials = _split_credentials(address, remote)

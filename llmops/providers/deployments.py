@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from llmops.errors import GateError, LlmopsError, ProviderError
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider, ProviderContext
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class DeploymentsProvider(Provider):
     upstream_change = "update"  # a new model version or new eval results: re-check gates, promote
 
     def _client(self):
-        from llmops.tracking import client
+        from llmops.integrations.mlflow import client
 
         return client(self.ctx.root, self.ctx.settings)
 
@@ -458,7 +458,7 @@ class DeploymentsProvider(Provider):
     def _bulk_aliases(self) -> dict[str, dict[str, str]] | None:
         """{registered model: {alias: version}} of every model a deployment the lock holds
         promoted to: one registry search."""
-        from llmops.tracking import bulk_aliases, registry_uri
+        from llmops.integrations.mlflow import bulk_aliases, registry_uri
 
         names = [str(locked.outputs["model_name"]) for _, _, locked in self.refreshing
                  if locked.outputs.get("model_name") and locked.outputs.get("alias")]

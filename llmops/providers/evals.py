@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider
 
 _MODEL_KINDS = ("finetunes", "base_models", "deployments")
@@ -132,7 +132,7 @@ class EvalsProvider(Provider):
         return ApplyResult(outputs={**outputs, "run_id": run_id})
 
     def _actual_cost(self, wall: float, rows: int, decoding: dict[str, Any], repeats: int) -> dict[str, Any]:
-        from llmops.cost import actual
+        from llmops.engine.cost import actual
 
         try:
             import torch
@@ -145,7 +145,7 @@ class EvalsProvider(Provider):
 
     def estimate(self, name: str, spec: dict[str, Any], locked: LockedResource | None,
                  upstream: dict[str, LockedResource | None]) -> dict[str, Any] | None:
-        from llmops.cost import estimate_eval
+        from llmops.engine.cost import estimate_eval
         from llmops.evals.runner import EvalError, decoding_settings
 
         try:
@@ -188,7 +188,7 @@ class EvalsProvider(Provider):
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         """The eval run the lock names must still be in the tracking store: it holds the results
         other checkouts restore (`eval.json`) and the tag linking them to the scored version."""
-        from llmops.tracking import client, lost_run, tracking_uri
+        from llmops.integrations.mlflow import client, lost_run, tracking_uri
 
         run_id = locked.outputs.get("run_id")
         if not run_id:
@@ -202,7 +202,7 @@ class EvalsProvider(Provider):
 
     def _bulk_runs(self) -> dict[str, str] | None:
         """{run id: lifecycle stage} of every eval run the lock holds: one tracking-store search."""
-        from llmops.tracking import bulk_runs, client, tracking_uri
+        from llmops.integrations.mlflow import bulk_runs, client, tracking_uri
 
         ids = [str(locked.outputs["run_id"]) for _, _, locked in self.refreshing if locked.outputs.get("run_id")]
         return bulk_runs(lambda: client(self.ctx.root, self.ctx.settings), ids,
@@ -224,7 +224,7 @@ class EvalsProvider(Provider):
                      "will be fetched, not run again", {"run_id": run.info.run_id})
 
     def _run_for(self, fingerprint: str):
-        from llmops.tracking import client, filter_value
+        from llmops.integrations.mlflow import client, filter_value
 
         c = client(self.ctx.root, self.ctx.settings)
         try:
@@ -243,7 +243,7 @@ class EvalsProvider(Provider):
         exactly the model version upstream now holds; gates are re-checked as configured."""
         import json
 
-        from llmops.tracking import client
+        from llmops.integrations.mlflow import client
 
         found = request.private.get("found") or {}
         run_id = str(found.get("run_id") or (request.before.outputs.get("run_id") if request.before else ""))
@@ -395,13 +395,13 @@ class EvalsProvider(Provider):
         return {"deployment": name, "metrics": {k: _round(v) for k, v in base.metrics.items()}, "gates": gates}
 
     def _log_run(self, request, model_addr, model_out, outputs: dict[str, Any]) -> str | None:
-        from llmops.tracking import artifact_location, client, ensure_experiment, is_local, tracking_uri
+        from llmops.integrations.mlflow import artifact_location, client, ensure_experiment, is_local, tracking_uri
 
         c = client(self.ctx.root, self.ctx.settings)
         uri = tracking_uri(self.ctx.root, self.ctx.settings)
         project = str(self.ctx.config.get("project") or "llmops")
         exp = ensure_experiment(c, f"{project}-evals", artifact_location(self.ctx.root) if is_local(uri) else None)
-        from llmops.tracking import git_state
+        from llmops.integrations.mlflow import git_state
 
         tags = {"llmops.address": request.address, "llmops.model": model_addr,
                 "llmops.fingerprint": request.fingerprint, **git_state(self.ctx.root)}

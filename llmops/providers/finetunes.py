@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import llmops
-from llmops import tracking
+from llmops.integrations import mlflow as tracking
 from llmops.errors import ProviderError
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider
 from llmops.train import spec as specs
 
@@ -43,7 +43,7 @@ class FinetunesProvider(Provider):
 
     def estimate(self, name: str, spec: dict[str, Any], locked: LockedResource | None,
                  upstream: dict[str, LockedResource | None]) -> dict[str, Any] | None:
-        from llmops.cost import estimate_finetune
+        from llmops.engine.cost import estimate_finetune
 
         dataset = upstream.get(f"datasets.{spec.get('dataset')}")
         source = ((self.ctx.config.get("datasets") or {}).get(str(spec.get("dataset"))) or {}).get("source")
@@ -121,7 +121,7 @@ class FinetunesProvider(Provider):
 
     def _run_holds_model(self, run_id: str) -> str | None:
         """"MLflow run R at URI" when the tracking store has run R with its `model` artifact."""
-        from llmops.tracking import client, display_uri, tracking_uri
+        from llmops.integrations.mlflow import client, display_uri, tracking_uri
 
         try:
             c = client(self.ctx.root, self.ctx.settings)
@@ -143,7 +143,7 @@ class FinetunesProvider(Provider):
 
     def _registered_version(self, name: str, fingerprint: str) -> dict[str, Any] | None:
         """The newest registered version of model NAME tagged with this fingerprint, or None."""
-        from llmops.tracking import client, filter_value
+        from llmops.integrations.mlflow import client, filter_value
 
         try:
             found = client(self.ctx.root, self.ctx.settings).search_model_versions(
@@ -219,7 +219,7 @@ class FinetunesProvider(Provider):
     def _actual_cost(watcher: "_ProgressWatcher", wall: float, gpus: int, dataset: dict[str, Any]) -> dict[str, Any]:
         """What the training job cost: every trial's tokens and training seconds, the job's wall
         time (start, imports and registering included), what `estimate` scales next time."""
-        from llmops.cost import actual
+        from llmops.engine.cost import actual
 
         done = watcher.done or {}
         trials = int(done.get("trials") or 1)  # a sweep reports its best trial: the others ran alike
@@ -247,7 +247,7 @@ class FinetunesProvider(Provider):
 
     def _restore_found(self, request: ApplyRequest, found: dict[str, Any]) -> ApplyResult:
         """Outputs of the registered version `found` (see `_registered_version`), fetched here."""
-        from llmops.tracking import client
+        from llmops.integrations.mlflow import client
 
         dataset, base, _prompt = self._upstreams(request)
         run_id = str(found["run_id"])
@@ -277,7 +277,7 @@ class FinetunesProvider(Provider):
 
     def _fetch(self, request: ApplyRequest, run_id: str, model_dir: Path, adapter_sha256: str) -> dict[str, Path]:
         """The run's adapter and tokenizer in `model_dir`, the adapter verified against `adapter_sha256`."""
-        from llmops.tracking import client
+        from llmops.integrations.mlflow import client
         from llmops.train.mlflow_model import fetch_model
 
         request.progress(ProgressEvent(message=f"fetching the adapter of MLflow run {run_id}"))

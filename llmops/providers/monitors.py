@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 from llmops.monitor.spec import ServedMonitor, monitor_deployment, serving_monitor
 from llmops.providers.base import ApplyRequest, ApplyResult, Provider
 
@@ -98,7 +98,7 @@ class MonitorsProvider(Provider):
         """Restart a deployment no monitor watches any more so it stops logging into a store."""
         if serving_monitor(self.ctx, deployment) is not None:
             return  # another monitor watches it now; that monitor's apply sets the server up
-        from llmops.lockfile import load_lock, lock_path
+        from llmops.engine.lockfile import load_lock, lock_path
 
         dep = load_lock(lock_path(self.ctx.root)).get(f"deployments.{deployment}")
         if dep is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmops.errors import ProviderError
-from llmops.lockfile import LockedResource
+from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
 
 PROMPT_ALIAS_ENV = "LLMOPS_PROMPT_ALIAS"
@@ -30,7 +30,7 @@ class PromptsProvider(Provider):
         import json
 
         from llmops.digestcache import DigestCache, digest
-        from llmops.prompts import PromptError, load_prompt, template_stamp
+        from llmops.templating.prompt_template import PromptError, load_prompt, template_stamp
 
         if self._files_cache is None:
             self._files_cache = DigestCache(self.ctx.state_dir / "cache" / "prompt-files.json")
@@ -72,12 +72,12 @@ class PromptsProvider(Provider):
         return alias or self.ctx.target or "default"
 
     def _client(self):
-        from llmops.tracking import client
+        from llmops.integrations.mlflow import client
 
         return client(self.ctx.root, self.ctx.settings)
 
     def apply(self, request: ApplyRequest) -> ApplyResult:
-        from llmops.prompts import PromptError, load_prompt
+        from llmops.templating.prompt_template import PromptError, load_prompt
 
         try:
             prompt = load_prompt(request.spec, self.ctx.root, request.name)
@@ -129,7 +129,7 @@ class PromptsProvider(Provider):
         return None
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
-        from llmops.tracking import display_uri, not_found, registry_uri, store_error
+        from llmops.integrations.mlflow import display_uri, not_found, registry_uri, store_error
 
         out = locked.outputs
         if "version" not in out:
@@ -156,13 +156,13 @@ class PromptsProvider(Provider):
 
     def _bulk_aliases(self) -> dict[str, dict[str, str]] | None:
         """{prompt: {alias: version}} of every prompt the lock holds: one registry search."""
-        from llmops.tracking import bulk_aliases, registry_uri
+        from llmops.integrations.mlflow import bulk_aliases, registry_uri
 
         names = [name for name, _, locked in self.refreshing if "version" in locked.outputs]
         return bulk_aliases(self._client, names, prompts=True, uri=registry_uri(self.ctx.root, self.ctx.settings))
 
     def _version_gone(self, client, name: str, version: int) -> bool:
-        from llmops.tracking import not_found
+        from llmops.integrations.mlflow import not_found
 
         try:
             client.get_prompt_version(name, version)

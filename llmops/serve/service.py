@@ -38,7 +38,7 @@ class ServedPrompt:
 
     `info` (name, registered version, digest) is what `/health` and `/v1/models` report."""
 
-    template: Any  # llmops.prompts.PromptTemplate
+    template: Any  # llmops.templating.prompt_template.PromptTemplate
     variable: str | None
     info: dict[str, Any]
     # (regex, variables in the order they appear) matching this template's renderings, or
@@ -57,7 +57,7 @@ class ServedPrompt:
     @classmethod
     def load(cls, entry: dict[str, Any]) -> "ServedPrompt":
         """From the served file's `prompt` entry: {name, spec, root, version?}."""
-        from llmops.prompts import load_prompt
+        from llmops.templating.prompt_template import load_prompt
 
         template = load_prompt(entry["spec"], entry["root"], str(entry.get("name") or ""))
         variable = template.variables[0] if len(template.variables) == 1 else None
@@ -337,12 +337,12 @@ class ModelService:
     def _prompt(self, req: GenerationRequest, text: str | None = None) -> tuple[str, bool]:
         """(prompt text, add_special_tokens) for a request. A chat goes through the deployment's
         prompt when it has one (as in training and evals), else the tokenizer's chat template."""
-        from llmops.prompts import has_chat_template, messages_to_text
+        from llmops.templating.prompt_template import has_chat_template, messages_to_text
 
         if req.kind == "chat":
             inputs = self.chat_inputs(req)
             if inputs is not None and self.prompt is not None:
-                from llmops.prompts import PromptError
+                from llmops.templating.prompt_template import PromptError
 
                 template = self.prompt.template
                 try:

@@ -196,7 +196,7 @@ def save_model(path: Path, adapter_dir: Path, tokenizer_dir: Path, base: dict[st
     `base` comes from `base_reference`: an hf reference goes into the model config, a folder
     is bundled as artifact `base_model`.
     """
-    from llmops.tracking import quiet_env
+    from llmops.integrations.mlflow import quiet_env
 
     quiet_env()
     import mlflow

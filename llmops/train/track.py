@@ -194,7 +194,7 @@ class MlflowLog:
     """The helper's side of `Tracker`: the same calls, on an MlflowClient."""
 
     def __init__(self, uri: str, registry_uri: str | None = None) -> None:
-        from llmops import tracking
+        from llmops.integrations import mlflow as tracking
 
         self.client = tracking.make_client(uri, registry_uri)
 
@@ -211,7 +211,7 @@ class MlflowLog:
             pass
 
     def experiment(self, name: str, artifacts: str | None) -> str:
-        from llmops import tracking
+        from llmops.integrations import mlflow as tracking
 
         return tracking.ensure_experiment(self.client, name, artifacts)
 
@@ -262,7 +262,7 @@ class MlflowLog:
         self.client.set_terminated(run_id, status=status)
 
     def register(self, model_name: str, run_id: str, artifact_path: str, tags: dict[str, str]) -> str:
-        from llmops import tracking
+        from llmops.integrations import mlflow as tracking
 
         return tracking.register_version(self.client, model_name, run_id, artifact_path, tags)
 

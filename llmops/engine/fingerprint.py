@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.redact import redact_spec
-from llmops.schema import without_defaults
+from llmops.config.schema import without_defaults
 
 # Fields that never change what a resource is: not part of the fingerprint.
 COSMETIC_FIELDS = frozenset({"description"})
@@ -32,7 +32,7 @@ def canonical_json(value: Any) -> str:
 
 def locked_spec(spec: dict[str, Any], kind: str = "") -> dict[str, Any]:
     """The spec as recorded in the lock and shown in plans: documented defaults and cosmetic
-    fields removed (`llmops.schema.without_defaults`), secrets redacted (`llmops.redact`)."""
+    fields removed (`llmops.config.schema.without_defaults`), secrets redacted (`llmops.redact`)."""
     return redact_spec({k: v for k, v in without_defaults(kind, spec).items() if k not in COSMETIC_FIELDS})
 
 
@@ -100,7 +100,7 @@ class FileHasher:
     def save(self) -> None:
         if not (self._dirty and self.cache_path):
             return
-        from llmops.lockfile import atomic_write_text
+        from llmops.engine.lockfile import atomic_write_text
 
         try:
             atomic_write_text(self.cache_path, json.dumps(self._cache, sort_keys=True))

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "llmops.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "llmops.schema.json"
 
 # The $defs entry of each resource kind.
 KIND_DEFS = {"datasets": "dataset", "prompts": "prompt", "base_models": "base_model", "finetunes": "finetune",

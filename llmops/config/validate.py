@@ -16,13 +16,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from llmops.addrs import KINDS, address_sort_key
-from llmops.config import CONFIG_NAME, Document, apply_target, load_document, resolved_settings
+from llmops.engine.addrs import KINDS, address_sort_key
+from llmops.config.document import CONFIG_NAME, Document, apply_target, load_document, resolved_settings
 from llmops.digestcache import cache_secret
 from llmops.errors import Diagnostic, ValidationError
-from llmops.graph import Graph
-from llmops.refs import references, resolve
-from llmops.schema import SCHEMA_PATH, load_schema
+from llmops.engine.graph import Graph
+from llmops.config.refs import references, resolve
+from llmops.config.schema import SCHEMA_PATH, load_schema
 
 
 
@@ -282,7 +282,7 @@ def _check_files(config: Config) -> list[Diagnostic]:
 
 def _check_file(config: Config, kind: str, where: tuple, rel: str, what: str,
                 base: Path | None = None) -> list[Diagnostic]:
-    from llmops.prompts import PromptError, template_path
+    from llmops.templating.prompt_template import PromptError, template_path
 
     shown = rel if len(rel) <= 120 else rel[:117] + "..."
     problem = _inside_project(config.root, rel, base)
@@ -503,7 +503,7 @@ class _CheckCache:
         return hmac.new(self.secret or b"-", "\0".join(parts).encode(), hashlib.sha256).hexdigest()
 
     def get(self, key: str) -> list[Diagnostic] | None:
-        from llmops.prompts import template_stamp
+        from llmops.templating.prompt_template import template_stamp
 
         hit = self.old.get(key)
         if not self.secret or not isinstance(hit, dict) or not isinstance(hit.get("diags"), list):
@@ -519,7 +519,7 @@ class _CheckCache:
         return found
 
     def put(self, key: str, diags: list[Diagnostic], reads: set[str] = frozenset()) -> list[Diagnostic]:
-        from llmops.prompts import template_stamp
+        from llmops.templating.prompt_template import template_stamp
 
         deps = {rel: template_stamp(self.root, rel) for rel in sorted(reads)}
         self.new[key] = {"deps": deps, "diags": [d.to_dict() for d in diags]}
@@ -528,7 +528,7 @@ class _CheckCache:
     def save(self) -> None:
         if not self.secret or self.new == self.old:
             return
-        from llmops.lockfile import atomic_write_text
+        from llmops.engine.lockfile import atomic_write_text
 
         try:
             atomic_write_text(self.path, json.dumps(self.new, sort_keys=True))
@@ -544,7 +544,7 @@ def _cache_dir(root: Path) -> Path | None:
 
 
 def _check_prompts(config: Config, cache: _CheckCache) -> list[Diagnostic]:
-    from llmops.prompts import PromptError, check_prompt, template_path
+    from llmops.templating.prompt_template import PromptError, check_prompt, template_path
 
     diags: list[Diagnostic] = []
     # Templates may include files under the folder of any declared template (not the root).

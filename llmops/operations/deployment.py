@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from llmops.applylock import ApplyLock
+from llmops.engine.applylock import ApplyLock
 from llmops.errors import LlmopsError
-from llmops.lockfile import LockedResource, save_lock
-from llmops.project import Project
+from llmops.engine.lockfile import LockedResource, save_lock
+from llmops.engine.project import Project
 
 
 def _deployment(project: Project, address: str) -> tuple[str, LockedResource]:

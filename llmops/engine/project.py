@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from llmops.config import CONFIG_NAME
-from llmops.lockfile import Lock, load_lock, lock_path
+from llmops.config.document import CONFIG_NAME
+from llmops.engine.lockfile import Lock, load_lock, lock_path
 from llmops.providers import provider_class
 from llmops.providers.base import Provider, ProviderContext
-from llmops.validate import Config, load_config
+from llmops.config.validate import Config, load_config
 
 STATE_DIR = ".llmops"
 

@@ -10,17 +10,17 @@ import difflib
 import hashlib
 from typing import Any, Iterable
 
-from llmops.addrs import address_sort_key
+from llmops.engine.addrs import address_sort_key
 from llmops.errors import LlmopsError, PlanError, StalePlanError
-from llmops.fingerprint import (
+from llmops.engine.fingerprint import (
     LOCK_ONLY_FIELDS,
     FileHasher,
     canonical_json,
     locked_spec,
 )
-from llmops.graph import Graph
-from llmops.plan import Plan, ResourceChange
-from llmops.project import Project
+from llmops.engine.graph import Graph
+from llmops.engine.plan import Plan, ResourceChange
+from llmops.engine.project import Project
 
 _ACTION_RANK = {"no-op": 0, "update": 1, "restore": 2, "replace": 3}
 
@@ -154,7 +154,7 @@ def _propagate_rebuilds(change: ResourceChange, provider, planned: dict[str, Res
 
 def _fingerprint(kind: str, spec: dict[str, Any], files: dict[str, str], upstreams: dict[str, str],
                  content: str | None) -> str:
-    """`llmops.fingerprint.fingerprint` of a resource whose `locked_spec` is `spec`: the same
+    """`llmops.engine.fingerprint.fingerprint` of a resource whose `locked_spec` is `spec`: the same
     hash (tests/test_plan_cache.py checks), without normalising the spec a second time (that
     is most of a plan's time at 10,000 resources)."""
     payload = {
@@ -243,7 +243,7 @@ def _fmt(value: Any) -> str:
 def _field_diffs(old: dict, new: dict, reasons: list[str], kind: str = "") -> set[str]:
     """Add `path: old -> new` reasons; return the changed top-level fields. A side left out
     shows its documented default (`0.0002 (default)`): specs are compared without them."""
-    from llmops.schema import defaults_by_path
+    from llmops.config.schema import defaults_by_path
 
     if canonical_json(old) == canonical_json(new):  # the usual case, in one comparison
         return set()

@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from llmops.errors import ApplyLockedError, LlmopsError
-from llmops.lockfile import compact_journal
+from llmops.engine.lockfile import compact_journal
 
 if TYPE_CHECKING:
-    from llmops.project import Project
+    from llmops.engine.project import Project
 
 LOCK_FILE = "apply.lock"
 LEASE_PREFIX = "llmops-apply-lock."
@@ -361,7 +361,7 @@ class SharedLease:
 def shared_lease_for(root: Path, settings: dict[str, Any], project: str, ttl: float = LEASE_TTL,
                      renew_every: float | None = None) -> SharedLease | None:
     """The project's shared lease when its model registry is not local, else None."""
-    from llmops import tracking
+    from llmops.integrations import mlflow as tracking
 
     registry = tracking.registry_uri(root, settings)
     if tracking.is_local(registry):
@@ -524,8 +524,8 @@ def force_unlock(state_dir: Path, lock_id: str, shared: SharedLease | None = Non
 
 def force_unlock_project(root: Path, lock_id: str, target: str | None = None) -> ApplyLockInfo:
     """`force_unlock` for the project at `root`, shared lease included when its registry is shared."""
-    from llmops.project import STATE_DIR
-    from llmops.validate import load_config
+    from llmops.engine.project import STATE_DIR
+    from llmops.config.validate import load_config
 
     root = Path(root).resolve()
     config = load_config(root, target=target)

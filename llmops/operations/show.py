@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmops.addrs import address_sort_key
+from llmops.engine.addrs import address_sort_key
 from llmops.errors import LlmopsError
-from llmops.project import Project
-from llmops.validate import Config
+from llmops.engine.project import Project
+from llmops.config.validate import Config
 
 _STATUS = {
     "no-op": "up to date",
@@ -22,7 +22,7 @@ _STATUS = {
 
 def show_resources(project: Project, address: str | None = None, refresh: bool = True) -> list[dict[str, Any]]:
     """One row per resource: lock record, plan status, drift, and a report summary when present."""
-    from llmops.planner import make_plan
+    from llmops.engine.planner import make_plan
 
     addrs = sorted(set(project.config.resources) | set(project.lock.resources), key=address_sort_key)
     if address is not None:

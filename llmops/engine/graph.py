@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping
 
-from llmops.addrs import address_sort_key
+from llmops.engine.addrs import address_sort_key
 
 
 class Graph:

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from llmops.addrs import address_problem, address_sort_key
+from llmops.engine.addrs import address_problem, address_sort_key
 from llmops.errors import LockfileError
 from llmops.fsutil import atomic_write_text
 
@@ -91,7 +91,7 @@ _ENTRY_KEYS = ("fingerprint", "spec", "files", "upstreams", "inputs", "outputs")
 class LockedResource:
     """What was applied for one address.
 
-    fingerprint: the resource's fingerprint when applied (see llmops.fingerprint).
+    fingerprint: the resource's fingerprint when applied (see llmops.engine.fingerprint).
     spec: its canonical spec (cosmetic fields removed), kept to explain diffs.
     files: project-relative path -> md5 of every file input it read.
     upstreams: upstream address -> that upstream's fingerprint at apply time.

@@ -13,8 +13,8 @@ from typing import Any
 
 from llmops import __version__
 from llmops.errors import LlmopsError
-from llmops.lockfile import atomic_write_text
-from llmops.plan import ACTIONS, Plan, ResourceChange
+from llmops.engine.lockfile import atomic_write_text
+from llmops.engine.plan import ACTIONS, Plan, ResourceChange
 
 FORMAT_VERSION = 1
 

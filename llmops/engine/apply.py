@@ -20,9 +20,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from llmops.errors import LlmopsError, ProviderError
-from llmops.lockfile import LockedResource, LockJournal
-from llmops.plan import Plan, ResourceChange
-from llmops.project import Project
+from llmops.engine.lockfile import LockedResource, LockJournal
+from llmops.engine.plan import Plan, ResourceChange
+from llmops.engine.project import Project
 from llmops.providers.base import ApplyRequest, ApplyResult, ProgressEvent
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from llmops.addrs import KIND_ORDER
+from llmops.engine.addrs import KIND_ORDER
 
 
 @dataclass(frozen=True)

@@ -80,8 +80,8 @@ class Plan:
         return None
 
     def cost(self) -> dict[str, Any] | None:
-        """The estimated cost of every training and eval action in the plan (llmops.cost.total)."""
-        from llmops.cost import total
+        """The estimated cost of every training and eval action in the plan (llmops.engine.cost.total)."""
+        from llmops.engine.cost import total
 
         return total([c.details["cost"] for c in self.changes
                       if c.action in ("create", "replace") and isinstance((c.details or {}).get("cost"), dict)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmops.plan import Plan, ResourceChange
+from llmops.engine.plan import Plan, ResourceChange
 
 MAX_CHARS = 60_000
 MARKER = "<!-- llmops-plan -->"
@@ -58,7 +58,7 @@ def plan_to_markdown(plan: Plan, project_name: str = "", limit: int = MAX_CHARS)
     head += [f"**{plan.summary_line()}**", ""]
     total = plan.cost()
     if total:
-        from llmops.cost import describe_total
+        from llmops.engine.cost import describe_total
 
         head += [describe_total(total), ""]
     head += ["| resource | action | why |", "|---|---|---|"]
@@ -76,7 +76,7 @@ def plan_to_markdown(plan: Plan, project_name: str = "", limit: int = MAX_CHARS)
         block += [f"- {_cell(r, 500)}" for r in c.reasons]
         cost = (c.details or {}).get("cost")
         if isinstance(cost, dict) and c.action in ("create", "replace"):
-            from llmops.cost import describe
+            from llmops.engine.cost import describe
 
             block.append(f"- cost: {_cell(describe(cost), 500)}")
         metrics = _metric_rows(c)

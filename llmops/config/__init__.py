@@ -1,0 +1,2 @@
+"""llmops.yaml: the document with source positions, targets, references, the schema and validation.
+"""
