@@ -135,8 +135,6 @@ def evaluate(
 
     # transformers' deprecation notices are for its own API users, not for llmops' users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
-    import torch
-
     from llmops.serve.model import load_model, sequence_nll
 
     root = Path(root)
@@ -156,30 +154,69 @@ def evaluate(
         extras["nll_sum"], extras["nll_tokens"] = sequence_nll(
             lm, prompts, [r[0] for r in refs], batch_size=batch_size, add_special_tokens=add_special
         )
-    if _wants_safety(metric_objs):
-        extras["render"], probe_special = _local_probe_render(lm.tokenizer)
-        extras["generate"] = _local_generate(lm, settings, batch_size, probe_special)
-    runs = _repeat_count(settings, repeats)
-    timed = _wants_latency(metric_objs)
-    if timed and prompts:
-        # Untimed warm-up: the first generation pays for lazy allocation and kernel selection.
+    model = _LocalModel(lm, prompts, settings, batch_size, add_special)
+    return _evaluate(model, metric_objs, refs, extras, settings, repeats, progress)
+
+
+class _LocalModel:
+    """A model loaded here: batches of `batch_size`, seeded per repeat; a row's latency is
+    its batch's wall time (every row of a batch waits for all of it)."""
+
+    def __init__(self, lm: Any, prompts: list[str], settings: dict[str, Any], batch_size: int,
+                 add_special: bool) -> None:
+        self.lm, self.shown, self.settings = lm, prompts, settings
+        self.batch_size, self.add_special = batch_size, add_special
+        self.skipped: dict[str, str] = {}
+
+    def warm_up(self) -> None:
+        """Untimed: the first generation pays for lazy allocation and kernel selection."""
         from llmops.serve.model import generate_batch
 
-        generate_batch(lm, prompts[:1], max_new_tokens=1, temperature=0.0, top_p=1.0, add_special_tokens=add_special)
+        if self.shown:
+            generate_batch(self.lm, self.shown[:1], max_new_tokens=1, temperature=0.0, top_p=1.0,
+                           add_special_tokens=self.add_special)
+
+    def generation_pass(self, repeat: int, progress: Progress | None,
+                        runs: int) -> tuple[list[str], list[float], list[int], float]:
+        import torch
+
+        torch.manual_seed(int(self.settings["seed"]) + repeat)
+        return _local_pass(self.lm, self.shown, self.settings, self.batch_size, self.add_special, progress,
+                           repeat, runs)
+
+    def probes(self, repeat: int) -> tuple[Callable[[str, str], str], Callable[[list[str]], list[str]]]:
+        render, probe_special = _local_probe_render(self.lm.tokenizer)
+        return render, _local_generate(self.lm, self.settings, self.batch_size, probe_special)
+
+    def latency(self, latencies: list[float], runs: int) -> dict[str, Any]:
+        return latency_spread(latencies, runs * -(-len(self.shown) // self.batch_size))
+
+
+def _evaluate(model: Any, metric_objs: list[Metric], refs: list[list[str]], extras: dict[str, Any],
+              settings: dict[str, Any], repeats: int, progress: Progress | None) -> EvalResult:
+    """The one evaluation loop, over a model here (`_LocalModel`) or behind an endpoint
+    (`_EndpointModel`): each repeat generates for every row, scores every metric, and the
+    repeats are aggregated (mean and spread); the first repeat's rows are the samples."""
+    runs = _repeat_count(settings, repeats)
+    timed = _wants_latency(metric_objs)
+    if timed:
+        model.warm_up()
     results, samples, skipped, safety, latencies = [], [], {}, {}, []
     for r in range(runs):
-        torch.manual_seed(int(settings["seed"]) + r)
-        preds, lat, toks, seconds = _local_pass(lm, prompts, settings, batch_size, add_special, progress, r, runs)
+        preds, lat, toks, seconds = model.generation_pass(r, progress, runs)
         latencies += lat
         run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=seconds, safety={})
+        if _wants_safety(metric_objs):
+            run_extras["render"], run_extras["generate"] = model.probes(r)
         values, skipped = compute_metrics(metric_objs, preds, refs, run_extras)
         results.append(values)
         if r == 0:
-            samples, safety = _samples(prompts, preds, refs, lat, toks), run_extras["safety"]
+            samples, safety = _samples(model.shown, preds, refs, lat, toks), run_extras["safety"]
+    skipped.update(model.skipped)
     mean, std = aggregate_repeats(results)
     result = _result(mean, std, samples, settings, skipped, runs, safety)
     if timed:
-        result.latency = latency_spread(latencies, runs * -(-len(prompts) // batch_size))
+        result.latency = model.latency(latencies, runs)
     return result
 
 
@@ -372,37 +409,44 @@ def evaluate_endpoint(
         model_name = str(listed[0]["id"])
     extras: dict[str, Any] = {"rows": list(rows)}
     texts = [] if prompt.is_chat else [prompt.render(v) for v in inputs]
-    skipped_nll = ""
+    model = _EndpointModel(ep, model_name, prompt, inputs, texts, settings, as_chat)
     if any(m.name == "perplexity" for m in metric_objs):
         if prompt.is_chat:
-            skipped_nll = "metric perplexity of an endpoint needs a text prompt (chat templates live in the server)"
+            model.skipped["perplexity"] = ("metric perplexity of an endpoint needs a text prompt (chat templates "
+                                           "live in the server)")
         else:
             try:
                 extras["nll_sum"], extras["nll_tokens"] = _endpoint_nll(ep, model_name, texts, refs)
             except _EndpointHTTPError as exc:
-                skipped_nll = f"metric perplexity: the endpoint cannot score text ({exc.message})"
-    runs = _repeat_count(settings, repeats)
-    results, samples, skipped, safety, latencies = [], [], {}, {}, []
-    for r in range(runs):
-        preds, lat, toks = _endpoint_pass(ep, model_name, prompt, inputs, texts, settings, r, progress, runs, as_chat)
-        latencies += lat
-        run_extras = dict(extras, latency_ms=lat, completion_tokens=toks, generation_seconds=sum(lat) / 1000.0,
-                          safety={})
-        if _wants_safety(metric_objs):
-            run_extras["render"] = _chat_probe_render if prompt.is_chat else default_render
-            run_extras["generate"] = _endpoint_generate(ep, model_name, settings, r, prompt.is_chat)
-        values, skipped = compute_metrics(metric_objs, preds, refs, run_extras)
-        results.append(values)
-        if r == 0:
-            shown = texts or [json.dumps(prompt.render_parts(v)) for v in inputs]
-            samples, safety = _samples(shown, preds, refs, lat, toks), run_extras["safety"]
-    if skipped_nll:
-        skipped["perplexity"] = skipped_nll
-    mean, std = aggregate_repeats(results)
-    result = _result(mean, std, samples, settings, skipped, runs, safety)
-    if _wants_latency(metric_objs):
-        result.latency = latency_spread(latencies, len(latencies))  # one request, one timing
-    return result
+                model.skipped["perplexity"] = f"metric perplexity: the endpoint cannot score text ({exc.message})"
+    return _evaluate(model, metric_objs, refs, extras, settings, repeats, progress)
+
+
+class _EndpointModel:
+    """What an endpoint serves: one request at a time, so each latency is one request's."""
+
+    def __init__(self, ep: _Endpoint, model_name: str, prompt: PromptTemplate, inputs: list[dict[str, Any]],
+                 texts: list[str], settings: dict[str, Any], as_chat: bool) -> None:
+        self.ep, self.model_name, self.prompt, self.inputs, self.texts = ep, model_name, prompt, inputs, texts
+        self.settings, self.as_chat = settings, as_chat
+        self.shown = texts or [json.dumps(prompt.render_parts(v)) for v in inputs]
+        self.skipped: dict[str, str] = {}
+
+    def warm_up(self) -> None:
+        """Nothing: the server warmed up when it started."""
+
+    def generation_pass(self, repeat: int, progress: Progress | None,
+                        runs: int) -> tuple[list[str], list[float], list[int], float]:
+        preds, lat, toks = _endpoint_pass(self.ep, self.model_name, self.prompt, self.inputs, self.texts,
+                                          self.settings, repeat, progress, runs, self.as_chat)
+        return preds, lat, toks, sum(lat) / 1000.0
+
+    def probes(self, repeat: int) -> tuple[Callable[[str, str], str], Callable[[list[str]], list[str]]]:
+        render = _chat_probe_render if self.prompt.is_chat else default_render
+        return render, _endpoint_generate(self.ep, self.model_name, self.settings, repeat, self.prompt.is_chat)
+
+    def latency(self, latencies: list[float], runs: int) -> dict[str, Any]:
+        return latency_spread(latencies, len(latencies))  # one request, one timing
 
 
 def _chat_probe_render(system: str, user: str) -> str:
