@@ -108,7 +108,7 @@ class LockWrites(ApplyHooks):
         self.inodes: list[int] = []
         self.journal_lines: list[int] = []
 
-    def recorded(self, change, outputs) -> None:
+    def recorded(self, change, outputs, summary="") -> None:
         self.inodes.append(self.path.stat().st_ino)
         self.journal_lines.append(len(journal_path(self.path).read_bytes().splitlines()))
 

@@ -58,7 +58,8 @@ class Env:
     def apply(self, name: str = "tickets") -> dict[str, Any]:
         spec = self.ctx.config["datasets"][name]
         request = ApplyRequest(
-            address=f"datasets.{name}", name=name, spec=spec, action="create", fingerprint="f", before=None, upstream={}
+            address=f"datasets.{name}", name=name, spec=spec, action="create", fingerprint="f", before=None, upstream={},
+            log=lambda message: self.ctx.log(f"datasets.{name}", message),  # as the engine hands it in
         )
         result = self.provider.apply(request)
         self.locked = LockedResource(address=f"datasets.{name}", fingerprint="f", inputs=result.inputs, outputs=result.outputs)

@@ -86,7 +86,7 @@ def setup(project, built_base):
 FP = "sha256:" + "f" * 64
 
 
-def request(upstream, spec=None, fingerprint=FP, progress=None, cancelled=None) -> ApplyRequest:
+def request(ctx, upstream, spec=None, fingerprint=FP, progress=None, cancelled=None) -> ApplyRequest:
     return ApplyRequest(
         address="finetunes.colours",
         name="colours",
@@ -97,6 +97,7 @@ def request(upstream, spec=None, fingerprint=FP, progress=None, cancelled=None) 
         upstream=upstream,
         progress=progress or (lambda e: None),
         cancelled=cancelled or (lambda: False),
+        upstream_specs={"prompts.qa": ctx.config["prompts"]["qa"]},
     )
 
 
@@ -111,7 +112,7 @@ def test_cancelled_apply_fails_then_resumes_and_records_outputs(setup, project):
     # 16 rows / 4 per batch * 2 epochs = 8 steps; stop after step 5 (checkpoints every 2).
     with pytest.raises(ProviderError) as err:
         stop_after_5 = lambda: any((e.completed or 0) >= 5 for e in events)  # noqa: E731
-        provider.apply(request(upstream, progress=record, cancelled=stop_after_5))
+        provider.apply(request(ctx, upstream, progress=record, cancelled=stop_after_5))
     assert "was cancelled" in err.value.message and "train.log" in err.value.message
     run_dir = project.path(".llmops/runs/finetunes/colours/ffffffffffff")
     saved = [p.name for p in (run_dir / "checkpoints" / "trial-0").iterdir()]
@@ -120,7 +121,7 @@ def test_cancelled_apply_fails_then_resumes_and_records_outputs(setup, project):
     assert step >= 4
 
     events.clear()
-    result = provider.apply(request(upstream, progress=record))
+    result = provider.apply(request(ctx, upstream, progress=record))
     assert any(e.message == f"resumed at step {step}" for e in events)
     completed = [e.completed for e in events if e.message.startswith("step")]
     assert completed[0] == step + 1 and completed[-1] == 8 and all(e.total == 8 for e in events)
@@ -170,7 +171,7 @@ def test_failing_job_raises_with_the_log_tail(setup):
     ctx, upstream = setup
     ctx.config["prompts"]["qa"]["response_field"] = "reply"
     with pytest.raises(ProviderError) as err:
-        FinetunesProvider(ctx).apply(request(upstream, fingerprint="e" * 64))
+        FinetunesProvider(ctx).apply(request(ctx, upstream, fingerprint="e" * 64))
     msg = err.value.message
     assert "failed (exit code 1)" in msg
     assert "no field 'reply'" in msg  # the job's own error, from the log tail
@@ -182,13 +183,13 @@ def test_missing_upstream_and_qlora_without_bitsandbytes(setup):
     provider = FinetunesProvider(ctx)
     partial = {k: v for k, v in upstream.items() if k != "base_models.tiny"}
     with pytest.raises(ProviderError, match="base_models.tiny has not been applied"):
-        provider.apply(request(partial))
+        provider.apply(request(ctx, partial))
     pytest.importorskip("torch")
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ProviderError, match="bitsandbytes"):
-            provider.apply(request(upstream, spec={**SPEC, "adapter": {"type": "qlora"}}))
+            provider.apply(request(ctx, upstream, spec={**SPEC, "adapter": {"type": "qlora"}}))
 
 
 def test_describe_counts_sweep_trials(setup):

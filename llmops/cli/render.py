@@ -115,10 +115,9 @@ class RichHooks(ApplyHooks):
             msg = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
             self.console.print(f"[red]{change.address}: failed:[/] {escape(_unprefixed(change.address, msg))}")
 
-    def recorded(self, change: ResourceChange, outputs: dict) -> None:
-        line = outcome_summary(change.kind, outputs)
-        if line:
-            self.console.print(f"[dim]  {escape(change.address)}: {escape(line)}[/]")
+    def recorded(self, change: ResourceChange, outputs: dict, summary: str = "") -> None:
+        if summary:  # the provider's one line (`Provider.summary`)
+            self.console.print(f"[dim]  {escape(change.address)}: {escape(summary)}[/]")
 
     def progress(self, address: str, event: ProgressEvent) -> None:
         task = self.tasks.get(address)
@@ -154,43 +153,3 @@ def render_report(console: Console, report: ApplyReport) -> None:
 def _unprefixed(address: str, message: str) -> str:
     """Messages often start with their address; the renderer already shows it."""
     return message[len(address) + 2:] if message.startswith(f"{address}: ") else message
-
-
-def _num(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
-
-
-def outcome_summary(kind: str, out: dict[str, Any]) -> str:
-    """What a successful apply produced, in one line (what a CI log reader wants to see)."""
-    if kind == "datasets":
-        parts = [f"{split} {out[split].get('rows')} rows" for split in ("train", "eval") if isinstance(out.get(split), dict)]
-        return ", ".join(parts) + (f"; report {out['report']}" if out.get("report") else "")
-    if kind == "prompts" and out.get("version"):
-        return f"registered version {out['version']} (alias {out.get('alias')})"
-    if kind == "base_models" and out.get("path"):
-        return f"{out.get('source', 'model')} at {out['path']}" + (f" (commit {out['commit'][:12]})" if out.get("commit") else "")
-    if kind == "finetunes" and out.get("model_name"):
-        metrics = out.get("metrics") or {}
-        losses = ", ".join(f"{k} {_num(metrics[k])}" for k in ("train_loss", "eval_loss") if k in metrics)
-        return f"registered {out['model_name']} v{out.get('model_version')}" + (f"; {losses}" if losses else "")
-    if kind == "evals" and out.get("metrics"):
-        gates = out.get("gates") or {}
-        parts = []
-        for metric, value in out["metrics"].items():
-            g = gates.get(metric)
-            check = f" ({g['op']} {_num(g['threshold'])} {'passed' if g['passed'] else 'FAILED'})" if g and g.get("op") else ""
-            delta = ((out.get("comparison") or {}).get("metrics") or {}).get(metric, {}).get("delta")
-            vs = f" [{delta:+.4g} vs {out['comparison']['eval'].split('.', 1)[1]}]" if isinstance(delta, (int, float)) else ""
-            spread = out.get("latency") or {}
-            if metric.startswith("latency_") and spread.get("requests"):
-                vs += (f" (n={spread['requests']} from {spread['timed']} timings, "
-                       f"{_num(spread['min_ms'])}-{_num(spread['max_ms'])} ms)")
-            parts.append(f"{metric} {_num(value)}{check}{vs}")
-        failed_gains = [k for k, g in gates.items() if k not in out["metrics"] and not g.get("passed")]
-        return ", ".join(parts) + (f"; FAILED: {', '.join(failed_gains)}" if failed_gains else "")
-    if kind == "deployments" and out.get("alias"):
-        line = f"{out.get('model_name')} v{out.get('version')} -> alias {out['alias']}"
-        return line + (f"; serving {out['endpoint']}" if out.get("endpoint") else "")
-    if kind == "monitors" and out.get("store"):
-        return f"logging {out.get('deployment')}'s requests to {out['store']}"
-    return ""

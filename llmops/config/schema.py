@@ -72,6 +72,11 @@ def _strip(value: Any, node: dict[str, Any]) -> Any:
     return value
 
 
+def kind_fields(kind: str) -> frozenset[str]:
+    """The top-level fields a `kind` resource's spec may have."""
+    return frozenset(_resolve({"$ref": f"#/$defs/{KIND_DEFS[kind]}"}).get("properties") or {})
+
+
 def without_defaults(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """`spec` of a `kind` resource without the values that equal their documented default."""
     name = KIND_DEFS.get(kind)

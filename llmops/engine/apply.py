@@ -33,8 +33,9 @@ class ApplyHooks:
 
     def post_apply(self, change: ResourceChange, error: BaseException | None) -> None: ...
 
-    def recorded(self, change: ResourceChange, outputs: dict) -> None:
-        """A success was written to the lock with these outputs (for a one-line summary)."""
+    def recorded(self, change: ResourceChange, outputs: dict, summary: str = "") -> None:
+        """A success was written to the lock with these outputs; `summary` is the provider's
+        one line about them (`Provider.summary`)."""
 
     def progress(self, address: str, event: ProgressEvent) -> None: ...
 
@@ -77,7 +78,7 @@ def apply_plan(
                 report.skipped[change.address] = "apply stopped before it started"
                 continue
             _run_one(project, change, hooks, report, lambda: (warm.wait(change.kind), _delete(project, journal, change)))
-        _run_graph(project, journal, [c for c in work if c.action != "delete"], hooks, report,
+        _run_graph(project, plan, journal, [c for c in work if c.action != "delete"], hooks, report,
                    parallelism, keep_going, cancel, warm)
     except KeyboardInterrupt:
         report.interrupted = True
@@ -164,7 +165,7 @@ def _no_provider(kind: str, address: str) -> str:
             f"--select to apply other resources.")
 
 
-def _run_graph(project, journal, changes, hooks, report, parallelism, keep_going, cancel, warm) -> None:
+def _run_graph(project, plan, journal, changes, hooks, report, parallelism, keep_going, cancel, warm) -> None:
     pending = {c.address: c for c in changes}
     order = {c.address: i for i, c in enumerate(changes)}
     waiting: dict[str, int] = {}  # address -> upstreams in this apply not yet applied
@@ -205,7 +206,7 @@ def _run_graph(project, journal, changes, hooks, report, parallelism, keep_going
                     if c is None:
                         continue  # skipped since it became ready
                     hooks.pre_apply(c)
-                    running[pool.submit(_apply_change, project, c, hooks, cancel, warm)] = c
+                    running[pool.submit(_apply_change, project, plan, c, hooks, cancel, warm)] = c
                 if not running:
                     break
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -216,7 +217,9 @@ def _run_graph(project, journal, changes, hooks, report, parallelism, keep_going
                         _record(journal, c, fut.result())
                         report.applied.append(c.address)
                         hooks.post_apply(c, None)
-                        hooks.recorded(c, project.lock.get(c.address).outputs)
+                        outputs = project.lock.get(c.address).outputs
+                        provider = project.provider(c.kind)
+                        hooks.recorded(c, outputs, provider.summary(outputs) if provider else "")
                         finished_ok(c.address)
                     else:
                         report.failed[c.address] = _message(exc)
@@ -246,8 +249,8 @@ def _run_graph(project, journal, changes, hooks, report, parallelism, keep_going
             hooks.skipped(c.address, why)
 
 
-def _apply_change(project: Project, change: ResourceChange, hooks: ApplyHooks, cancel: threading.Event,
-                  warm: WarmUp | None = None):
+def _apply_change(project: Project, plan: Plan, change: ResourceChange, hooks: ApplyHooks,
+                  cancel: threading.Event, warm: WarmUp | None = None):
     if change.lock_only:
         return None
     if warm is not None:
@@ -261,15 +264,20 @@ def _apply_change(project: Project, change: ResourceChange, hooks: ApplyHooks, c
         if entry is None:
             raise ProviderError(f"{change.address}: upstream {u} has not been applied; run `llmops apply` without --select.")
         upstream[u] = entry
+    spec = plan.specs.get(change.address)
+    if spec is None:  # a Plan built without specs (not by make_plan or check_saved_plan)
+        raise ProviderError(f"{change.address}: the plan holds no spec for it; run `llmops plan` again.")
     request = ApplyRequest(
         address=change.address,
         name=change.name,
-        spec=dict(project.config.resources[change.address].spec),
+        spec=dict(spec),
         action=change.action,
         fingerprint=change.after["fingerprint"],
         before=project.lock.get(change.address),
         upstream=upstream,
         private=change.private,
+        upstream_specs=_upstream_specs(plan, change),
+        log=lambda message: project.log(change.address, message),
         progress=lambda event: hooks.progress(change.address, event),
         cancelled=cancel.is_set,
     )
@@ -277,6 +285,20 @@ def _apply_change(project: Project, change: ResourceChange, hooks: ApplyHooks, c
     if not isinstance(result, ApplyResult):
         raise ProviderError(f"{change.address}: provider returned {type(result).__name__}, not ApplyResult")
     return result
+
+
+def _upstream_specs(plan: Plan, change: ResourceChange) -> dict[str, dict]:
+    """The planned spec of every resource `change` depends on, directly or not."""
+    deps = {c.address: c.depends_on for c in plan.changes}
+    seen: dict[str, dict] = {}
+    todo = list(change.depends_on)
+    while todo:
+        u = todo.pop()
+        if u in seen or u not in plan.specs:
+            continue
+        seen[u] = plan.specs[u]
+        todo.extend(deps.get(u, ()))
+    return dict(sorted(seen.items()))
 
 
 def _record(journal: LockJournal, change: ResourceChange, result: ApplyResult | None) -> None:

@@ -1,7 +1,8 @@
 """The plan is data: a list of ResourceChange, in the order apply will run them.
 
-Apply builds its work from `action`, `fingerprint`, `after` and `private` alone; `reasons`
-are for people and nothing branches on them. Serialising a plan lives in
+Apply builds its work from `action`, `fingerprint`, `after`, `private` and the plan's
+resolved `specs` alone. `reasons` are for people and nothing branches on them; `codes`
+(one per reason, see REASON_CODES) are what code may branch on. Serialising a plan lives in
 `llmops.planfile`; rendering it in `llmops.plan_markdown` and the CLI.
 """
 
@@ -11,6 +12,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ACTIONS = ("create", "update", "restore", "replace", "delete", "no-op")
+
+# A reason's code, then `:` and its subject where it has one (a field path, a file, an address).
+REASON_CODES = (
+    "new",                  # not in llmops.lock
+    "field",                # field:<path> changed in llmops.yaml
+    "file-missing",         # file-missing:<path> a source file is gone
+    "file-changed",         # file-changed:<path> a source file's content changed
+    "file-new",             # file-new:<path> the resource reads a new file
+    "content-changed",      # the provider's content fingerprint moved (model files, revision)
+    "upstream-new",         # upstream-new:<address>
+    "upstream-changed",     # upstream-changed:<address> its fingerprint moved
+    "upstream-removed",     # upstream-removed:<address> no longer depended on
+    "upstream-replaced",    # upstream-replaced:<address> rebuilt without a new fingerprint
+    "drift",                # drift:<Drift.code> live state differs from the lock
+    "found",                # a shared store holds the output for this fingerprint
+    "forced",               # --replace
+    "fingerprint-changed",  # the fingerprint moved for a reason not itemised (a newer scheme)
+    "removed",              # gone from llmops.yaml
+)
 CHANGE_ACTIONS = ("create", "update", "restore", "replace", "delete")
 
 
@@ -37,6 +57,14 @@ class ResourceChange:
     details: dict[str, Any] = field(default_factory=dict)
     lock_only: bool = False
     alerts: list[str] = field(default_factory=list)  # open monitoring alerts (do not make a change)
+    codes: list[str] = field(default_factory=list)  # REASON_CODES, one per reason
+
+    def because(self, code: str, reason: str) -> None:
+        """Add a reason: its code for code (`REASON_CODES`, `code:subject`), its text for people."""
+        if code.partition(":")[0] not in REASON_CODES:
+            raise ValueError(f"unknown reason code {code!r}")
+        self.codes.append(code)
+        self.reasons.append(reason)
 
     @property
     def kind(self) -> str:
@@ -58,6 +86,10 @@ class Plan:
     target: str | None = None
     refresh: bool = True
     selected: list[str] = field(default_factory=list)
+    # address -> resolved spec (secrets included) of every resource in llmops.yaml as planned:
+    # what apply hands providers. Kept in memory only, never saved; a saved plan gets them
+    # from the fresh plan `check_saved_plan` compares it with (same digests, same specs).
+    specs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     def summary(self) -> dict[str, int]:
         counts = {a: 0 for a in ACTIONS}

@@ -26,6 +26,7 @@ def change_to_dict(c: ResourceChange) -> dict[str, Any]:
         "name": c.name,
         "action": c.action,
         "reasons": list(c.reasons),
+        "codes": list(c.codes),
         "before": c.before,
         "after": c.after,
         "depends_on": list(c.depends_on),
@@ -78,6 +79,7 @@ def load_plan(path: Path) -> Plan:
                 before=c.get("before"), after=c.get("after"), depends_on=list(c.get("depends_on", [])),
                 private=c.get("private") or {}, details=c.get("details") or {},
                 lock_only=bool(c.get("lock_only", False)), alerts=list(c.get("alerts", [])),
+                codes=list(c.get("codes", [])),
             )
             for c in data["resource_changes"]
         ]

@@ -76,7 +76,7 @@ def _make_plan(project: Project, refresh: bool, select: Iterable[str], replace: 
         provider = project.provider(res.kind)
         files = {rel: hasher.md5(rel) for rel in (provider.file_inputs(res.name, res.spec) if provider else [])}
         all_files.update(files)
-        content = _content_fingerprint(provider, res.name, res.spec)
+        content = provider.content_fingerprint(res.name, res.spec) if provider else None
         ups = {u: desired_fp[u] for u in config.deps.get(addr, [])}
         spec = locked_spec(res.spec, res.kind)
         fp = _fingerprint(res.kind, spec, files, ups, content)
@@ -99,18 +99,16 @@ def _make_plan(project: Project, refresh: bool, select: Iterable[str], replace: 
             found = provider.find_existing(res.name, res.spec, fp)
             if found is not None:
                 change.action = "restore"
-                change.reasons.append(found.reason)
+                change.because("found", found.reason)
                 live.append(f"{addr}: {found.reason}")
         _propagate_rebuilds(change, provider, planned, config.deps.get(addr, []))
         if addr in replace and change.action != "create":
             change.action = "replace"
-            change.reasons.append("forced by --replace")
+            change.because("forced", "forced by --replace")
             change.lock_only = False
         change.depends_on = list(config.deps.get(addr, []))
-        if provider and change.action != "no-op":
-            change.private = provider.plan_private(res.name, res.spec, locked)
-            if found is not None:
-                change.private["found"] = found.private
+        if found is not None:
+            change.private = {"found": found.private}
         if provider:
             change.details = provider.describe(res.name, res.spec, locked)
             if change.action in ("create", "replace"):
@@ -134,6 +132,7 @@ def _make_plan(project: Project, refresh: bool, select: Iterable[str], replace: 
         target=config.target,
         refresh=refresh,
         selected=sorted(select, key=address_sort_key),
+        specs={addr: res.spec for addr, res in config.resources.items()},
     )
 
 
@@ -143,13 +142,14 @@ def _propagate_rebuilds(change: ResourceChange, provider, planned: dict[str, Res
     if change.action not in ("no-op", "update", "restore") or change.lock_only:
         return
     rebuilt = [u for u in deps if u in planned and planned[u].action == "replace"
-               and f"upstream {u} changed" not in change.reasons]
+               and f"upstream-changed:{u}" not in change.codes]
     if not rebuilt:
         return
     follow = provider.upstream_change if provider else "replace"
     if _ACTION_RANK[follow] > _ACTION_RANK[change.action]:
         change.action = follow
-    change.reasons.extend(f"upstream {u} will be replaced" for u in rebuilt)
+    for u in rebuilt:
+        change.because(f"upstream-replaced:{u}", f"upstream {u} will be replaced")
 
 
 def _fingerprint(kind: str, spec: dict[str, Any], files: dict[str, str], upstreams: dict[str, str],
@@ -167,46 +167,43 @@ def _fingerprint(kind: str, spec: dict[str, Any], files: dict[str, str], upstrea
     return "sha256:" + hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
-def _content_fingerprint(provider, name: str, spec: dict) -> str | None:
-    fn = getattr(provider, "content_fingerprint", None)
-    return fn(name, spec) if fn else None
-
-
 def _decide(project, provider, kind, name, spec, locked, after, planned, refresh, live) -> ResourceChange:
     addr = f"{kind}.{name}"
     if locked is None:
-        return ResourceChange(addr, "create", ["new resource (not in llmops.lock)"], None, after)
-    before = locked.to_dict()
-    reasons: list[str] = []
-    changed_fields = _field_diffs(locked.spec, after["spec"], reasons, kind)
-    files_changed = _file_diffs(locked.files, after["files"], reasons)
+        change = ResourceChange(addr, "create", [], None, after)
+        change.because("new", "new resource (not in llmops.lock)")
+        return change
+    why = ResourceChange(addr, "no-op", [], locked.to_dict(), after)  # collects the reasons
+    changed_fields = _field_diffs(locked.spec, after["spec"], why, kind)
+    files_changed = _file_diffs(locked.files, after["files"], why)
     if after.get("content") is not None and locked.inputs.get("content") not in (None, after["content"]):
-        reasons.append("content changed (model files or resolved revision)")
+        why.because("content-changed", "content changed (model files or resolved revision)")
         files_changed = True
     upstream_changed = []
     for u, fp in after["upstreams"].items():
         if locked.upstreams.get(u) != fp:
             upstream_changed.append(u)
             up = planned.get(u)
-            verb = "is new" if up is None or up.action == "create" or u not in locked.upstreams else "changed"
-            reasons.append(f"upstream {u} {verb}")
+            new = up is None or up.action == "create" or u not in locked.upstreams
+            why.because(f"upstream-new:{u}" if new else f"upstream-changed:{u}",
+                        f"upstream {u} {'is new' if new else 'changed'}")
     for u in locked.upstreams:
         if u not in after["upstreams"]:
-            reasons.append(f"no longer depends on {u}")
+            why.because(f"upstream-removed:{u}", f"no longer depends on {u}")
             upstream_changed.append(u)
 
     fp_fields = {f for f in changed_fields if f not in LOCK_ONLY_FIELDS}
     if after["fingerprint"] == locked.fingerprint and not fp_fields:
-        action = "no-op"
         if changed_fields:  # only lock-recorded fields such as `protect`
-            return ResourceChange(addr, "update", reasons, before, after, lock_only=True)
+            why.action, why.lock_only = "update", True
+            return why
         if refresh and provider is not None:
             for drift in provider.refresh(name, spec, locked):
                 live.append(f"{addr}: {drift.reason}")
-                reasons.append(f"drift: {drift.reason}")
-                if _ACTION_RANK[drift.action] > _ACTION_RANK[action]:
-                    action = drift.action
-        return ResourceChange(addr, action, reasons, before, after)
+                why.because(f"drift:{drift.code}", f"drift: {drift.reason}")
+                if _ACTION_RANK[drift.action] > _ACTION_RANK[why.action]:
+                    why.action = drift.action
+        return why
 
     in_place = provider.in_place_fields if provider else frozenset()
     upstream_action = provider.upstream_change if provider else "replace"
@@ -218,8 +215,9 @@ def _decide(project, provider, kind, name, spec, locked, after, planned, refresh
         action = upstream_action
     else:  # fingerprint moved for a reason not itemised above (e.g. a newer fingerprint scheme)
         action = "replace"
-        reasons.append("fingerprint changed")
-    return ResourceChange(addr, action, reasons, before, after)
+        why.because("fingerprint-changed", "fingerprint changed")
+    why.action = action
+    return why
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -240,7 +238,7 @@ def _fmt(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _field_diffs(old: dict, new: dict, reasons: list[str], kind: str = "") -> set[str]:
+def _field_diffs(old: dict, new: dict, why: ResourceChange, kind: str = "") -> set[str]:
     """Add `path: old -> new` reasons; return the changed top-level fields. A side left out
     shows its documented default (`0.0002 (default)`): specs are compared without them."""
     from llmops.config.schema import defaults_by_path
@@ -260,22 +258,22 @@ def _field_diffs(old: dict, new: dict, reasons: list[str], kind: str = "") -> se
     for path in sorted(set(a) | set(b)):
         if path in a and path in b and canonical_json(a[path]) == canonical_json(b[path]):
             continue
-        reasons.append(f"{path}: {side(a, path)} -> {side(b, path)}")
+        why.because(f"field:{path}", f"{path}: {side(a, path)} -> {side(b, path)}")
         top.add(path.split(".")[0])
     return top
 
 
-def _file_diffs(old: dict, new: dict, reasons: list[str]) -> bool:
+def _file_diffs(old: dict, new: dict, why: ResourceChange) -> bool:
     changed = False
     for rel, md5 in new.items():
         if old.get(rel) != md5:
             changed = True
             if md5 == "missing":
-                reasons.append(f"source file missing: {rel}")
+                why.because(f"file-missing:{rel}", f"source file missing: {rel}")
             elif rel in old:
-                reasons.append(f"source content changed ({rel})")
+                why.because(f"file-changed:{rel}", f"source content changed ({rel})")
             else:
-                reasons.append(f"reads a new file ({rel})")
+                why.because(f"file-new:{rel}", f"reads a new file ({rel})")
     return changed
 
 
@@ -294,7 +292,7 @@ def _deletions(project: Project, graph: Graph) -> list[ResourceChange]:
     order = list(reversed(recorded.order()))
     return [
         ResourceChange(a, "delete", ["removed from llmops.yaml"], project.lock.resources[a].to_dict(), None,
-                       depends_on=[])
+                       depends_on=[], codes=["removed"])
         for a in order
     ]
 
@@ -330,3 +328,4 @@ def check_saved_plan(project: Project, saved: Plan) -> None:
     if saved.refresh and fresh.live_digest != saved.live_digest:
         raise StalePlanError("saved plan is stale: live state (registry, outputs on disk, endpoints) changed "
                              "since it was made; run `llmops plan` again.")
+    saved.specs = fresh.specs  # the same digests: the specs the saved plan was made from

@@ -1,8 +1,15 @@
-"""The provider interface: one provider per resource kind plans and applies that kind.
+"""The provider contract: one provider per resource kind plans and applies that kind.
+
+This module is the whole contract; the engine calls nothing a provider declares elsewhere
+(tests/test_provider_contract.py checks every registered provider against it).
 
 The core compares fingerprints, orders work and schedules it; a provider only knows its
-own kind. Providers never print and never import click: they report through
-`ProviderContext.log` and the `progress` callback of an `ApplyRequest`.
+own kind. What it needs of other resources it reads through the context
+(`ProviderContext.spec_of`, at plan time) or the request (`ApplyRequest.upstream_specs` and
+`upstream`, at apply time), never from llmops.yaml or llmops.lock on disk. Providers never
+print and never import click: they report through `ApplyRequest.log` and `progress` (or
+`ProviderContext.log` outside an apply). Code branches on `Drift.code` and the plan's
+`ResourceChange.codes`; reason texts are for people.
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ from llmops.engine.lockfile import LockedResource
 
 def _no_log(address: str, message: str) -> None:
     pass
+
+
+def short_number(value: Any) -> str:
+    """A metric as one-line summaries show it: 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 @dataclass
@@ -41,10 +53,37 @@ class ProviderContext:
         """A project-relative path made absolute."""
         return (self.root / rel).resolve()
 
+    def spec_of(self, address: str) -> dict[str, Any]:
+        """The resolved spec of another resource (`kind.name`), {} when llmops.yaml has none:
+        what plan-time methods read of the resources theirs depends on."""
+        kind, _, name = str(address).partition(".")
+        spec = (self.config.get(kind) or {}).get(name) if isinstance(self.config.get(kind), dict) else None
+        return spec if isinstance(spec, dict) else {}
+
+    def specs_of(self, kind: str) -> dict[str, dict[str, Any]]:
+        """name -> resolved spec of every resource of `kind` in llmops.yaml (for files one
+        kind writes whole, such as dvc.yaml's stages)."""
+        specs = self.config.get(kind)
+        return {n: s for n, s in specs.items() if isinstance(s, dict)} if isinstance(specs, dict) else {}
+
+    @property
+    def project_name(self) -> str:
+        """llmops.yaml's `project:` (MLflow experiment names derive from it)."""
+        return str(self.config.get("project") or "llmops")
+
+
+DRIFT_CODES = frozenset({
+    "missing",      # the recorded output is gone here (a folder, a registry version, a run)
+    "changed",      # the live resource exists but differs from the lock (an alias moved, files edited)
+    "not-serving",  # a deployment's endpoint is down or answered by another server
+    "unreadable",   # the live store could not be read for this resource
+})
+
 
 @dataclass(frozen=True)
 class Drift:
-    """Live state differs from the lock: `reason` is for people, `action` is what fixes it.
+    """Live state differs from the lock: `reason` is for people, `code` (one of DRIFT_CODES)
+    for code, `action` is what fixes it.
 
     `restore` means the locked output is missing here but a shared store holds exactly that
     content: apply fetches it and verifies its hash (`Provider.restore`); nothing downstream
@@ -53,6 +92,13 @@ class Drift:
 
     reason: str
     action: str = "replace"  # "update", "restore" or "replace"
+    code: str = "changed"
+
+    def __post_init__(self) -> None:
+        if self.code not in DRIFT_CODES:
+            raise ValueError(f"Drift code {self.code!r} is not one of {sorted(DRIFT_CODES)}")
+        if self.action not in ("update", "restore", "replace"):
+            raise ValueError(f"Drift action {self.action!r} is not update, restore or replace")
 
 
 @dataclass(frozen=True)
@@ -80,9 +126,11 @@ class ProgressEvent:
 class ApplyRequest:
     """One resource to create, update or replace.
 
-    `upstream` maps each upstream address to its lock entry *as just applied* (their
-    `outputs` are final). `before` is this resource's previous lock entry, if any.
-    `private` is what `Provider.plan_private` handed over at plan time.
+    `spec` is the resource's resolved spec as planned. `upstream` maps each direct upstream
+    address to its lock entry *as just applied* (their `outputs` are final); `upstream_specs`
+    maps every resource it depends on, directly or not, to its resolved spec. `before` is this
+    resource's previous lock entry, if any. `private` holds `{"found": Found.private}` when the
+    plan found the output in a shared store. `log(message)` reports a line under the address.
     """
 
     address: str
@@ -93,6 +141,8 @@ class ApplyRequest:
     before: LockedResource | None
     upstream: dict[str, LockedResource]
     private: dict[str, Any] = field(default_factory=dict)
+    upstream_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log: Callable[[str], None] = lambda message: None
     progress: Callable[[ProgressEvent], None] = lambda event: None
     cancelled: Callable[[], bool] = lambda: False
 
@@ -116,36 +166,33 @@ class Provider(ABC):
       in_place_fields: top-level spec keys whose change alone is an `update` rather than
         a `replace` (e.g. an eval's `thresholds`, a deployment's `alias`).
       upstream_change: the action planned when only an upstream changed.
-      heavy_modules: imported by `warm_up` in the main thread before apply's threads start.
+      heavy_modules: imported by `warm_up` (one thread) before the kind's changes start.
     """
 
     kind: ClassVar[str]
     in_place_fields: ClassVar[frozenset[str]] = frozenset()
     upstream_change: ClassVar[str] = "replace"
-    # Libraries apply imports in the main thread before it starts worker threads: concurrent
+    # Imported by one thread, the warm-up's, before this kind's changes start: concurrent
     # first imports of torch/transformers/mlflow from several threads are not safe.
     heavy_modules: ClassVar[tuple[str, ...]] = ()
-    uses_tracking: ClassVar[bool] = False  # opens the MLflow store: checked once before apply
 
     def warm_up(self) -> None:
+        """Before the kind's first change of an apply: heavy imports, then `preflight`."""
         import importlib
 
         for module in self.heavy_modules:
             importlib.import_module(module)
-        if self.uses_tracking:
-            from llmops.integrations.mlflow import check_store
+        self.preflight()
 
-            check_store(self.ctx.root, self.ctx.settings)
+    def preflight(self) -> None:
+        """Once per apply, before this kind's first change: check (and, where the store makes
+        its own schema, prepare) the stores the kind writes to, so a misconfigured store fails
+        before any work, with its fix. Raise LlmopsError subclasses."""
 
     def check_live(self) -> None:
         """Once per plan with refresh, before any `refresh`: fail in seconds, naming the store,
         when live state cannot be read at all (an unreachable tracking server), rather than
         hang in client retries or report every resource as drifted."""
-        if self.uses_tracking:
-            from llmops.integrations.mlflow import check_reachable, registry_uri, tracking_uri
-
-            check_reachable(tracking_uri(self.ctx.root, self.ctx.settings))
-            check_reachable(registry_uri(self.ctx.root, self.ctx.settings))
 
     def __init__(self, ctx: ProviderContext) -> None:
         self.ctx = ctx
@@ -153,6 +200,11 @@ class Provider(ABC):
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
         """Project-relative files whose *content* is part of the fingerprint."""
         return []
+
+    def content_fingerprint(self, name: str, spec: dict[str, Any]) -> str | None:
+        """A digest of content the spec names but the project does not hold (a model's files
+        in a cache, a resolved revision), part of the fingerprint; None when there is none."""
+        return None
 
     def refresh(self, name: str, spec: dict[str, Any], locked: LockedResource) -> list[Drift]:
         """Read live state; return how it differs from the lock (empty: in sync)."""
@@ -215,10 +267,6 @@ class Provider(ABC):
         raise ProviderError(f"{request.address}: this kind cannot restore outputs from a shared store; "
                             f"run `llmops apply --replace {request.address}` to rebuild it.")
 
-    def plan_private(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
-        """Data handed from plan to apply (Terraform's `Private`); JSON-serialisable."""
-        return {}
-
     def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
         """Extra facts shown by plan (e.g. number of sweep trials); JSON-serialisable."""
         return {}
@@ -229,6 +277,12 @@ class Provider(ABC):
         gpu_hours, basis), scaled from its last recorded run; None for kinds that cost nothing
         worth showing. `upstream` maps each upstream address to its lock entry as it is now."""
         return None
+
+    @classmethod
+    def summary(cls, outputs: dict[str, Any]) -> str:
+        """What a successful apply produced, in one line from its lock `outputs` (what a CI
+        log reader wants to see after the address); "" for nothing worth a line."""
+        return ""
 
     @abstractmethod
     def apply(self, request: ApplyRequest) -> ApplyResult:

@@ -284,17 +284,24 @@ class BaseModelsProvider(Provider):
     kind = "base_models"
     heavy_modules = ("torch", "tokenizers", "transformers", "transformers.models.llama.modeling_llama")
 
+    @classmethod
+    def summary(cls, outputs: dict[str, Any]) -> str:
+        if not outputs.get("path"):
+            return ""
+        commit = f" (commit {outputs['commit'][:12]})" if outputs.get("commit") else ""
+        return f"{outputs.get('source', 'model')} at {outputs['path']}{commit}"
+
     def __init__(self, ctx: ProviderContext) -> None:
         super().__init__(ctx)
         self.hashes = FileHashCache(ctx.state_dir / "cache" / HASH_CACHE_NAME)
 
-    def build_dir(self, name: str) -> Path:
+    def _build_dir(self, name: str) -> Path:
         return self.ctx.state_dir / "models" / name
 
-    def warm_up(self) -> None:
-        """Also remove what killed builds left (`.NAME.tmp-*`), even of models this apply does
+    def preflight(self) -> None:
+        """Remove what killed builds left (`.NAME.tmp-*`), even of models this apply does
         not build again; a build running elsewhere keeps its lock and its folder."""
-        super().warm_up()
+        super().preflight()
         from llmops.train.build import remove_stale_builds
 
         for path in remove_stale_builds(self.ctx.state_dir / "models"):
@@ -353,7 +360,7 @@ class BaseModelsProvider(Provider):
         then = ((locked.spec or {}).get("build") or {}).get("pretrain") if locked else None
         dataset = upstream.get(f"datasets.{build.get('tokenizer_from')}")
         train = (dataset.outputs.get("train") or {}) if dataset else {}
-        source = ((self.ctx.config.get("datasets") or {}).get(str(build.get("tokenizer_from"))) or {}).get("source")
+        source = self.ctx.spec_of(f"datasets.{build.get('tokenizer_from')}").get("source")
         size = None
         for rel in (train.get("path"), source):  # the prepared split, else (before any apply) the source
             if size is None and isinstance(rel, str):
@@ -408,7 +415,7 @@ class BaseModelsProvider(Provider):
             raise ProviderError(f"datasets.{dataset}: {exc.message}") from exc
         what = "building and pre-training" if build.get("pretrain") is not None else "building"
         request.progress(ProgressEvent(message=f"{what} a model from {len(texts)} texts of datasets.{dataset}"))
-        out_dir = self.build_dir(request.name)
+        out_dir = self._build_dir(request.name)
         built = build_tiny_model(build, texts, out_dir)
         rel = out_dir.relative_to(self.ctx.root).as_posix()
         texts_digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
@@ -416,7 +423,7 @@ class BaseModelsProvider(Provider):
         if "pretrain" in built:
             stats = built["pretrain"]
             outputs["pretrain"] = stats
-            self.ctx.log(request.address, f"pre-trained {stats['steps']} steps on {stats['tokens']:,} tokens in "
+            request.log(f"pre-trained {stats['steps']} steps on {stats['tokens']:,} tokens in "
                                           f"{stats['seconds']:.1f} s (loss {stats['first_loss']} -> {stats['last_loss']})")
         inputs: dict[str, Any] = {"tokenizer_from": f"datasets.{dataset}", "texts": len(texts),
                                   "texts_sha256": texts_digest}
@@ -432,11 +439,11 @@ class BaseModelsProvider(Provider):
             if out.get("source") == "hf":
                 repo = locked.inputs.get("hf") or spec.get("hf")
                 return [Drift(f"the Hugging Face cache no longer has {repo} at commit {out.get('commit')}; the "
-                              "pinned commit will be fetched into it and its files verified", "restore")]
+                              "pinned commit will be fetched into it and its files verified", "restore", "missing")]
             if out.get("source") == "build":
                 return [Drift(f"model folder {out.get('path')} is missing; the build is deterministic: it will be "
-                              "built again and verified against the locked sha256 of every file", "restore")]
-            return [Drift(f"model folder {out.get('path')} is missing")]
+                              "built again and verified against the locked sha256 of every file", "restore", "missing")]
+            return [Drift(f"model folder {out.get('path')} is missing", code="missing")]
         within = _hf_repo_dir(folder) if out.get("source") == "hf" else self.ctx.root
         drifts = _files_drift(out.get("files", {}), self.hashes.hash_folder(folder, within))
         if drifts and out.get("source") == "build":
@@ -469,7 +476,7 @@ class BaseModelsProvider(Provider):
     def delete(self, name: str, locked: LockedResource) -> None:
         if locked.outputs.get("source") != "build":
             return  # the hf cache and user folders are not ours to remove
-        folder = self.build_dir(name)
+        folder = self._build_dir(name)
         if folder.is_dir():
             shutil.rmtree(folder)
 

@@ -484,11 +484,17 @@ class DatasetsProvider(Provider):
 
     kind = "datasets"
 
+    @classmethod
+    def summary(cls, outputs: dict[str, Any]) -> str:
+        parts = [f"{split} {outputs[split].get('rows')} rows" for split in ("train", "eval")
+                 if isinstance(outputs.get(split), dict)]
+        return ", ".join(parts) + (f"; report {outputs['report']}" if outputs.get("report") else "")
+
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
         return _sources(spec)
 
     def _datasets(self, name: str, spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-        datasets = dict(self.ctx.config.get("datasets") or {})
+        datasets = self.ctx.specs_of("datasets")  # dvc.yaml holds every dataset's stages
         if spec is None:
             datasets.pop(name, None)
         else:
@@ -526,8 +532,7 @@ class DatasetsProvider(Provider):
         stage = stage_name(name)
         remote = self.ctx.settings.get("dvc_remote")
 
-        def log(message: str) -> None:
-            self.ctx.log(address, message)
+        log = request.log
 
         with _DVC_LOCK:
             self._stage_files(request, log)
@@ -551,8 +556,7 @@ class DatasetsProvider(Provider):
         stage = stage_name(request.name)
         again = f"run `llmops apply --replace {address}` to prepare it again"
 
-        def log(message: str) -> None:
-            self.ctx.log(address, message)
+        log = request.log
 
         with _DVC_LOCK:
             self._stage_files(request, log)
@@ -574,7 +578,7 @@ class DatasetsProvider(Provider):
         if bad:
             raise ProviderError(f"{address}: restored outputs do not match llmops.lock or are not in the DVC cache "
                                 f"({', '.join(dict.fromkeys(bad))}); {again}.")
-        self.ctx.log(address, f"restored from {source} (md5 verified)")
+        log(f"restored from {source} (md5 verified)")
         return ApplyResult(outputs=dict(before.outputs), inputs=dict(before.inputs))
 
     def _checkout_or_pull(self, address: str, stage: str, before: LockedResource, outs: dict[str, str],
@@ -718,14 +722,15 @@ class DatasetsProvider(Provider):
             store = dvc_store_holding(root, stage_name(name), [outs[p] for p in missing + changed],
                                       lambda: self.bulk("remote-status", self._remote_statuses))
             if store:
-                return [Drift(f"{what}; {store} holds the locked content: will be checked out, not rebuilt", "restore")]
-            return [Drift(f"{what}; neither the DVC cache nor a remote holds the locked content: will be rebuilt")]
+                return [Drift(f"{what}; {store} holds the locked content: will be checked out, not rebuilt", "restore", "missing")]
+            return [Drift(f"{what}; neither the DVC cache nor a remote holds the locked content: will be rebuilt",
+                          code="missing")]
         uncached = self._uncached(outs)
         if uncached:  # e.g. .dvc/cache deleted: `dvc status` says "not in cache", a push or checkout would fail
             cache = cache_dir(root)
             shown = cache.relative_to(root).as_posix() if cache.is_relative_to(root) else str(cache)
             return [Drift(f"the DVC cache {shown} lacks outputs: {', '.join(uncached)}; the copies here match "
-                          "the lock: they will be cached again, not rebuilt", "restore")]
+                          "the lock: they will be cached again, not rebuilt", "restore", "missing")]
         return []
 
     def delete(self, name: str, locked: LockedResource) -> None:

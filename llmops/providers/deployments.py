@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 from llmops.errors import GateError, LlmopsError, ProviderError
 from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider, ProviderContext
+from llmops.providers.tracking_store import TrackingStore
 
 if TYPE_CHECKING:
     from llmops.runners.docker import DockerRunner
@@ -73,12 +74,18 @@ def _model_address(spec: dict[str, Any], upstream: dict[str, LockedResource]) ->
     raise ProviderError(f"model '{value}' is not among this deployment's applied upstreams; run `llmops plan`.")
 
 
-class DeploymentsProvider(Provider):
+class DeploymentsProvider(TrackingStore, Provider):
     kind = "deployments"
     heavy_modules = ("mlflow",)
-    uses_tracking = True
     in_place_fields = frozenset({"alias", "gates", "approval", "approvers", "serve"})
     upstream_change = "update"  # a new model version or new eval results: re-check gates, promote
+
+    @classmethod
+    def summary(cls, outputs: dict[str, Any]) -> str:
+        if not outputs.get("alias"):
+            return ""
+        line = f"{outputs.get('model_name')} v{outputs.get('version')} -> alias {outputs['alias']}"
+        return line + (f"; serving {outputs['endpoint']}" if outputs.get("endpoint") else "")
 
     def _client(self):
         from llmops.integrations.mlflow import client
@@ -172,6 +179,7 @@ class DeploymentsProvider(Provider):
             from llmops.gitops.github import client_from_env
             from llmops.gitops.promotion import PromotionRequest, check_promotion
 
+            # The approval compares the whole llmops.yaml being applied with the approved commit's.
             request = PromotionRequest(self.ctx.root, name, self.ctx.config, sha,
                                        applied_commit=previous.get("applied_commit"), target=self.ctx.target)
             result = check_promotion(client_from_env(settings=self.ctx.settings), request)
@@ -280,10 +288,9 @@ class DeploymentsProvider(Provider):
                                "merge": bool(spec["serve"].get("merge", False)),
                                "quantize": str(spec["serve"].get("quantize") or "none")}
         ref = str(spec.get("model") or "")
-        finetune = (self.ctx.config.get("finetunes") or {}).get(ref.split(".", 1)[1] if ref.startswith("finetunes.")
-                                                                else ref) or {}
+        finetune = self.ctx.spec_of(ref if ref.startswith("finetunes.") else f"finetunes.{ref}")
         prompt_name = finetune.get("prompt")
-        prompt_spec = (self.ctx.config.get("prompts") or {}).get(prompt_name) if prompt_name else None
+        prompt_spec = self.ctx.spec_of(f"prompts.{prompt_name}") if prompt_name else None
         if isinstance(prompt_spec, dict):
             entry: dict[str, Any] = {"name": prompt_name, "spec": prompt_spec, "root": str(self.ctx.root.resolve())}
             try:

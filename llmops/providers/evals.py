@@ -15,7 +15,8 @@ from typing import Any
 
 from llmops.errors import ProviderError
 from llmops.engine.lockfile import LockedResource
-from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider
+from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider, short_number
+from llmops.providers.tracking_store import TrackingStore
 
 _MODEL_KINDS = ("finetunes", "base_models", "deployments")
 RESULTS_ARTIFACT = "eval.json"  # the eval's recorded outputs, logged to its MLflow run
@@ -46,11 +47,31 @@ def local_model(root: Path, kind: str, outputs: dict[str, Any]) -> tuple[Path, P
     return root / path, None
 
 
-class EvalsProvider(Provider):
+class EvalsProvider(TrackingStore, Provider):
     kind = "evals"
     heavy_modules = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "mlflow")
-    uses_tracking = True
     in_place_fields = frozenset({"thresholds", "compare_to"})
+
+    @classmethod
+    def summary(cls, outputs: dict[str, Any]) -> str:
+        if not outputs.get("metrics"):
+            return ""
+        gates = outputs.get("gates") or {}
+        parts = []
+        for metric, value in outputs["metrics"].items():
+            g = gates.get(metric)
+            check = (f" ({g['op']} {short_number(g['threshold'])} {'passed' if g['passed'] else 'FAILED'})"
+                     if g and g.get("op") else "")
+            delta = ((outputs.get("comparison") or {}).get("metrics") or {}).get(metric, {}).get("delta")
+            vs = (f" [{delta:+.4g} vs {outputs['comparison']['eval'].split('.', 1)[1]}]"
+                  if isinstance(delta, (int, float)) else "")
+            spread = outputs.get("latency") or {}
+            if metric.startswith("latency_") and spread.get("requests"):
+                vs += (f" (n={spread['requests']} from {spread['timed']} timings, "
+                       f"{short_number(spread['min_ms'])}-{short_number(spread['max_ms'])} ms)")
+            parts.append(f"{metric} {short_number(value)}{check}{vs}")
+        failed_gains = [k for k, g in gates.items() if k not in outputs["metrics"] and not g.get("passed")]
+        return ", ".join(parts) + (f"; FAILED: {', '.join(failed_gains)}" if failed_gains else "")
 
     def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
         """The last applied metrics, checked against the thresholds now in llmops.yaml."""
@@ -164,7 +185,7 @@ class EvalsProvider(Provider):
     def _guess_rows(self, dataset: str) -> int | None:
         """Before a dataset is prepared: its source's lines (estimated from its start) times its
         split's eval_fraction."""
-        ds = (self.ctx.config.get("datasets") or {}).get(dataset) or {}
+        ds = self.ctx.spec_of(f"datasets.{dataset}")
         source = ds.get("source")
         fraction = 0.1
         for step in ds.get("prepare") or []:
@@ -198,7 +219,7 @@ class EvalsProvider(Provider):
             return []  # in sync; anything else is asked about singly, as before
         lost = lost_run(client(self.ctx.root, self.ctx.settings), str(run_id),
                         tracking_uri(self.ctx.root, self.ctx.settings))
-        return [Drift(f"eval {lost}: it will be run again")] if lost else []
+        return [Drift(f"eval {lost}: it will be run again", code="missing")] if lost else []
 
     def _bulk_runs(self) -> dict[str, str] | None:
         """{run id: lifecycle stage} of every eval run the lock holds: one tracking-store search."""
@@ -228,7 +249,7 @@ class EvalsProvider(Provider):
 
         c = client(self.ctx.root, self.ctx.settings)
         try:
-            exp = c.get_experiment_by_name(f"{self.ctx.config.get('project') or 'llmops'}-evals")
+            exp = c.get_experiment_by_name(f"{self.ctx.project_name}-evals")
             if exp is None:
                 return None
             runs = c.search_runs([exp.experiment_id], max_results=5, order_by=["attributes.start_time DESC"],
@@ -271,18 +292,18 @@ class EvalsProvider(Provider):
                    "passed": all(g["passed"] for g in gates.values()), "run_id": run_id}
         if comparison:
             outputs["comparison"] = comparison
-        self.ctx.log(request.address, f"results fetched from eval run {run_id}, not run again")
+        request.log(f"results fetched from eval run {run_id}, not run again")
         return ApplyResult(outputs=outputs)
 
     # -- running -----------------------------------------------------------------------
     def _prompt_spec(self, request: ApplyRequest, model_addr: str) -> dict[str, Any]:
-        prompts = self.ctx.config.get("prompts") or {}
         name = request.spec.get("prompt")
         if not name and model_addr.startswith("finetunes."):
-            name = (self.ctx.config.get("finetunes") or {}).get(model_addr.split(".", 1)[1], {}).get("prompt")
-        if not name or name not in prompts:
+            name = request.upstream_specs.get(model_addr, {}).get("prompt")
+        prompt = request.upstream_specs.get(f"prompts.{name}") if name else None
+        if not prompt:
             raise ProviderError("no prompt to evaluate with: set `prompt:` on the eval (or evaluate a fine-tune).")
-        return prompts[name]
+        return prompt
 
     def _rows(self, request: ApplyRequest) -> list[dict[str, Any]]:
         from llmops.providers.datasets import load_split
@@ -399,7 +420,7 @@ class EvalsProvider(Provider):
 
         c = client(self.ctx.root, self.ctx.settings)
         uri = tracking_uri(self.ctx.root, self.ctx.settings)
-        project = str(self.ctx.config.get("project") or "llmops")
+        project = self.ctx.project_name
         exp = ensure_experiment(c, f"{project}-evals", artifact_location(self.ctx.root) if is_local(uri) else None)
         from llmops.integrations.mlflow import git_state
 

@@ -21,7 +21,8 @@ import llmops
 from llmops.integrations import mlflow as tracking
 from llmops.errors import ProviderError
 from llmops.engine.lockfile import LockedResource
-from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider
+from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider, short_number
+from llmops.providers.tracking_store import TrackingStore
 from llmops.train import spec as specs
 
 JOB_MODULE = "llmops.train"
@@ -29,13 +30,20 @@ JOB_MODULE = "llmops.train"
 _RESULT_METRICS = ("train_loss", "eval_loss", "steps", "tokens_per_s", "peak_memory_mb", "train_runtime_s")
 
 
-class FinetunesProvider(Provider):
+class FinetunesProvider(TrackingStore, Provider):
     kind = "finetunes"
     heavy_modules = ("mlflow",)
-    uses_tracking = True
+
+    @classmethod
+    def summary(cls, outputs: dict[str, Any]) -> str:
+        if not outputs.get("model_name"):
+            return ""
+        metrics = outputs.get("metrics") or {}
+        losses = ", ".join(f"{k} {short_number(metrics[k])}" for k in ("train_loss", "eval_loss") if k in metrics)
+        return f"registered {outputs['model_name']} v{outputs.get('model_version')}" + (f"; {losses}" if losses else "")
 
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
-        prompt = (self.ctx.config.get("prompts") or {}).get(spec.get("prompt", ""), {}) or {}
+        prompt = self.ctx.spec_of(f"prompts.{spec.get('prompt', '')}")
         return [prompt["template"]] if prompt.get("template") else []
 
     def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:
@@ -46,7 +54,7 @@ class FinetunesProvider(Provider):
         from llmops.engine.cost import estimate_finetune
 
         dataset = upstream.get(f"datasets.{spec.get('dataset')}")
-        source = ((self.ctx.config.get("datasets") or {}).get(str(spec.get("dataset"))) or {}).get("source")
+        source = self.ctx.spec_of(f"datasets.{spec.get('dataset')}").get("source")
         try:
             training = specs.resolve_training(spec.get("training"))
             then = specs.resolve_training((locked.spec or {}).get("training")) if locked else None
@@ -66,7 +74,8 @@ class FinetunesProvider(Provider):
             return []
         lost = self._lost(out)
         if lost:
-            return [Drift(f"{lost}: it will be trained again (and what uses it re-evaluated and promoted)")]
+            return [Drift(f"{lost}: it will be trained again (and what uses it re-evaluated and promoted)",
+                          code="missing")]
         weights = self.ctx.root / adapter["path"] / "adapter_model.safetensors"
         if weights.is_file():
             return []
@@ -74,9 +83,9 @@ class FinetunesProvider(Provider):
         held = self._run_holds_model(str(run_id)) if run_id else None
         if held:
             return [Drift(f"adapter {adapter['path']} is missing here; {held} holds it: it will be fetched and "
-                          "its sha256 verified, not trained", "restore")]
+                          "its sha256 verified, not trained", "restore", "missing")]
         return [Drift(f"adapter {adapter['path']} is missing and MLflow run {run_id} holds no `model` artifact; "
-                      "it will be trained again")]
+                      "it will be trained again", code="missing")]
 
     def _lost(self, out: dict[str, Any]) -> str | None:
         """Why the lock's MLflow run or registered version is gone from its store, or None."""
@@ -157,7 +166,7 @@ class FinetunesProvider(Provider):
         return {"model_name": name, "model_version": str(v.version), "run_id": v.run_id,
                 "adapter_sha256": (v.tags or {}).get("llmops.adapter_sha256")}
 
-    def run_dir(self, name: str, fingerprint: str) -> Path:
+    def _run_dir(self, name: str, fingerprint: str) -> Path:
         digest = fingerprint.split(":", 1)[-1]  # "sha256:abc..." -> "abc..."
         return self.ctx.state_dir / "runs" / "finetunes" / name / digest[:12]
 
@@ -165,13 +174,13 @@ class FinetunesProvider(Provider):
         spec, name = request.spec, request.name
         addr = request.address
         self._precheck(spec)
-        run_dir = self.run_dir(name, request.fingerprint)
+        run_dir = self._run_dir(name, request.fingerprint)
         forced = request.before is not None and request.before.fingerprint == request.fingerprint
         if not forced:
             # One fingerprint, one version: a plan made without refresh may not have seen it.
             existing = self._registered_version(name, request.fingerprint)
             if existing is not None:
-                self.ctx.log(addr, f"version {existing['model_version']} was trained for this fingerprint; "
+                request.log(f"version {existing['model_version']} was trained for this fingerprint; "
                                    "reusing it, not training")
                 return self._restore_found(request, existing)
         if forced and run_dir.exists():  # --replace of an unchanged resource: train afresh
@@ -199,7 +208,7 @@ class FinetunesProvider(Provider):
         )
         watcher = _ProgressWatcher(request)
         runner = get_runner(self.ctx.settings, spec, root=self.ctx.root)
-        self.ctx.log(addr, f"training with {type(runner).__name__}; log: {self._rel(job.log_path)}")
+        request.log(f"training with {type(runner).__name__}; log: {self._rel(job.log_path)}")
         started = time.monotonic()
         result = runner.run(job, watcher.on_line, request.cancelled)
         wall = time.monotonic() - started
@@ -251,7 +260,7 @@ class FinetunesProvider(Provider):
 
         dataset, base, _prompt = self._upstreams(request)
         run_id = str(found["run_id"])
-        model_dir = self.run_dir(request.name, request.fingerprint) / "model"
+        model_dir = self._run_dir(request.name, request.fingerprint) / "model"
         expected = found.get("adapter_sha256")
         if not expected:
             raise ProviderError(f"{request.address}: version {found.get('model_version')} has no "
@@ -282,7 +291,7 @@ class FinetunesProvider(Provider):
 
         request.progress(ProgressEvent(message=f"fetching the adapter of MLflow run {run_id}"))
         paths = fetch_model(client(self.ctx.root, self.ctx.settings), run_id, model_dir, adapter_sha256)
-        self.ctx.log(request.address, f"restored the adapter from MLflow run {run_id} (sha256 verified)")
+        request.log(f"restored the adapter from MLflow run {run_id} (sha256 verified)")
         return {k: Path(v) for k, v in paths.items()}
 
     def delete(self, name: str, locked: LockedResource) -> None:
@@ -311,7 +320,7 @@ class FinetunesProvider(Provider):
         base = upstream("base_models", spec["base_model"])
         if not base.get("path"):
             raise ProviderError(f"{request.address}: base_models.{spec['base_model']} has no model folder recorded.")
-        prompt = dict((self.ctx.config.get("prompts") or {}).get(spec["prompt"]) or {})
+        prompt = dict(request.upstream_specs.get(f"prompts.{spec['prompt']}") or {})
         if not prompt:
             raise ProviderError(f"{request.address}: prompts.{spec['prompt']} is not in llmops.yaml; add it.")
         return dataset, base, prompt
@@ -397,7 +406,7 @@ class FinetunesProvider(Provider):
             "tracking_uri": uri,
             "registry_uri": tracking.registry_uri(root, self.ctx.settings),
             "artifact_location": tracking.artifact_location(root) if tracking.is_local(uri) else None,
-            "experiment": self.ctx.config.get("project") or "llmops",
+            "experiment": self.ctx.project_name,
             "registered_model": request.name,
             "tags": tags,
             "params": {"base_model": spec["base_model"], "dataset": spec["dataset"], "prompt": spec["prompt"],

@@ -48,6 +48,12 @@ class MonitorsProvider(Provider):
                                  "suspicious", "log_text", "store", "webhook", "webhook_env"})
     upstream_change = "update"
 
+    @classmethod
+    def summary(cls, outputs: dict[str, Any]) -> str:
+        if not outputs.get("store"):
+            return ""
+        return f"logging {outputs.get('deployment')}'s requests to {outputs['store']}"
+
     def apply(self, request: ApplyRequest) -> ApplyResult:
         from llmops.monitor.store import open_store
 

@@ -13,14 +13,20 @@ from typing import Any
 from llmops.errors import ProviderError
 from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
+from llmops.providers.tracking_store import TrackingStore
 
 PROMPT_ALIAS_ENV = "LLMOPS_PROMPT_ALIAS"
 
 
-class PromptsProvider(Provider):
+class PromptsProvider(TrackingStore, Provider):
     kind = "prompts"
     heavy_modules = ("mlflow",)
-    uses_tracking = True
+
+    @classmethod
+    def summary(cls, outputs: dict[str, Any]) -> str:
+        if not outputs.get("version"):
+            return ""
+        return f"registered version {outputs['version']} (alias {outputs.get('alias')})"
 
     def file_inputs(self, name: str, spec: dict[str, Any]) -> list[str]:
         """The template files the prompt reads (its own and static includes). Compiling every
@@ -133,7 +139,7 @@ class PromptsProvider(Provider):
 
         out = locked.outputs
         if "version" not in out:
-            return [Drift("no registered prompt version recorded", "replace")]
+            return [Drift("no registered prompt version recorded", "replace", "missing")]
         alias = out.get("alias", self._alias())
         live = self.bulk("aliases", self._bulk_aliases)
         if live is not None and live.get(name, {}).get(str(alias)) == str(out["version"]):
@@ -148,8 +154,8 @@ class PromptsProvider(Provider):
             if self._version_gone(client, name, int(out["version"])):
                 # A deleted local MLflow database, say: register it again (same content digest).
                 return [Drift(f"prompt {name} v{out['version']} is not in the prompt registry {display_uri(uri)}: "
-                              "it will be registered again", "update")]
-            return [Drift(f"prompt alias {alias} of {name} is missing in the registry", "update")]
+                              "it will be registered again", "update", "missing")]
+            return [Drift(f"prompt alias {alias} of {name} is missing in the registry", "update", "missing")]
         if int(pv.version) != int(out["version"]):
             return [Drift(f"prompt alias {alias} -> v{pv.version}, lock says v{out['version']}", "update")]
         return []
