@@ -15,11 +15,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+from llmops.engine.addrs import KINDS
+
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "llmops.schema.json"
 
 # The $defs entry of each resource kind.
-KIND_DEFS = {"datasets": "dataset", "prompts": "prompt", "base_models": "base_model", "finetunes": "finetune",
-             "evals": "eval", "deployments": "deployment", "monitors": "monitor"}
+KIND_DEFS = {kind: kind[:-1] for kind in KINDS}  # "base_models" -> "base_model"
 
 
 @lru_cache(maxsize=1)

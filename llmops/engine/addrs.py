@@ -1,6 +1,7 @@
-"""Resource addresses (`kind.name`) and the fixed list of resource kinds.
+"""Resource addresses (`kind.name`) and the one list of resource kinds.
 
-Kinds appear in this order in llmops.yaml, in plans and in the lock; the order is also the
+A kind's schema entry (`$defs.<kind without its s>`) and its provider
+(`llmops.providers.<kind>`) are found from its name here. Kinds appear in this order in llmops.yaml, in plans and in the lock; the order is also the
 tie-breaker that keeps plans deterministic.
 """
 

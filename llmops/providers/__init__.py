@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import importlib
 
+from llmops.engine.addrs import KINDS
 from llmops.providers.base import Provider
 
+# One module per kind, llmops/providers/<kind>.py, holding <Kind>Provider (base_models ->
+# BaseModelsProvider): a new kind needs its name in llmops.engine.addrs.KINDS, its schema and
+# its module, and no table here.
 _PROVIDERS: dict[str, tuple[str, str]] = {
-    "datasets": ("llmops.providers.datasets", "DatasetsProvider"),
-    "prompts": ("llmops.providers.prompts", "PromptsProvider"),
-    "base_models": ("llmops.providers.base_models", "BaseModelsProvider"),
-    "finetunes": ("llmops.providers.finetunes", "FinetunesProvider"),
-    "evals": ("llmops.providers.evals", "EvalsProvider"),
-    "deployments": ("llmops.providers.deployments", "DeploymentsProvider"),
-    "monitors": ("llmops.providers.monitors", "MonitorsProvider"),
+    kind: (f"llmops.providers.{kind}", "".join(word.title() for word in kind.split("_")) + "Provider")
+    for kind in KINDS
 }
 
 
