@@ -12,7 +12,7 @@ import threading
 from typing import Any, Callable, Iterable, Sequence
 
 from llmops.monitor.errors import StoreError
-from llmops.monitor.store import SCHEMA_VERSION, RequestStore
+from llmops.monitor.backend import SCHEMA_VERSION, RequestStore
 
 POSTGRES_DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
