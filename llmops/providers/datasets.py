@@ -29,7 +29,6 @@ within a deadline" below): an unreachable remote fails in seconds, naming it.
 from __future__ import annotations
 
 import configparser
-import hashlib
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from llmops import hashing
 from llmops.errors import LlmopsError, ProviderError
 from llmops.engine.lockfile import LockedResource, atomic_write_text
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
@@ -440,11 +440,7 @@ def file_md5(path: Path) -> str:
         hit = _MD5_CACHE.get(key)
     if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
         return hit[2]
-    h = hashlib.md5()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = hashing.file_md5(path)
     with _MD5_LOCK:
         _MD5_CACHE[key] = (st.st_size, st.st_mtime_ns, digest)
     return digest
