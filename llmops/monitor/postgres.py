@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable, Iterable, Sequence
 
 from llmops.monitor.errors import StoreError
+from llmops.redact import redact_url
 from llmops.monitor.backend import SCHEMA_VERSION, RequestStore
 
 POSTGRES_DDL = (
@@ -67,8 +68,7 @@ class PostgresStore(RequestStore):
                              f"({SCHEMA_VERSION}); upgrade llmops.")
 
     def describe(self) -> str:
-        rest = self.url.split("://", 1)[1]
-        return "postgresql://" + rest.rsplit("@", 1)[-1]  # never show the password
+        return redact_url(self.url)
 
     def _connect(self) -> Any:
         try:
