@@ -1,19 +1,28 @@
-"""Secrets out of what people see: store URLs are shown without their password.
+"""Secrets out of what people see: the one module that redacts; every message, lock entry,
+report and log line that may quote a URL or a secret goes through it.
 
-A store URL (`postgresql://user:PASSWORD@host/db`) keeps its scheme, user, host, port and path,
-so a message still says which store it means; only the password becomes `***`. On http(s) the
-whole user part is hidden (`https://TOKEN@host` carries a token as its user name). A string
-that is not a URL is returned unchanged.
+ONE policy for a URL with credentials (`redact_url`): a store URL
+(`postgresql://user:PASSWORD@host/db`) keeps its scheme, user, host, port, path and query, so a
+message still says which store it means; only the password becomes `***`. On http(s) the
+whole user part is hidden (`https://TOKEN@host` carries a token as its user name). A URL
+without credentials, or a string that is not a URL, is returned unchanged. This is the form
+llmops.lock and fingerprints already hold (through `redact_spec`), so it stays as it is:
+another one would change the fingerprint of every resource with a password in a URL.
+`redact_urls(text)` applies it to every URL in a free text (a tool's error message).
 
 A webhook URL is a secret as a whole (Slack's and Teams' carry the token in the path): only
 its scheme, host and port are shown. `redact_spec` applies both to a resource's settings, and
 hides the value of any key named like a credential; it is what the lock, plans (terminal,
 JSON, markdown, saved file) and fingerprints see, so changing a password rebuilds nothing
 and is recorded nowhere.
+
+`mask_env_values(text)` hides the value of every environment variable in a text (a rendered
+template shown in a diagnostic may have read a token from the environment).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,6 +49,23 @@ def redact_url(url: str) -> str:
         host += f":{port}"
     user = f"{parts.username}:***@" if parts.username and not web else "***@"
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with every URL in it redacted by `redact_url` (DVC's messages quote remote URLs)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def mask_env_values(text: str, min_length: int = 7) -> str:
+    """`text` with the value of every environment variable of at least `min_length`
+    characters replaced by `***` (longest first, so a value inside another goes too)."""
+    for value in sorted({v for v in os.environ.values() if len(v) >= min_length}, key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, "***")
+    return text
 
 
 def redact_webhook(url: str) -> str:

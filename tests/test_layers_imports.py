@@ -22,9 +22,6 @@ ALLOWED_CYCLES: dict[frozenset[str], str] = {
     # and container uses process's ports, health probe and server_status; breaking it means
     # splitting process.py into a lower "endpoint" module: next step.
     frozenset({"llmops.serve.container", "llmops.serve.process"}): "serve process/container split: next step",
-    # store.open_store picks the backend (postgres lazily); postgres subclasses store.RequestStore.
-    # Breaking it means moving open_store above both (its importers, tests among them): next step.
-    frozenset({"llmops.monitor.store", "llmops.monitor.postgres"}): "monitor open_store move: next step",
 }
 ALLOWED_PRIVATE: dict[tuple[str, str], str] = {
     # (importing module, "target.name"): reason

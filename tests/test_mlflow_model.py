@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from llmops.errors import ProviderError
-from llmops.train.model import folder_sha256, sha256_file
+from llmops.hashing import file_sha256 as sha256_file, folder_sha256
 
 COLOURS = ["red", "blue", "green", "yellow"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-import llmops.monitor.store as store_module
+import llmops.monitor.backend as store_module
 from llmops.monitor.drift import (Reference, bag_counts, histogram, ks_pvalue, ks_statistic, ks_statistic_counts,
                                   psi, value_counts)
 from llmops.monitor.records import record_to_row

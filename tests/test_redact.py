@@ -42,3 +42,29 @@ def test_spec_redaction_hides_urls_webhooks_and_credential_keys():
         "max_tokens": 64, "tokenizer_from": "tickets", "training": {"lr": 0.1},
     }
     assert spec["store"].endswith("STOREPW@db/requests")  # the input is left as it was
+
+
+def test_every_url_in_a_text_gets_the_same_policy():
+    from llmops.redact import redact_urls
+
+    text = ("ERROR: failed to push to 's3://bucket/x' via https://AKIA:sekret@minio:9000/b; "
+            "retry postgresql://bob:pw@h/db or ssh://git@host/repo")
+    assert redact_urls(text) == ("ERROR: failed to push to 's3://bucket/x' via https://***@minio:9000/b; "
+                                 "retry postgresql://bob:***@h/db or ssh://git@host/repo")
+
+
+def test_store_descriptions_use_the_one_policy():
+    from llmops.monitor.postgres import PostgresStore
+
+    store = object.__new__(PostgresStore)  # describe() needs only the URL; no server is contacted
+    store.url = "postgresql://bob:pw@h:5432/db?sslmode=require"
+    assert store.describe() == "postgresql://bob:***@h:5432/db?sslmode=require"
+
+
+def test_environment_values_are_masked_longest_first(monkeypatch):
+    from llmops.redact import mask_env_values
+
+    monkeypatch.setenv("LLMOPS_T_SHORT", "abc123")  # 6 characters: too short to be a secret
+    monkeypatch.setenv("LLMOPS_T_TOKEN", "tok-1234567")
+    monkeypatch.setenv("LLMOPS_T_LONGER", "tok-1234567-and-more")
+    assert mask_env_values("a tok-1234567-and-more b tok-1234567 c abc123") == "a *** b *** c abc123"

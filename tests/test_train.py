@@ -205,7 +205,7 @@ def test_train_end_to_end_logs_and_registers(tmp_path, base, capsys):
 
     adapter = Path(result["adapter"]["path"])
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
-    from llmops.train.model import sha256_file
+    from llmops.hashing import file_sha256 as sha256_file
 
     assert result["adapter"]["sha256"] == sha256_file(adapter / "adapter_model.safetensors")
     assert (Path(result["tokenizer"]["path"]) / "tokenizer.json").is_file()
@@ -276,7 +276,7 @@ def test_sweep_keeps_the_trial_with_lowest_eval_loss(tmp_path, base, capsys):
     assert result["best_trial"]["params"]["training.learning_rate"] == 3e-2
     assert result["metrics"]["eval_loss"] == losses[best]
     # The exported adapter is the best trial's.
-    from llmops.train.model import sha256_file
+    from llmops.hashing import file_sha256 as sha256_file
 
     best_file = Path(state["trials"][str(best)]["dir"]) / "adapter" / "adapter_model.safetensors"
     assert result["adapter"]["sha256"] == sha256_file(best_file)

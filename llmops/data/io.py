@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmops import hashing
 from llmops.fsutil import atomic_write_text
 from llmops.errors import LlmopsError
 
@@ -135,7 +136,7 @@ def _json_default(value: Any) -> Any:
 
 def canonical_json(value: Any) -> str:
     """Compact JSON with sorted keys: the identity of a row for hashing."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+    return hashing.canonical_json(value, default=_json_default)
 
 
 def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> str:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from llmops.errors import ApplyLockedError, LlmopsError
 from llmops.engine.lockfile import compact_journal
+from llmops.redact import redact_url
 
 if TYPE_CHECKING:
     from llmops.engine.project import Project
@@ -370,17 +371,8 @@ def shared_lease_for(root: Path, settings: dict[str, Any], project: str, ttl: fl
     def check() -> None:
         tracking.check_store(root, settings)  # both the tracking and the registry URI
 
-    return SharedLease(lambda: tracking.client(root, settings), _display(registry), project, ttl=ttl,
+    return SharedLease(lambda: tracking.client(root, settings), redact_url(registry), project, ttl=ttl,
                        renew_every=renew_every, check=check)
-
-
-def _display(uri: str) -> str:
-    """`uri` as messages show it: scheme, host and port only (never a password)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(uri)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname or ''}{port}"
 
 
 class ApplyLock:

@@ -11,12 +11,12 @@ so a plan does not re-read unchanged files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from llmops.hashing import canonical_json, file_md5, sha256_json
 from llmops.redact import redact_spec
 from llmops.config.schema import without_defaults
 
@@ -24,10 +24,6 @@ from llmops.config.schema import without_defaults
 COSMETIC_FIELDS = frozenset({"description"})
 # Fields kept in the lock (they matter for plan) but not in the fingerprint.
 LOCK_ONLY_FIELDS = frozenset({"protect"})
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def locked_spec(spec: dict[str, Any], kind: str = "") -> dict[str, Any]:
@@ -56,15 +52,7 @@ def fingerprint(
         "upstreams": upstreams,
         "content": content,
     }
-    return "sha256:" + hashlib.sha256(canonical_json(payload).encode()).hexdigest()
-
-
-def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return "sha256:" + sha256_json(payload)
 
 
 class FileHasher:
@@ -92,7 +80,7 @@ class FileHasher:
         hit = self._cache.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
-        digest = md5_file(path)
+        digest = file_md5(path)
         self._cache[key] = [st.st_size, st.st_mtime_ns, digest]
         self._dirty = True
         return digest

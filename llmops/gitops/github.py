@@ -198,8 +198,8 @@ class GitHubClient:
             ours, theirs = urllib.parse.urlsplit(self.api_url), urllib.parse.urlsplit(path)
             if (ours.scheme, ours.netloc) != (theirs.scheme, theirs.netloc):
                 raise GitHubError(
-                    f"GitHub returned a link to {theirs.scheme}://{theirs.netloc}, outside the API at "
-                    f"{self.api_url}; refusing to send the token there. Check GITHUB_API_URL."
+                    f"GitHub returned a link to {redact_url(f'{theirs.scheme}://{theirs.netloc}')}, outside the API "
+                    f"at {redact_url(self.api_url)}; refusing to send the token there. Check GITHUB_API_URL."
                 )
             url = path
         else:

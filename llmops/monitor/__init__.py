@@ -2,6 +2,7 @@
 
 - `store`: the append-only request store (SQLite WAL by default, `postgres` for PostgreSQL)
   with a background batch writer; a store is itself the server's `on_request` hook.
+  `backend`: `RequestStore`, the interface and batch writer both backends share.
 - `records`: what is derived from one request at write time (lengths, hashed token bag,
   injection patterns) so texts are kept only with `log_text: true`.
 - `feedback`: `parse_feedback` for `POST /v1/feedback` bodies, `export_feedback` to JSONL.
@@ -27,7 +28,7 @@ _EXPORTS = {
     "client_id": "records",
     "TransformersEmbedder": "embedding",
     "MonitorSpec": "spec", "Window": "spec", "store_url": "spec",
-    "RequestStore": "store", "SqliteStore": "store", "open_store": "store",
+    "RequestStore": "backend", "SqliteStore": "store", "open_store": "store",
     "MonitorReport": "runner", "run_monitor": "runner",
     "write_html_report": "report_html",
 }

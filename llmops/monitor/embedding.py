@@ -134,9 +134,9 @@ class TransformersEmbedder:
 def _hash_folder(folder: Path, hash_cache: Path | None) -> dict[str, str]:
     """sha256 of the model's files; with `hash_cache`, re-read only files whose size or mtime changed."""
     if hash_cache is None:
-        from llmops.train.build import hash_folder
+        from llmops.hashing import folder_hashes
 
-        return hash_folder(folder)
+        return folder_hashes(folder)
     from llmops.providers.base_models import FileHashCache
 
     return FileHashCache(hash_cache).hash_folder(folder)

@@ -12,7 +12,8 @@ import threading
 from typing import Any, Callable, Iterable, Sequence
 
 from llmops.monitor.errors import StoreError
-from llmops.monitor.store import SCHEMA_VERSION, RequestStore
+from llmops.redact import redact_url
+from llmops.monitor.backend import SCHEMA_VERSION, RequestStore
 
 POSTGRES_DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -67,8 +68,7 @@ class PostgresStore(RequestStore):
                              f"({SCHEMA_VERSION}); upgrade llmops.")
 
     def describe(self) -> str:
-        rest = self.url.split("://", 1)[1]
-        return "postgresql://" + rest.rsplit("@", 1)[-1]  # never show the password
+        return redact_url(self.url)
 
     def _connect(self) -> Any:
         try:

@@ -31,6 +31,7 @@ from llmops.monitor.feedback import LATEST_FEEDBACK_SQL
 from llmops.monitor.spec import MonitorSpec, Window, store_url, webhook_url
 from llmops.monitor.store import RequestStore, open_store
 from llmops.monitor.suspicious import find_suspicious
+from llmops.redact import redact_url
 
 MIN_DRIFT_REQUESTS = 30
 MAX_SUSPICIOUS_ALERTS = 10
@@ -108,7 +109,7 @@ def run_monitor(root: Path, name: str, monitor_spec: dict[str, Any], training_ro
         if own:
             store.close()
     alerts, changes = record_alerts(Path(root), spec.deployment, name, _alerts(spec, metrics, now), now)
-    report = MonitorReport(name, spec.deployment, now, _display_url(url), metrics, alerts, changes=changes,
+    report = MonitorReport(name, spec.deployment, now, redact_url(url), metrics, alerts, changes=changes,
                            reference=reference, spec=spec)
     report.webhook = _notify(Path(root), spec, alerts, now, webhook_retries, webhook_backoff, log)
     return report
@@ -137,13 +138,6 @@ def _notify(root: Path, spec: MonitorSpec, alerts: list[Alert], now: float, retr
         log(f"webhook {result['url']} failed after {result['attempts']} attempts: {result['error']}; the next "
             "`llmops monitor` sends these changes again")
     return result
-
-
-def _display_url(url: str) -> str:
-    if "@" in url and "://" in url:  # postgresql://user:password@host/db -> hide credentials
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
 
 
 def _traffic(store: RequestStore, spec: MonitorSpec, now: float) -> dict[str, Any]:

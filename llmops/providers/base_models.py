@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
+from llmops.hashing import file_sha256, is_skipped, sha256_json
 from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, ProgressEvent, Provider, ProviderContext
 
@@ -48,10 +49,6 @@ def source_of(name: str, spec: dict[str, Any]) -> str:
             "fix llmops.yaml."
         )
     return found[0]
-
-
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class FileHashCache:
@@ -82,8 +79,6 @@ class FileHashCache:
         Bounded: at most MAX_MODEL_FILES files; a file that is a symlink must resolve to a
         regular file inside `within` (default: `folder`), so a link to /proc/kcore or
         /dev/zero planted in a model folder is refused instead of read."""
-        from llmops.train.build import sha256_file
-
         folder = Path(folder).resolve()
         inside = Path(within).resolve() if within is not None else folder
         result: dict[str, str] = {}
@@ -97,7 +92,7 @@ class FileHashCache:
                     raise ProviderError(f"model folder {folder} has more than {MAX_MODEL_FILES:,} entries; "
                                         "point the base model at the model's own folder")
                 rel = path.relative_to(folder)
-                if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+                if is_skipped(rel) or not path.is_file():
                     continue
                 if path.is_symlink():
                     real = path.resolve()
@@ -111,7 +106,7 @@ class FileHashCache:
                 if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
                     result[rel.as_posix()] = cached[2]
                     continue
-                digest = sha256_file(path)
+                digest = file_sha256(path)
                 self.files_read += 1
                 result[rel.as_posix()] = digest
                 if now - st.st_mtime_ns > RACY_WINDOW_NS:
@@ -330,13 +325,14 @@ class BaseModelsProvider(Provider):
                 folder = self._path_folder(name, spec)
             except ProviderError as exc:
                 raise ProviderError(f"base_models.{name}: {exc.message}") from exc
-            return _sha256_json({"files": self.hashes.hash_folder(folder, self.ctx.root)})
+            return sha256_json({"files": self.hashes.hash_folder(folder, self.ctx.root)}, ensure_ascii=True)
         if source == "hf":
             revision = str(spec.get("revision") or "main")
             if _is_commit(revision):
-                return _sha256_json({"commit": revision})
+                return sha256_json({"commit": revision}, ensure_ascii=True)
             found = find_hf_snapshot(spec["hf"], revision)
-            return _sha256_json({"commit": found.commit if found else f"unresolved:{spec['hf']}@{revision}"})
+            commit = found.commit if found else f"unresolved:{spec['hf']}@{revision}"
+            return sha256_json({"commit": commit}, ensure_ascii=True)
         return None
 
     def describe(self, name: str, spec: dict[str, Any], locked: LockedResource | None) -> dict[str, Any]:

@@ -29,10 +29,8 @@ within a deadline" below): an unreachable remote fails in seconds, naming it.
 from __future__ import annotations
 
 import configparser
-import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -41,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from llmops import hashing
 from llmops.errors import LlmopsError, ProviderError
 from llmops.engine.lockfile import LockedResource, atomic_write_text
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
-from llmops.redact import redact_url
+from llmops.redact import redact_url, redact_urls
 
 _DVC_LOCK = threading.Lock()
 
@@ -185,16 +184,8 @@ def _dvc(root: Path, args: list[str], log: Callable[[str], None], timeout: float
     for line in (proc.stdout + proc.stderr).splitlines():
         line = line.strip()
         if line and not line.startswith(_DROPPED_LOG_PREFIXES) and not line.startswith(("git add", "dvc config")):
-            log(_redact_urls(line))
+            log(redact_urls(line))
     return proc
-
-
-def _redact_urls(text: str) -> str:
-    """`text` with the password of every URL in it hidden (DVC's messages quote remote URLs)."""
-    return _URL.sub(lambda m: redact_url(m.group(0)), text)
-
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
 def _dvc_error(proc: subprocess.CompletedProcess[str]) -> str:
@@ -203,7 +194,7 @@ def _dvc_error(proc: subprocess.CompletedProcess[str]) -> str:
     errors = [ln.removeprefix("ERROR:").strip() for ln in lines if ln.startswith("ERROR")]
     if len(errors) > 3:  # one per file that failed to transfer: the first and DVC's summary say it
         errors = [errors[0], f"({len(errors) - 2} more like it)", errors[-1]]
-    return _redact_urls("; ".join(errors) or (lines[-1] if lines else f"dvc exited with status {proc.returncode}"))
+    return redact_urls("; ".join(errors) or (lines[-1] if lines else f"dvc exited with status {proc.returncode}"))
 
 
 def _git_root(path: Path) -> Path | None:
@@ -417,7 +408,7 @@ def remote_status(root: Path, stage: str | list[str], remote: Remote, log: Calla
         status = json.loads(lines[-1]) if lines else {}
     except ValueError:
         raise ProviderError(f"`dvc status --cloud` printed no JSON status for the DVC remote {remote}: "
-                            f"{_redact_urls(lines[-1])[:200]}; run it by hand to see why.") from None
+                            f"{redact_urls(lines[-1])[:200]}; run it by hand to see why.") from None
     return {str(k): str(v) for k, v in status.items()} if isinstance(status, dict) else {}
 
 
@@ -440,11 +431,7 @@ def file_md5(path: Path) -> str:
         hit = _MD5_CACHE.get(key)
     if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
         return hit[2]
-    h = hashlib.md5()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = hashing.file_md5(path)
     with _MD5_LOCK:
         _MD5_CACHE[key] = (st.st_size, st.st_mtime_ns, digest)
     return digest

@@ -10,7 +10,6 @@ checkpoint (same fingerprint, same folder). Nothing heavy is imported here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import llmops
 from llmops.integrations import mlflow as tracking
 from llmops.errors import ProviderError
+from llmops.hashing import folder_sha256, sha256_json
 from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider, short_number
 from llmops.providers.tracking_store import TrackingStore
@@ -267,8 +267,6 @@ class FinetunesProvider(TrackingStore, Provider):
                                 "llmops.adapter_sha256 tag to verify against; run `llmops apply --replace "
                                 f"{request.address}` to train it again.")
         paths = self._fetch(request, run_id, model_dir, str(expected))
-        from llmops.train.model import folder_sha256
-
         run = client(self.ctx.root, self.ctx.settings).get_run(run_id)
         metrics = {k: _round(v) for k, v in run.data.metrics.items() if k in _RESULT_METRICS}
         tokenizer_sha = folder_sha256(paths["tokenizer"])
@@ -332,7 +330,7 @@ class FinetunesProvider(TrackingStore, Provider):
         if base.get("commit"):
             inputs["base_model_commit"] = base["commit"]
         if base.get("files"):
-            inputs["base_model_files_sha"] = _digest(base["files"])
+            inputs["base_model_files_sha"] = sha256_json(base["files"], ensure_ascii=True, compact=False)
         return inputs
 
     def _prompt_section(self, prompt: dict[str, Any]) -> dict[str, Any]:
@@ -489,10 +487,6 @@ class _ProgressWatcher:
             self.request.progress(ProgressEvent(step, event.get("total"), f"resumed at step {step}"))
         elif kind == "done":
             self.done = {k: v for k, v in event.items() if k != "event"}
-
-
-def _digest(files: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def _round(value: Any) -> Any:

@@ -46,6 +46,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 from llmops.errors import Diagnostic, LlmopsError
+from llmops.redact import mask_env_values
 
 FORMS = ("template", "text", "chat")
 CHAT_ROLES = ("system", "user")
@@ -357,16 +358,8 @@ def render_bounded(env: _BudgetedSandbox, template: jinja2.Template, variables: 
     return _render_budgeted(env, template, variables, seconds)
 
 
-def redact(text: str) -> str:
-    """`text` with the value of every environment variable longer than 6 characters masked."""
-    for value in sorted({v for v in os.environ.values() if len(v) > 6}, key=len, reverse=True):
-        if value in text:
-            text = text.replace(value, "***")
-    return text
-
-
 def _shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
-    text = redact(text)
+    text = mask_env_values(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -19,7 +19,6 @@ text (as Llama's does); callers that train a causal LM append `<|eos|>` themselv
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import threading
 from collections.abc import Iterable
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
+from llmops.hashing import file_sha256 as sha256_file  # noqa: F401 (providers.deployments imports it here)
+from llmops.hashing import folder_hashes
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD)
@@ -134,7 +135,7 @@ def build_tiny_model(build_spec: dict[str, Any], texts: Iterable[str], out_dir: 
             model = _init_model(spec, tokenizer)
             stats = _pretrain(model, tokenizer, texts, spec) if spec.get("pretrain") else None
             model.save_pretrained(str(tmp))
-            files = hash_folder(tmp)
+            files = folder_hashes(tmp)  # save_pretrained writes no hidden files: all of them
     return {"files": files, "spec": spec, **({"pretrain": stats} if stats else {})}
 
 
@@ -344,20 +345,3 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def hash_folder(folder: Path) -> dict[str, str]:
-    """{relative posix path: sha256} of every regular file under `folder`, sorted."""
-    folder = Path(folder)
-    out: dict[str, str] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            out[path.relative_to(folder).as_posix()] = sha256_file(path)
-    return out

@@ -287,7 +287,8 @@ class TrainingJob:
         what the registered version points at.
         """
         from llmops.train import mlflow_model
-        from llmops.train.model import folder_sha256, save_merged, sha256_file
+        from llmops.hashing import file_sha256, folder_sha256
+        from llmops.train.model import save_merged
 
         model_dir = self.out_dir / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -296,7 +297,7 @@ class TrainingJob:
             shutil.copytree(Path(best["dir"]) / part, model_dir / part)
         base_ref = mlflow_model.base_reference(self.job)
         mlflow_model.make_adapter_portable(model_dir / "adapter", base_ref)
-        adapter_sha = sha256_file(model_dir / "adapter" / "adapter_model.safetensors")
+        adapter_sha = file_sha256(model_dir / "adapter" / "adapter_model.safetensors")
         outcome: dict[str, Any] = {
             "run_id": self.run_id,
             "adapter": {"path": str(model_dir / "adapter"), "sha256": adapter_sha},

@@ -242,7 +242,7 @@ def fetch_model(client: Any, run_id: str, dest: Path, adapter_sha256: str | None
     (what the caller's lock pins) or else the run's `llmops.adapter_sha256` tag.
     Raises ProviderError when the run, its `model` artifact or a part is missing.
     """
-    from llmops.train.model import sha256_file
+    from llmops.hashing import file_sha256
 
     dest = Path(dest)
     run = _get_run(client, run_id)
@@ -263,7 +263,7 @@ def fetch_model(client: Any, run_id: str, dest: Path, adapter_sha256: str | None
         weights = staged / "adapter" / "adapter_model.safetensors"
         if not weights.is_file():
             raise _missing(client, run, f"{parts['adapter']} has no adapter_model.safetensors")
-        if expected and sha256_file(weights) != expected:
+        if expected and file_sha256(weights) != expected:
             raise _missing(client, run, f"the downloaded adapter's sha256 is not the expected {expected[:12]}…")
         shutil.rmtree(tmp / "download", ignore_errors=True)
         _swap_in(staged, dest, tmp)

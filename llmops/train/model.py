@@ -7,12 +7,12 @@ memory and no per-step casts); the adapter's weights stay fp32. QLoRA loads the 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
+from llmops.hashing import file_sha256, folder_sha256
 
 
 def pick_device() -> str:
@@ -137,24 +137,6 @@ def trainable_state(model: Any) -> dict[str, Any]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def folder_sha256(folder: Path) -> str:
-    """One sha256 over every file of a folder (relative names and contents, sorted)."""
-    h = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            h.update(path.relative_to(folder).as_posix().encode() + b"\0")
-            h.update(sha256_file(path).encode() + b"\n")
-    return h.hexdigest()
-
-
 def save_adapter(model: Any, tokenizer: Any, out: Path) -> dict[str, Any]:
     """Save the adapter (safetensors) and tokenizer under `out`; returns their hashes."""
     adapter_dir, tok_dir = out / "adapter", out / "tokenizer"
@@ -165,7 +147,7 @@ def save_adapter(model: Any, tokenizer: Any, out: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(str(tok_dir))
     weights = adapter_dir / "adapter_model.safetensors"
     return {
-        "adapter": {"path": str(adapter_dir), "sha256": sha256_file(weights)},
+        "adapter": {"path": str(adapter_dir), "sha256": file_sha256(weights)},
         "tokenizer": {"path": str(tok_dir), "sha256": folder_sha256(tok_dir)},
     }
 
