@@ -390,7 +390,8 @@ def test_apply_serves_vllm_behind_the_proxy_and_down_stops_both(tmp_path: Path, 
     from llmops.providers.deployments import serve_state_file as _serve_state
     from llmops.providers.monitors import serving_monitor
     from llmops.runners.docker import DockerRunner
-    from llmops.serve.process import free_port, server_status
+    from llmops.serve.control import server_status
+    from llmops.serve.endpoint import free_port
 
     real = vllm_mod.vllm_container
 

@@ -39,7 +39,7 @@ def _vllm_state(ctx: ProviderContext, name: str) -> Path:
 def live_endpoint(ctx: ProviderContext, name: str) -> str | None:
     """URL of deployment NAME's server when it is up and healthy now (the server it started,
     not merely something answering on its port), else None."""
-    from llmops.serve.process import server_status
+    from llmops.serve.control import server_status
 
     status = server_status(serve_state_file(ctx, name), probe=True)
     return status.url if status.running and status.healthy else None
@@ -48,7 +48,7 @@ def live_endpoint(ctx: ProviderContext, name: str) -> str | None:
 def _endpoint_drift(ctx: ProviderContext, name: str, endpoint: str) -> Drift | None:
     """Drift when deployment NAME's own server does not answer on `endpoint`, naming any
     other server that answers there instead."""
-    from llmops.serve.process import other_server_at, server_status
+    from llmops.serve.control import other_server_at, server_status
 
     status = server_status(serve_state_file(ctx, name), probe=True)
     if status.running and status.healthy:
@@ -199,7 +199,8 @@ class DeploymentsProvider(Provider):
         With runner docker the server runs in `serve.image` (see `_serve_container`)."""
         serve = spec["serve"]
         from llmops.monitor.spec import serving_monitor
-        from llmops.serve.process import server_status, start_server, wait_healthy
+        from llmops.serve.control import server_status
+        from llmops.serve.process import start_server, wait_healthy
 
         if not current.get("adapter") or not current.get("base_model"):
             raise ProviderError("the model's lock entry has no base model/adapter path to serve.")
@@ -369,7 +370,9 @@ class DeploymentsProvider(Provider):
 
         from llmops.fsutil import atomic_write_json
         from llmops.runners.docker import ServiceSpec
-        from llmops.serve.process import free_port, start_server, stop_server, wait_healthy
+        from llmops.serve.control import stop_server
+        from llmops.serve.endpoint import free_port
+        from llmops.serve.process import start_server, wait_healthy
         from llmops.serve.proxy import UPSTREAM_KEY_ENV
         from llmops.serve.vllm import API_KEY_ENV, wait_vllm_healthy
 
@@ -408,7 +411,7 @@ class DeploymentsProvider(Provider):
     def _stop(self, name: str) -> None:
         """Stop deployment NAME's server, local process or container alike (and, with
         `serve.engine: vllm`, the vLLM container behind its proxy)."""
-        from llmops.serve.process import stop_server
+        from llmops.serve.control import stop_server
 
         stop_server(serve_state_file(self.ctx, name))
         stop_server(_vllm_state(self.ctx, name))
@@ -545,7 +548,7 @@ def rollback(ctx: ProviderContext, name: str, locked: LockedResource) -> dict[st
 
 def down(ctx: ProviderContext, name: str) -> bool:
     """Stop deployment NAME's server (and a vLLM container behind it); True when one was running."""
-    from llmops.serve.process import stop_server
+    from llmops.serve.control import stop_server
 
     stopped = stop_server(serve_state_file(ctx, name))
     return stop_server(_vllm_state(ctx, name)) or stopped

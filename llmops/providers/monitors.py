@@ -73,7 +73,7 @@ class MonitorsProvider(Provider):
     def _restart_if_changed(self, deployment: str, dep: LockedResource, monitor: ServedMonitor | None) -> bool:
         """Restart the deployment's running server when it logs with other settings than wanted."""
         from llmops.providers.deployments import serve_deployment, serve_state_file
-        from llmops.serve.process import server_monitor, server_status
+        from llmops.serve.control import server_monitor, server_status
 
         state = serve_state_file(self.ctx, deployment)
         if not server_status(state).running or server_monitor(state) == _wanted(monitor):
