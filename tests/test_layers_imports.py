@@ -175,7 +175,7 @@ def _describe(component: frozenset[str], deps: dict[str, set[str]]) -> str:
 def test_the_scanner_sees_known_imports():
     deps, _ = _graph()
     assert "llmops.errors" in deps["llmops.config.validate"]
-    assert "llmops.serve.process" in deps["llmops.providers.deployments"]  # a function-level import
+    assert "llmops.serve.control" in deps["llmops.providers.monitors"]  # a function-level import
     assert "llmops.cli" not in deps["llmops.cli.main"]  # its own package is not a dependency
 
 

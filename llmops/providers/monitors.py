@@ -72,10 +72,10 @@ class MonitorsProvider(Provider):
 
     def _restart_if_changed(self, deployment: str, dep: LockedResource, monitor: ServedMonitor | None) -> bool:
         """Restart the deployment's running server when it logs with other settings than wanted."""
-        from llmops.providers.deployments import serve_deployment, serve_state_file
-        from llmops.serve.control import server_monitor, server_status
+        from llmops.providers.deployments import serve_deployment  # the restart: the deployment's own start
+        from llmops.serve.control import serve_state_file, server_monitor, server_status
 
-        state = serve_state_file(self.ctx, deployment)
+        state = serve_state_file(self.ctx, deployment)  # read only: status and monitor settings
         if not server_status(state).running or server_monitor(state) == _wanted(monitor):
             return False
         spec = (self.ctx.config.get("deployments") or {}).get(deployment) or {}
