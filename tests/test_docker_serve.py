@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from dockerd import ensure_base_image, python_mounts, tiny_project
-from llmops.serve.process import free_port
+from llmops.serve.endpoint import free_port
 
 NAME = "dock-prod"
 ADDR = f"deployments.{NAME}"
@@ -154,7 +154,8 @@ def test_docker_serving_without_an_image_fails_clearly(project):
 def test_a_server_that_exits_while_starting_fails_with_its_output(tmp_path, engine, base_image):
     from llmops.runners.docker import DockerRunner
     from llmops.serve.container import start_container_server, wait_container_healthy
-    from llmops.serve.process import ServeError, server_status
+    from llmops.serve.control import server_status
+    from llmops.serve.endpoint import ServeError
 
     runner = DockerRunner(docker_host=engine, python=sys.executable, extra_mounts=python_mounts())
     state_dir = tmp_path / ".llmops" / "serve"

@@ -22,7 +22,9 @@ from typing import Iterator
 import pytest
 import yaml
 
-from llmops.serve.process import ServeError, free_port, server_status, start_server, stop_server, wait_healthy
+from llmops.serve.control import server_status, stop_server
+from llmops.serve.endpoint import ServeError, free_port
+from llmops.serve.process import start_server, wait_healthy
 
 MODEL = "tiny-support"
 TEXTS = ["Where is my order? Orders ship within two days.", "Can I get a refund? Within thirty days."] * 4
@@ -145,7 +147,7 @@ def test_our_server_killed_while_starting_fails_at_once(model_dir, tmp_path) -> 
 
 
 def test_the_server_inherits_no_credentials_and_an_orphan_is_named(model_dir, tmp_path, monkeypatch) -> None:
-    from llmops.serve.process import other_server_at
+    from llmops.serve.endpoint import other_server_at
 
     monkeypatch.setenv("GITHUB_TOKEN", "ghp_not_for_the_server")
     monkeypatch.setenv("FOO_API_KEY", "key_not_for_the_server")
@@ -182,7 +184,7 @@ def test_the_server_inherits_no_credentials_and_an_orphan_is_named(model_dir, tm
 @pytest.mark.slow
 def test_apply_names_an_orphaned_server_and_converges_once_it_is_stopped(project) -> None:
     from dockerd import tiny_project
-    from llmops.serve.process import _alive
+    from llmops.serve.endpoint import pid_alive
 
     port = free_port()
     doc = tiny_project("unused", "identity", "lora")
@@ -211,7 +213,7 @@ def test_apply_names_an_orphaned_server_and_converges_once_it_is_stopped(project
 
         os.kill(orphan, signal.SIGTERM)  # what the message says to do
         deadline = time.monotonic() + 30
-        while _alive(orphan) and time.monotonic() < deadline:
+        while pid_alive(orphan) and time.monotonic() < deadline:
             time.sleep(0.1)
         res = project.run("apply", "--auto-approve")
         assert res.returncode == 0, res.stdout + res.stderr

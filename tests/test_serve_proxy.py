@@ -45,7 +45,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     """The built-in server (upstream, key-protected) and the proxy in front of it."""
     from transformers import AutoTokenizer
 
-    from llmops.serve.process import start_server, stop_server, wait_healthy
+    from llmops.serve.control import stop_server
+    from llmops.serve.process import start_server, wait_healthy
     from llmops.train.build import build_tiny_model
 
     root = tmp_path_factory.mktemp("proxy")
@@ -101,7 +102,7 @@ def rows(store_url: str, sql: str, params: tuple = ()) -> list[tuple]:
 
 
 def test_health_names_the_proxy_and_the_process_state_knows_it(served: dict) -> None:
-    from llmops.serve.process import server_status
+    from llmops.serve.control import server_status
 
     health = served["health"]
     assert (health["status"], health["model"], health["engine"]) == ("ok", MODEL, "vllm")
@@ -189,7 +190,7 @@ def test_refusals_and_upstream_errors_are_logged_too(served: dict) -> None:
 def test_upstream_down_is_502_with_a_clear_json_error_and_health_503(tmp_path: Path) -> None:
     import uvicorn
 
-    from llmops.serve.process import free_port
+    from llmops.serve.endpoint import free_port
     from llmops.serve.proxy import Proxy, make_app
 
     records: list[dict[str, Any]] = []

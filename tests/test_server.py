@@ -581,7 +581,9 @@ def test_evaluation_errors_are_clear(server: dict, model_dir: Path, tmp_path: Pa
 
 def test_background_server_process_lifecycle(model_dir: Path, tmp_path: Path) -> None:
     from llmops.monitor.store import open_store
-    from llmops.serve.process import ServeError, server_monitor, server_status, start_server, stop_server, wait_healthy
+    from llmops.serve.control import server_monitor, server_status, stop_server
+    from llmops.serve.endpoint import ServeError
+    from llmops.serve.process import start_server, wait_healthy
 
     state = tmp_path / "state"
     store_url = f"sqlite:///{tmp_path / 'monitor.db'}"
@@ -623,7 +625,9 @@ def test_background_server_process_lifecycle(model_dir: Path, tmp_path: Path) ->
 
 
 def test_server_that_cannot_start_fails_fast_with_its_log(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    from llmops.serve.process import ServeError, start_server, stop_server, wait_healthy
+    from llmops.serve.control import stop_server
+    from llmops.serve.endpoint import ServeError
+    from llmops.serve.process import start_server, wait_healthy
 
     monkeypatch.delenv("LLMOPS_TEST_UNSET_TOKEN", raising=False)
     handle = start_server(tmp_path, "guarded", model_dir, auth_token_env="LLMOPS_TEST_UNSET_TOKEN")

@@ -386,11 +386,14 @@ def test_apply_serves_vllm_behind_the_proxy_and_down_stops_both(tmp_path: Path, 
     from llmops.errors import ProviderError
     from llmops.monitor.store import open_store
     from llmops.providers.base import ProviderContext
-    from llmops.providers.deployments import DeploymentsProvider, _vllm_state, down, live_endpoint
-    from llmops.providers.deployments import serve_state_file as _serve_state
+    from llmops.providers.deployments import DeploymentsProvider
+    from llmops.serve.control import down, live_endpoint
+    from llmops.serve.control import serve_state_file as _serve_state
+    from llmops.serve.control import vllm_state_file as _vllm_state
     from llmops.providers.monitors import serving_monitor
     from llmops.runners.docker import DockerRunner
-    from llmops.serve.process import free_port, server_status
+    from llmops.serve.control import server_status
+    from llmops.serve.endpoint import free_port
 
     real = vllm_mod.vllm_container
 

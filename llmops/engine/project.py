@@ -48,6 +48,7 @@ class Project:
             log=lambda address, message: self.log(address, message),
             target=self.config.target,
             options=self.options,
+            locked=lambda address: self.lock.get(address),
         )
 
     def provider(self, kind: str) -> Provider | None:

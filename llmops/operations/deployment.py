@@ -42,7 +42,7 @@ def rollback_deployment(project: Project, address: str, lock_timeout: float = 0.
 
 def stop_deployment(project: Project, address: str, lock_timeout: float = 0.0) -> bool:
     """Stop the deployment's server (the alias stays); True when one was running."""
-    from llmops.providers.deployments import down
+    from llmops.serve.control import down
 
     _deployment(project, address)
     with ApplyLock.for_project(project, command="down", timeout=lock_timeout):

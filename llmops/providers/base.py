@@ -48,6 +48,10 @@ class ProviderContext:
     log: Callable[[str, str], None] = _no_log
     target: str | None = None  # the --target overlay in use
     options: dict[str, Any] = field(default_factory=dict)  # run options, e.g. approved_by
+    # The lock entry of any resource as the engine holds it now (successes of this apply
+    # included), None when it has none: for work outside an apply request (delete, a resource
+    # that stopped being an upstream). Providers never read llmops.lock from disk.
+    locked: Callable[[str], LockedResource | None] = lambda address: None
 
     def path(self, rel: str) -> Path:
         """A project-relative path made absolute."""

@@ -14,56 +14,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import Any, Callable
 
 from llmops.errors import GateError, LlmopsError, ProviderError
 from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider, ProviderContext
 from llmops.providers.tracking_store import TrackingStore
-
-if TYPE_CHECKING:
-    from llmops.runners.docker import DockerRunner
-    from llmops.serve.vllm import VllmContainer
-
-
-def serve_state_file(ctx: ProviderContext, name: str) -> Path:
-    """The state file of deployment NAME's server (a built-in server's, or the vLLM proxy's)."""
-    return ctx.state_dir / "serve" / f"{name}.json"
-
-
-def _vllm_state(ctx: ProviderContext, name: str) -> Path:
-    """The vLLM container behind deployment NAME's proxy (`serve.engine: vllm`); the proxy's
-    own state is `serve_state_file`, as a built-in server's is."""
-    return ctx.state_dir / "serve" / f"{name}.vllm.json"
-
-
-def live_endpoint(ctx: ProviderContext, name: str) -> str | None:
-    """URL of deployment NAME's server when it is up and healthy now (the server it started,
-    not merely something answering on its port), else None."""
-    from llmops.serve.process import server_status
-
-    status = server_status(serve_state_file(ctx, name), probe=True)
-    return status.url if status.running and status.healthy else None
+from llmops.serve import control as serving
 
 
 def _endpoint_drift(ctx: ProviderContext, name: str, endpoint: str) -> Drift | None:
     """Drift when deployment NAME's own server does not answer on `endpoint`, naming any
     other server that answers there instead."""
-    from llmops.serve.process import other_server_at, server_status
-
-    status = server_status(serve_state_file(ctx, name), probe=True)
+    status = serving.server_status(serving.serve_state_file(ctx, name), probe=True)
     if status.running and status.healthy:
         return None
     if status.running and not status.instance:  # started by an llmops that recorded no token
         return Drift(f"endpoint {endpoint} is served by a server started without an instance token; "
-                     "apply restarts it", "update")
+                     "apply restarts it", "update", "not-serving")
     # Our proxy (`serve.engine: vllm`) answers 503 while the container behind it is down.
-    if status.running and _vllm_state(ctx, name).exists() and not server_status(_vllm_state(ctx, name)).running:
-        return Drift(f"endpoint {endpoint}: the vLLM container behind it is not running; apply restarts it", "update")
-    other = other_server_at(endpoint, status.instance)
+    vllm_state = serving.vllm_state_file(ctx, name)
+    if status.running and vllm_state.exists() and not serving.server_status(vllm_state).running:
+        return Drift(f"endpoint {endpoint}: the vLLM container behind it is not running; apply restarts it", "update", "not-serving")
+    other = serving.other_server_at(endpoint, status.instance)
     if other:
-        return Drift(f"endpoint {endpoint} is answered by {other}, not by the server llmops started", "update")
-    return Drift(f"endpoint {endpoint} is not answering", "update")
+        return Drift(f"endpoint {endpoint} is answered by {other}, not by the server llmops started", "update", "not-serving")
+    return Drift(f"endpoint {endpoint} is not answering", "update", "not-serving")
 
 
 def _model_address(spec: dict[str, Any], upstream: dict[str, LockedResource]) -> str:
@@ -112,7 +88,7 @@ class DeploymentsProvider(TrackingStore, Provider):
         if before.get("alias") and before.get("alias") != alias and before.get("model_name") == name:
             # the alias was renamed in llmops.yaml: the old one goes if it still names our version
             _delete_alias(client, name, str(before["alias"]), before.get("version"),
-                          lambda msg: self.ctx.log(request.address, msg))
+                          request.log)
         current = {"version": version, "adapter": model.get("adapter", {}).get("path"),
                    "base_model": model.get("base_model", {}).get("path")}
         if spec.get("serve") and current["adapter"]:
@@ -136,7 +112,7 @@ class DeploymentsProvider(TrackingStore, Provider):
         if spec.get("serve"):
             outputs.update(self._serve(request.name, spec, name, current))
         else:
-            self._stop(request.name)
+            serving.down(self.ctx, request.name)
         outputs["adapter"], outputs["base_model"] = current["adapter"], current["base_model"]
         return ApplyResult(outputs={k: v for k, v in outputs.items() if v is not None})
 
@@ -201,44 +177,10 @@ class DeploymentsProvider(TrackingStore, Provider):
 
     # -- serving -----------------------------------------------------------------------
     def _serve(self, name: str, spec: dict[str, Any], model_name: str, current: dict[str, Any]) -> dict[str, Any]:
-        """(Re)start deployment NAME's server on `current`'s model. A `monitors:` entry that
-        watches it makes the server log requests to that monitor's store and take feedback.
-        Without `serve.port`, a running server's port is kept so the endpoint stays put.
-        With runner docker the server runs in `serve.image` (see `_serve_container`)."""
-        serve = spec["serve"]
-        from llmops.monitor.spec import serving_monitor
-        from llmops.serve.process import server_status, start_server, wait_healthy
-
-        if not current.get("adapter") or not current.get("base_model"):
-            raise ProviderError("the model's lock entry has no base model/adapter path to serve.")
-        vllm = serve.get("engine") == "vllm"
-        # checked before the running server is stopped
-        runner = self._vllm_runner(name, spec) if vllm else self._docker_runner(name, spec)
-        container = self._vllm_container(name, serve, model_name, current) if vllm else None
-        monitor = serving_monitor(self.ctx, name)
-        port = int(serve.get("port", 0))
-        if not port:
-            running = server_status(serve_state_file(self.ctx, name))
-            port = running.port if running.running and running.port else 0
-        self._stop(name)
-        common: dict[str, Any] = dict(
-            model_name=model_name, host=str(serve.get("host", "127.0.0.1")), port=port,
-            auth_token_env=serve.get("auth_token_env"),
-            request_log=None if monitor else self.ctx.state_dir / "serve" / f"{name}.requests.jsonl",
-            monitor_store=monitor.store if monitor else None,
-            log_text=bool(monitor and monitor.log_text),
-            served_file=self._served_file(name, spec, model_name, current),
-        )
-        if container is not None:
-            assert runner is not None
-            return self._serve_vllm(name, serve, runner, container, current, common)
-        if runner is not None:
-            return self._serve_container(name, serve, runner, current, common)
-        root = self.ctx.root
-        handle = start_server(self.ctx.state_dir / "serve", name, root / current["base_model"],
-                              adapter_dir=root / current["adapter"], **common)
-        wait_healthy(handle.url, timeout=float(serve.get("startup_timeout", 180)), handle=handle)
-        return {"endpoint": handle.url, "served_model": model_name}
+        """(Re)start deployment NAME's server on `current`'s model (`serving.start_deployment`),
+        describing what it serves in its served file; returns the endpoint outputs."""
+        return serving.start_deployment(self.ctx, name, spec, model_name, current,
+                                        served_file=lambda: self._served_file(name, spec, model_name, current))
 
     def _pinned_adapter(self, rel: str, sha256: str | None) -> tuple[str, str]:
         """The adapter as served: a copy under `.llmops/serve/adapters/SHA/`, named by the sha256
@@ -248,7 +190,7 @@ class DeploymentsProvider(TrackingStore, Provider):
         import shutil
         import tempfile
 
-        from llmops.train.build import sha256_file
+        from llmops.hashing import file_sha256 as sha256_file
 
         src = self.ctx.root / rel
         weights = src / "adapter_model.safetensors"
@@ -278,7 +220,7 @@ class DeploymentsProvider(TrackingStore, Provider):
         import json
 
         from llmops.fsutil import atomic_write_text
-        from llmops.train.build import sha256_file
+        from llmops.hashing import file_sha256 as sha256_file
 
         weights = self.ctx.root / current["adapter"] / "adapter_model.safetensors"
         doc: dict[str, Any] = {"deployment": name, "model": model_name, "version": str(current["version"]),
@@ -305,121 +247,6 @@ class DeploymentsProvider(TrackingStore, Provider):
         atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return path.resolve()
 
-    def _docker_runner(self, name: str, spec: dict[str, Any]) -> DockerRunner | None:
-        """The Docker runner when deployment NAME serves with runner docker (else None), once
-        `serve.image` is set and on the engine: a bad image leaves the running server alone."""
-        from llmops.runners.docker import SERVE_DOCKERFILE
-        from llmops.runners.select import get_runner, runner_name
-
-        if runner_name(self.ctx.settings, {"serve": spec["serve"]}) != "docker":
-            return None
-        image = spec["serve"].get("image")
-        if not image:
-            raise ProviderError(f"llmops.yaml: deployments.{name}.serve.image is not set, and runner docker needs "
-                                "it; set serve.image to an image with llmops installed (build one with `docker "
-                                "build -f templates/Dockerfile.serve -t IMAGE .`) or use serve.runner: local.")
-        runner = cast("DockerRunner", get_runner(self.ctx.settings, {"serve": spec["serve"]}, self.ctx.root))
-        runner.image_digest(str(image), SERVE_DOCKERFILE)  # a missing image: says how to build or pull it
-        return runner
-
-    def _serve_container(self, name: str, serve: dict[str, Any], runner: DockerRunner, current: dict[str, Any],
-                         common: dict[str, Any]) -> dict[str, Any]:
-        """Start the server in `serve.image` with `serve.gpus` GPUs; the project folder is
-        mounted at its own path, so the model paths are the same inside the container."""
-        from llmops.serve.container import start_container_server, wait_container_healthy
-
-        root = self.ctx.root.resolve()
-        if common["request_log"] is not None:
-            common["request_log"] = Path(common["request_log"]).resolve()
-        server = start_container_server(
-            self.ctx.state_dir / "serve", name, runner, str(serve["image"]), root / current["base_model"],
-            workdir=root, adapter_dir=root / current["adapter"], gpus=int(serve.get("gpus", 0)), **common)
-        wait_container_healthy(server, runner, timeout=float(serve.get("startup_timeout", 180)))
-        return {"endpoint": server.url, "served_model": common["model_name"], "image_digest": server.image_digest}
-
-    def _vllm_runner(self, name: str, spec: dict[str, Any]) -> DockerRunner:
-        """The Docker runner `serve.engine: vllm` always runs on, once the vLLM image is on the
-        engine (pulled: llmops never pulls it), so a missing image leaves the running server alone."""
-        from llmops.runners.select import get_runner
-        from llmops.serve.vllm import DEFAULT_IMAGE
-
-        serve = spec["serve"]
-        if serve.get("runner") == "local":
-            raise ProviderError(f"llmops.yaml: deployments.{name}.serve.runner is local, but serve.engine: vllm "
-                                "runs in a container; drop serve.runner (vLLM always uses the Docker runner).")
-        runner = cast("DockerRunner", get_runner(self.ctx.settings, {"serve": {**serve, "runner": "docker"}},
-                                                 self.ctx.root))
-        runner.image_digest(str(serve.get("image") or DEFAULT_IMAGE), "")  # missing: says `docker pull IMAGE`
-        return runner
-
-    def _vllm_container(self, name: str, serve: dict[str, Any], model_name: str,
-                        current: dict[str, Any]) -> VllmContainer:
-        """vLLM's container for `current`'s adapter, with a fresh random key (only the proxy
-        gets it): built before the running server is stopped, so a bad setting leaves it alone."""
-        import secrets
-
-        from llmops.serve.vllm import check_extra_args, vllm_container
-
-        root = self.ctx.root.resolve()
-        return vllm_container(model_name=model_name, base_model=root / current["base_model"],
-                              adapter=root / current["adapter"], gpus=int(serve.get("gpus", 0)),
-                              api_key=secrets.token_urlsafe(24), image=serve.get("image"),
-                              extra_args=check_extra_args(serve.get("vllm_args"), f"deployments.{name}.serve"))
-
-    def _serve_vllm(self, name: str, serve: dict[str, Any], runner: DockerRunner, spec: VllmContainer,
-                    current: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
-        """Start vLLM's container (base model and adapter mounted read-only, `serve.gpus` GPUs,
-        published on 127.0.0.1 only, a random key only the proxy holds), wait for its /health,
-        then start the logging proxy (`llmops.serve.proxy`) on `serve.host:serve.port` in front
-        of it. Either failing stops both: nothing is left half-started."""
-        import time
-
-        from llmops.fsutil import atomic_write_json
-        from llmops.runners.docker import ServiceSpec
-        from llmops.serve.process import free_port, start_server, stop_server, wait_healthy
-        from llmops.serve.proxy import UPSTREAM_KEY_ENV
-        from llmops.serve.vllm import API_KEY_ENV, wait_vllm_healthy
-
-        root = self.ctx.root.resolve()
-        key = spec.env[API_KEY_ENV]
-        timeout = float(serve.get("startup_timeout", 180))
-        port = free_port()
-        service = ServiceSpec(name=f"vllm-{name}", image=spec.image, command=spec.command, port=port,
-                              container_port=spec.container_port, entrypoint=spec.entrypoint, mounts=spec.mounts,
-                              env=spec.env, gpus=spec.gpus, healthcheck=spec.healthcheck, health_start_s=timeout,
-                              shm_size=spec.shm_size)
-        container, digest = runner.run_service(service)
-        state_dir = self.ctx.state_dir / "serve"
-        upstream = f"http://127.0.0.1:{port}"
-        state_file = _vllm_state(self.ctx, name)
-        atomic_write_json(state_file, {
-            "container": container, "url": upstream, "port": port, "host": "127.0.0.1",
-            "image": spec.image, "image_digest": digest, "model_name": common["model_name"],
-            "log_path": str(state_dir / f"{name}.vllm.log"), "instance": None,
-            "docker_host": runner.docker_host or os.environ.get("DOCKER_HOST") or None,
-            "engine": "vllm", "gpus": spec.gpus, "command": [*spec.entrypoint, *spec.command],
-            "started_at": time.time()})
-        try:
-            wait_vllm_healthy(runner, container, upstream, timeout)
-            handle = start_server(state_dir, name, root / current["base_model"], adapter_dir=root / current["adapter"],
-                                  module="llmops.serve.proxy", extra_args=["--upstream", upstream],
-                                  env={UPSTREAM_KEY_ENV: key}, **common)
-            wait_healthy(handle.url, timeout=60.0, handle=handle)
-        except BaseException:
-            stop_server(serve_state_file(self.ctx, name))
-            stop_server(state_file)
-            raise
-        return {"endpoint": handle.url, "served_model": common["model_name"], "engine": "vllm", "image": spec.image,
-                "image_digest": digest}
-
-    def _stop(self, name: str) -> None:
-        """Stop deployment NAME's server, local process or container alike (and, with
-        `serve.engine: vllm`, the vLLM container behind its proxy)."""
-        from llmops.serve.process import stop_server
-
-        stop_server(serve_state_file(self.ctx, name))
-        stop_server(_vllm_state(self.ctx, name))
-
     # -- refresh / delete --------------------------------------------------------------
     def begin_refresh(self, entries: list[tuple[str, dict[str, Any], LockedResource]]) -> None:
         """Probe every deployment's endpoint at once (each probe has a short timeout), so a plan
@@ -445,11 +272,11 @@ class DeploymentsProvider(TrackingStore, Provider):
                 try:
                     live = _alias_version(self._client(), out["model_name"], out["alias"])
                 except LlmopsError as exc:
-                    return [Drift(f"cannot read the registry: {exc.message}", "update")]
+                    return [Drift(f"cannot read the registry: {exc.message}", "update", "unreadable")]
                 if live != str(out.get("version")):
                     where = f"v{live}" if live else "nothing"
                     drifts.append(Drift(f"alias {out['alias']} -> {where}, lock says v{out.get('version')}",
-                                        "update"))
+                                        "update", "changed"))
         probes = self.bulk("endpoints", dict)
         if out.get("endpoint") and (name, out["endpoint"]) in probes:
             endpoint_drift = probes[(name, out["endpoint"])]
@@ -459,7 +286,8 @@ class DeploymentsProvider(TrackingStore, Provider):
             drifts.append(endpoint_drift)
         elif spec.get("serve") and not out.get("endpoint") and out.get("version"):
             # `llmops down` dropped the endpoint: the next apply serves again, as llmops.yaml asks.
-            drifts.append(Drift("serve: no server is running (stopped by `llmops down`); apply starts it", "update"))
+            drifts.append(Drift("serve: no server is running (stopped by `llmops down`); apply starts it", "update",
+                                "not-serving"))
         return drifts
 
     def _bulk_aliases(self) -> dict[str, dict[str, str]] | None:
@@ -479,7 +307,7 @@ class DeploymentsProvider(TrackingStore, Provider):
         return [a.message for a in open_alerts(self.ctx.root, name)]
 
     def delete(self, name: str, locked: LockedResource) -> None:
-        self._stop(name)
+        serving.down(self.ctx, name)
         out = locked.outputs
         if out.get("model_name") and out.get("alias"):
             _delete_alias(self._client(), str(out["model_name"]), str(out["alias"]), out.get("version"),
@@ -544,15 +372,7 @@ def rollback(ctx: ProviderContext, name: str, locked: LockedResource) -> dict[st
     new = {**out, "version": str(prev["version"]), "previous": {k: v for k, v in current.items() if v},
            "rolled_back_from": str(out["version"])}
     new["adapter"], new["base_model"] = prev.get("adapter"), prev.get("base_model")
-    spec = (ctx.config.get("deployments") or {}).get(name) or {}
+    spec = ctx.spec_of(f"deployments.{name}")
     if spec.get("serve") and prev.get("adapter") and prev.get("base_model"):
         new.update(provider._serve(name, spec, out["model_name"], prev))
     return {k: v for k, v in new.items() if v is not None}
-
-
-def down(ctx: ProviderContext, name: str) -> bool:
-    """Stop deployment NAME's server (and a vLLM container behind it); True when one was running."""
-    from llmops.serve.process import stop_server
-
-    stopped = stop_server(serve_state_file(ctx, name))
-    return stop_server(_vllm_state(ctx, name)) or stopped

@@ -393,7 +393,7 @@ class EvalsProvider(TrackingStore, Provider):
         name = spec if isinstance(spec, str) else spec.get("deployment", "")
         name = name.split(".", 1)[1] if name.startswith("deployments.") else name
         limits = {} if isinstance(spec, str) else spec
-        from llmops.providers.deployments import live_endpoint
+        from llmops.serve.control import live_endpoint
 
         url = live_endpoint(self.ctx, name)
         if url is None:

@@ -65,9 +65,9 @@ class MonitorsProvider(Provider):
         open_store(monitor.store).close()  # creates the store and its schema, or says why it cannot
         outputs: dict[str, Any] = {"deployment": deployment, "store": _recorded_store(self.ctx.root, monitor.store),
                                    "log_text": monitor.log_text}
-        if not ((self.ctx.config.get("deployments") or {}).get(deployment) or {}).get("serve"):
-            self.ctx.log(request.address, f"deployments.{deployment} has no `serve:`; nothing logs requests into "
-                                          "this monitor's store until it serves")
+        if not request.upstream_specs.get(f"deployments.{deployment}", {}).get("serve"):
+            request.log(f"deployments.{deployment} has no `serve:`; nothing logs requests into "
+                        "this monitor's store until it serves")
         dep = request.upstream.get(f"deployments.{deployment}")
         if dep is not None:
             self._restart_if_changed(deployment, dep, monitor)
@@ -78,13 +78,13 @@ class MonitorsProvider(Provider):
 
     def _restart_if_changed(self, deployment: str, dep: LockedResource, monitor: ServedMonitor | None) -> bool:
         """Restart the deployment's running server when it logs with other settings than wanted."""
-        from llmops.providers.deployments import serve_deployment, serve_state_file
-        from llmops.serve.process import server_monitor, server_status
+        from llmops.providers.deployments import serve_deployment  # the restart: the deployment's own start
+        from llmops.serve.control import serve_state_file, server_monitor, server_status
 
-        state = serve_state_file(self.ctx, deployment)
+        state = serve_state_file(self.ctx, deployment)  # read only: status and monitor settings
         if not server_status(state).running or server_monitor(state) == _wanted(monitor):
             return False
-        spec = (self.ctx.config.get("deployments") or {}).get(deployment) or {}
+        spec = self.ctx.spec_of(f"deployments.{deployment}")
         out = dep.outputs
         if not spec.get("serve") or not out.get("model_name"):
             return False
@@ -104,8 +104,6 @@ class MonitorsProvider(Provider):
         """Restart a deployment no monitor watches any more so it stops logging into a store."""
         if serving_monitor(self.ctx, deployment) is not None:
             return  # another monitor watches it now; that monitor's apply sets the server up
-        from llmops.engine.lockfile import load_lock, lock_path
-
-        dep = load_lock(lock_path(self.ctx.root)).get(f"deployments.{deployment}")
+        dep = self.ctx.locked(f"deployments.{deployment}")
         if dep is not None:
             self._restart_if_changed(deployment, dep, None)

@@ -14,9 +14,9 @@ counts as healthy only while it runs and answers with that token, and a fixed po
 something else holds fails before the container starts.
 
 The state file (`state_dir/NAME.json`, the same place as a local server's) carries a
-`container` key with the container id and the engine address; `llmops.serve.process`
-hands such a state to `container_status` and `stop_container` here, so status, refresh,
-`llmops down` and monitors treat both kinds of server alike.
+`container` key with the container id and the engine address; `llmops.serve.endpoint`
+reads its status and `llmops.serve.control` hands it to `stop_container` here, so status,
+refresh, `llmops down` and monitors treat both kinds of server alike.
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmops.errors import LlmopsError, ProviderError
+from llmops.errors import ProviderError
 from llmops.runners.base import Job
+from llmops.serve.endpoint import (HTTP_ERRORS, SERVER_MODULE, ServeError, check_port, describe_health, free_port,
+                                   get_json, server_args, server_status, url_host)
+from llmops.serve.server import INSTANCE_ENV
 
 if TYPE_CHECKING:
     from llmops.runners.docker import DockerRunner
-    from llmops.serve.process import ServerStatus
 
-SERVER_MODULE = "llmops.serve"
 SAVED_LOG_LINES = 200  # the container's last lines kept in NAME.log when it is removed
 
 
@@ -83,8 +84,6 @@ def start_container_server(
     port is taken.
     """
     from llmops.fsutil import atomic_write_json
-    from llmops.serve.process import (INSTANCE_ENV, ServeError, check_port, free_port, server_args, server_status,
-                                      url_host)
 
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -135,8 +134,6 @@ def wait_container_healthy(server: ContainerServer, runner: DockerRunner, timeou
     seconds, fails with the container's last output in the message; the container is
     removed and the state file deleted, so nothing is left half-started.
     """
-    from llmops.serve.process import HTTP_ERRORS, ServeError, describe_health, get_json
-
     deadline = time.monotonic() + timeout
     last = ""
     while True:
@@ -158,20 +155,6 @@ def wait_container_healthy(server: ContainerServer, runner: DockerRunner, timeou
     output = runner.logs(server.container).rstrip()
     stop_container(server.state_file, runner=runner)
     raise ServeError(f"{problem}; its output ends with:\n{output or '(no output)'}")
-
-
-def container_status(state: dict[str, Any], probe: bool = False) -> ServerStatus:
-    """The recorded container's status; an engine that does not answer reads as not running.
-    With `probe`, `healthy` means running and answering with the recorded instance token."""
-    from llmops.serve.process import ServerStatus, answers_as
-
-    try:
-        running = _runner(state).is_running(str(state["container"]))
-    except LlmopsError:
-        running = False
-    healthy = (running and answers_as(str(state["url"]), state.get("instance"))) if probe else None
-    return ServerStatus(running, None, int(state["port"]), str(state["url"]), state.get("model_name"),
-                        state.get("log_path"), healthy, state.get("instance"))
 
 
 def stop_container(state_file: Path | str, state: dict[str, Any] | None = None, timeout: float = 15.0,

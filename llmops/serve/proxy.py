@@ -18,7 +18,7 @@ others get OpenAI's 404. An upstream that does not answer gets 502 with a JSON e
 the upstream's own 4xx/5xx answers pass through as they are. /health answers 200 (with the
 instance token of `llmops.serve.process`) only while the upstream's /health does, else 503.
 
-The arguments are those of `python -m llmops.serve` (`llmops.serve.process.server_args`), so
+The arguments are those of `python -m llmops.serve` (`llmops.serve.endpoint.server_args`), so
 `start_server(..., module="llmops.serve.proxy")` starts, checks and stops it like the built-in
 server. It runs on Starlette and uvicorn; upstream calls go through httpx.
 """

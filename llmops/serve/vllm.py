@@ -167,7 +167,7 @@ def wait_vllm_healthy(runner: Any, container: str, url: str, timeout: float) -> 
     fails with its last output in the message; the caller removes it."""
     import time
 
-    from llmops.serve.process import HTTP_ERRORS, ServeError, get_json
+    from llmops.serve.endpoint import HTTP_ERRORS, ServeError, get_json
 
     deadline = time.monotonic() + timeout
     last = ""

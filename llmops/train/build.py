@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
-from llmops.hashing import file_sha256 as sha256_file  # noqa: F401 (providers.deployments imports it here)
 from llmops.hashing import folder_hashes
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
