@@ -200,3 +200,13 @@ def test_aggregate_repeats_mean_and_sample_std() -> None:
     mean, std = aggregate_repeats([{"bleu": 1.0, "em": 0.5}, {"bleu": 2.0, "em": 0.5}, {"bleu": 3.0, "em": 0.5}])
     assert mean == {"bleu": 2.0, "em": 0.5} and std == {"bleu": 1.0, "em": 0.0}
     assert aggregate_repeats([{"bleu": 0.4}]) == ({"bleu": 0.4}, {"bleu": 0.0})
+
+
+def test_recorded_metrics_keep_six_significant_digits_whatever_their_scale():
+    from llmops.evals.metrics import round_metric
+
+    assert round_metric(0.123456789) == 0.123457
+    assert round_metric(35.123456789) == 35.1235
+    assert round_metric(3.21987654e-07) == 3.21988e-07  # 6 decimals would record 0.0
+    assert round_metric(8) == 8 and isinstance(round_metric(8), int)  # a step count stays a count
+    assert round_metric(None) is None and round_metric("n/a") == "n/a"

@@ -528,7 +528,7 @@ class _CheckCache:
     def save(self) -> None:
         if not self.secret or self.new == self.old:
             return
-        from llmops.engine.lockfile import atomic_write_text
+        from llmops.fsutil import atomic_write_text
 
         try:
             atomic_write_text(self.path, json.dumps(self.new, sort_keys=True))

@@ -149,11 +149,6 @@ def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> str:
         raise LlmopsError(f"a row cannot be written as JSON ({exc}); convert the field with a `map` step.") from None
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text via a temp file and `os.replace`, so readers never see half a file."""
-    atomic_write_text(path, text)
-
-
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows as deterministic JSONL (see `dumps_jsonl`), atomically."""
-    write_text_atomic(path, dumps_jsonl(rows))
+    atomic_write_text(path, dumps_jsonl(rows))

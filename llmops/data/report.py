@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llmops.data.io import write_text_atomic
+from llmops.fsutil import atomic_write_text
 from llmops.data.profile import field_lengths
 
 MAX_FIGURES = 24
@@ -101,7 +101,7 @@ def write_report(folder: Path, profile: dict[str, Any], splits: dict[str, list[d
         *images,
         "</body></html>",
     ]
-    write_text_atomic(folder / "profile.json", json.dumps(profile, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    atomic_write_text(folder / "profile.json", json.dumps(profile, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     index = folder / "index.html"
-    write_text_atomic(index, "\n".join(parts) + "\n")
+    atomic_write_text(index, "\n".join(parts) + "\n")
     return index

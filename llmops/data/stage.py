@@ -42,7 +42,8 @@ PROVENANCE = "_source"  # with `sources:`, each row's file; fields starting with
 
 def run_stage(spec: dict[str, Any], base: Path) -> dict[str, Any]:
     """Prepare the dataset described by `spec` (paths relative to `base`); return the profile."""
-    from llmops.data.io import detect_format, read_rows, write_jsonl, write_text_atomic
+    from llmops.data.io import detect_format, read_rows, write_jsonl
+    from llmops.fsutil import atomic_write_text
     from llmops.data.profile import build_profile
     from llmops.data.report import write_report
     from llmops.data.steps import normalize_steps, run_steps
@@ -70,7 +71,7 @@ def run_stage(spec: dict[str, Any], base: Path) -> dict[str, Any]:
         profile["sources"] = counts
     write_report(base / spec["report_dir"], profile, result.splits)
     text = json.dumps(profile, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    write_text_atomic(out_dir / "profile.json", text)
+    atomic_write_text(out_dir / "profile.json", text)
     return profile
 
 

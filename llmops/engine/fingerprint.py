@@ -88,7 +88,7 @@ class FileHasher:
     def save(self) -> None:
         if not (self._dirty and self.cache_path):
             return
-        from llmops.engine.lockfile import atomic_write_text
+        from llmops.fsutil import atomic_write_text
 
         try:
             atomic_write_text(self.cache_path, json.dumps(self._cache, sort_keys=True))

@@ -13,7 +13,7 @@ from typing import Any
 
 from llmops import __version__
 from llmops.errors import LlmopsError
-from llmops.engine.lockfile import atomic_write_text
+from llmops.fsutil import atomic_write_text
 from llmops.engine.plan import ACTIONS, Plan, ResourceChange
 
 FORMAT_VERSION = 1

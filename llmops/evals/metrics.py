@@ -158,6 +158,19 @@ def perplexity(predictions: list[str], references: list[list[str]], extras: Extr
     return math.exp(nll_sum / tokens)
 
 
+METRIC_DIGITS = 6  # significant digits a recorded metric keeps
+
+
+def round_metric(value: Any) -> Any:
+    """A metric as llmops records it (eval and fine-tune outputs, comparisons): a float to
+    `METRIC_DIGITS` significant digits, so the rule does not depend on the metric's scale
+    (a loss of 3.2e-07 keeps its digits, a perplexity of 35.1234567 drops its noise);
+    ints (step counts) and anything else unchanged."""
+    if isinstance(value, float):
+        return float(f"{value:.{METRIC_DIGITS}g}")
+    return value
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between closest ranks
     (numpy's default), e.g. p50 of [1, 2, 3, 4] is 2.5."""

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from llmops.fsutil import atomic_write_text
 from llmops.redact import redact_webhook
 
 ALERTS_FILE = Path(".llmops") / "alerts.jsonl"
@@ -178,7 +179,7 @@ def mark_sent(root: Path, deployment: str, alerts: list[Alert]) -> None:
 
 
 def _write_state(root: Path, deployment: str, state: dict[str, Any]) -> None:
-    write_atomic(_state_file(root, deployment), json.dumps(state, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(_state_file(root, deployment), json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def open_alerts(root: Path, deployment: str) -> list[Alert]:
@@ -215,8 +216,3 @@ def send_webhook(url: str, payload: dict[str, Any], retries: int = 3, backoff: f
     return result
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file and `os.replace` (never half-written)."""
-    from llmops.fsutil import atomic_write_text
-
-    atomic_write_text(path, text)

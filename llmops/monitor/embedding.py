@@ -23,8 +23,8 @@ without `cache_key` is not cached. torch and transformers are imported only when
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from llmops.fsutil import atomic_write_bytes
 from llmops.monitor.drift import row_text
 from llmops.monitor.errors import MonitorError
 
@@ -220,11 +221,9 @@ def reference_embeddings(embed: Embed, texts: list[str], cache_dir: Path | None,
 def _save(path: Path, arr: np.ndarray) -> None:
     """Write atomically, then drop this monitor's older entries (other models or training data)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.save(buffer, arr, allow_pickle=False)
+        atomic_write_bytes(path, buffer.getvalue())
         prefix = path.name.rsplit("-", 1)[0] + "-"
         for old in path.parent.glob(f"{prefix}*.npy"):
             if old != path and re.fullmatch(re.escape(prefix) + r"[0-9a-f]{32}\.npy", old.name):

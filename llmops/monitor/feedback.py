@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmops.monitor.alerts import write_atomic
+from llmops.fsutil import atomic_write_text
 from llmops.monitor.errors import BadFeedbackError, MonitorError
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def export_feedback(store: "RequestStore", path: Path | str, min_rating: Any = N
     if without_text and not out and not rejected:
         raise MonitorError(f"{without_text} rated request(s) have no stored text to export; set "
                            "`log_text: true` on the monitor so prompts and completions are logged.")
-    write_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in out))
+    atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in out))
     if pairs is not None:
         made = []
         for r in rejected:
@@ -181,7 +181,7 @@ def export_feedback(store: "RequestStore", path: Path | str, min_rating: Any = N
             if chosen is not None and r["rejected"] is not None:
                 made.append({**r["variables"], "prompt": r["prompt"], "chosen": chosen, "rejected": r["rejected"],
                              "request_id": r["request_id"]})
-        write_atomic(Path(pairs), "".join(json.dumps(m, ensure_ascii=False, sort_keys=True) + "\n" for m in made))
+        atomic_write_text(Path(pairs), "".join(json.dumps(m, ensure_ascii=False, sort_keys=True) + "\n" for m in made))
     return len(out)
 
 

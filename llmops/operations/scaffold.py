@@ -25,6 +25,7 @@ from typing import Callable
 
 import llmops
 from llmops.errors import LlmopsError
+from llmops.fsutil import atomic_write_text
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 # Branch names the workflows can quote in YAML and GitHub expressions as they are; git allows
@@ -226,19 +227,13 @@ def init_project(
 
     result = ScaffoldResult(root=root, project=project, overwritten=existing)
     for rel, text in files.items():
-        _write_atomic(root / rel, text)
+        atomic_write_text(root / rel, text)
         log(f"wrote {rel}")
     result.written = sorted(files)
     result.gitignore_added = merge_gitignore(root, (templates_dir() / "project" / GITIGNORE_TEMPLATE).read_text())
     result.branch = ctx["branch"]
     _init_git_and_dvc(root, result, ctx["branch"], log)
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from llmops.fsutil import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 def merge_gitignore(root: Path, template: str) -> list[str]:
@@ -252,7 +247,7 @@ def merge_gitignore(root: Path, template: str) -> list[str]:
         return []
     block = [line for line in template.splitlines() if line.startswith("#") or line in missing]
     prefix = "" if not current or current.endswith("\n") else "\n"
-    _write_atomic(path, current + prefix + ("\n" if current else "") + "\n".join(block) + "\n")
+    atomic_write_text(path, current + prefix + ("\n" if current else "") + "\n".join(block) + "\n")
     return missing
 
 

@@ -41,7 +41,8 @@ from typing import Any, Callable
 
 from llmops import hashing
 from llmops.errors import LlmopsError, ProviderError
-from llmops.engine.lockfile import LockedResource, atomic_write_text
+from llmops.engine.lockfile import LockedResource
+from llmops.fsutil import atomic_write_text
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
 from llmops.redact import redact_url, redact_urls
 

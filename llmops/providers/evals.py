@@ -15,6 +15,7 @@ from typing import Any
 
 from llmops.errors import ProviderError
 from llmops.engine.lockfile import LockedResource
+from llmops.evals.metrics import round_metric
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider, short_number
 from llmops.providers.tracking_store import TrackingStore
 
@@ -115,8 +116,8 @@ class EvalsProvider(TrackingStore, Provider):
             started = time.monotonic()
             result, rows = self._run(request, model_addr, model_out)
             cost = self._actual_cost(time.monotonic() - started, rows, result.decoding, int(getattr(result, "repeats", 1) or 1))
-            metrics = {k: _round(v) for k, v in result.metrics.items()}
-            std = {k: _round(v) for k, v in result.per_metric_std.items()}
+            metrics = {k: round_metric(v) for k, v in result.metrics.items()}
+            std = {k: round_metric(v) for k, v in result.per_metric_std.items()}
             decoding, skipped = result.decoding, result.skipped
             probe_sets = getattr(result, "probe_sets", None)
             latency = getattr(result, "latency", None) or None
@@ -368,7 +369,7 @@ class EvalsProvider(TrackingStore, Provider):
         from llmops.evals.metrics import check_gain
 
         theirs = other.outputs["metrics"]
-        rows = {m: {"value": theirs[m], "delta": _round(float(metrics[m]) - float(theirs[m]))}
+        rows = {m: {"value": theirs[m], "delta": round_metric(float(metrics[m]) - float(theirs[m]))}
                 for m in sorted(metrics) if m in theirs and isinstance(theirs[m], (int, float))}
         gates: dict[str, dict[str, Any]] = {}
         short = addr.split(".", 1)[1]
@@ -413,7 +414,7 @@ class EvalsProvider(TrackingStore, Provider):
                     metric, float(metrics[metric]), float(base.metrics[metric]),
                     max_drop=drops.get(metric), max_rise=rises.get(metric),
                     higher_is_better=m.higher_is_better if m else None).to_dict()
-        return {"deployment": name, "metrics": {k: _round(v) for k, v in base.metrics.items()}, "gates": gates}
+        return {"deployment": name, "metrics": {k: round_metric(v) for k, v in base.metrics.items()}, "gates": gates}
 
     def _log_run(self, request, model_addr, model_out, outputs: dict[str, Any]) -> str | None:
         from llmops.integrations.mlflow import artifact_location, client, ensure_experiment, is_local, tracking_uri
@@ -446,7 +447,3 @@ class EvalsProvider(TrackingStore, Provider):
             c.set_model_version_tag(model_out["model_name"], str(model_out["model_version"]),
                                     f"llmops.eval.{request.name}", rid)
         return rid
-
-
-def _round(value: Any) -> Any:
-    return round(float(value), 6) if isinstance(value, (int, float)) else value

@@ -21,6 +21,7 @@ from llmops.integrations import mlflow as tracking
 from llmops.errors import ProviderError
 from llmops.hashing import folder_sha256, sha256_json
 from llmops.engine.lockfile import LockedResource
+from llmops.evals.metrics import round_metric
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, ProgressEvent, Provider, short_number
 from llmops.providers.tracking_store import TrackingStore
 from llmops.train import spec as specs
@@ -268,7 +269,7 @@ class FinetunesProvider(TrackingStore, Provider):
                                 f"{request.address}` to train it again.")
         paths = self._fetch(request, run_id, model_dir, str(expected))
         run = client(self.ctx.root, self.ctx.settings).get_run(run_id)
-        metrics = {k: _round(v) for k, v in run.data.metrics.items() if k in _RESULT_METRICS}
+        metrics = {k: round_metric(v) for k, v in run.data.metrics.items() if k in _RESULT_METRICS}
         tokenizer_sha = folder_sha256(paths["tokenizer"])
         outputs = {
             "run_id": run_id,
@@ -440,7 +441,7 @@ class FinetunesProvider(TrackingStore, Provider):
             "tokenizer": {"path": self._rel(done["tokenizer"]["path"]), "sha256": done["tokenizer"]["sha256"]},
             "tokenizer_sha256": done["tokenizer"]["sha256"],
             "base_model": {"path": base["path"]},
-            "metrics": {k: _round(v) for k, v in (done.get("metrics") or {}).items() if v is not None},
+            "metrics": {k: round_metric(v) for k, v in (done.get("metrics") or {}).items() if v is not None},
         }
         if done.get("merged"):
             out["merged"] = {"path": self._rel(done["merged"]["path"]), "sha256": done["merged"]["sha256"]}
@@ -487,10 +488,4 @@ class _ProgressWatcher:
             self.request.progress(ProgressEvent(step, event.get("total"), f"resumed at step {step}"))
         elif kind == "done":
             self.done = {k: v for k, v in event.items() if k != "event"}
-
-
-def _round(value: Any) -> Any:
-    if isinstance(value, float):
-        return float(f"{value:.6g}")
-    return value
 

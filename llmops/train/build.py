@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
+from llmops.fsutil import atomic_folder, atomic_write_text
 from llmops.hashing import folder_hashes
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -122,8 +123,6 @@ def build_tiny_model(build_spec: dict[str, Any], texts: Iterable[str], out_dir: 
             "build: the tokenizer_from dataset has no text to train a tokenizer on; "
             "give it rows with string fields."
         )
-    from llmops.fsutil import atomic_folder
-
     out_dir = Path(out_dir)
     with build_lock(out_dir):
         remove_stale_temps(out_dir)
@@ -327,7 +326,7 @@ def _portable_tokenizer_class(folder: Path) -> None:
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import LlmopsError, ProviderError
+from llmops.fsutil import atomic_write_text
 from llmops.train import spec as specs
 from llmops.train.mlflow_model import MODEL_ARTIFACT
 
@@ -97,9 +98,7 @@ class _State:
     def save(self) -> None:
         if not _is_main():
             return
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))
 
 
 def run_job(job: dict[str, Any], tracker: Any = None) -> dict[str, Any] | None:
@@ -171,7 +170,7 @@ class TrainingJob:
         if sweep:
             outcome["best_trial"] = {"index": best["trial"], "params": best["params"], "run_id": best["run_id"]}
             outcome["trials"] = len(self.trials)
-        (self.out_dir / "result.json").write_text(json.dumps(outcome, indent=2, sort_keys=True))
+        atomic_write_text(self.out_dir / "result.json", json.dumps(outcome, indent=2, sort_keys=True))
         return outcome
 
     def run_trial(self, i: int, overrides: dict[str, Any]) -> dict[str, Any]:
