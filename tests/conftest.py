@@ -78,7 +78,7 @@ class Project:
         CLIs at once, daemons, state a test patched into this interpreter).
         """
         if not SUBPROCESS_ONLY:
-            prepare_mlflow_store(self.root, args, env)
+            prepare_mlflow_store(self.root, args, env, input)
         if subprocess or self.subprocess or timeout is not None or SUBPROCESS_ONLY:
             return run_subprocess(self.root, args, input=input, env=env, timeout=timeout or 600)
         return run_in_process(self.root, args, input=input, env=env)
@@ -219,11 +219,12 @@ def _reset_process_state() -> None:
         registry.ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
 
 
-def prepare_mlflow_store(root: Path, args, env: dict | None) -> None:
+def prepare_mlflow_store(root: Path, args, env: dict | None, input: str | None = None) -> None:
     """Before `llmops apply` would create the embedded MLflow store: a copy of one prepared
     empty store instead (creating one runs MLflow's schema migrations: seconds per project).
 
-    Only where the product would create exactly that store: `.llmops/mlflow.db` is missing,
+    Only where the product would create exactly that store: an apply that goes ahead
+    (`--auto-approve`, or "yes" typed at its prompt), `.llmops/mlflow.db` is missing,
     neither llmops.yaml nor the environment names a tracking or registry URI, and llmops.yaml
     declares a resource whose provider opens the tracking store before apply
     (`Provider.uses_tracking`). The copy is the product's own empty store
@@ -232,6 +233,8 @@ def prepare_mlflow_store(root: Path, args, env: dict | None) -> None:
     stay covered where this does not apply (other commands, other URIs, LLMOPS_TEST_SUBPROCESS=1).
     """
     if not args or args[0] != "apply" or "--help" in args or "-h" in args:
+        return
+    if "--auto-approve" not in args and (input or "").strip().splitlines()[:1] != ["yes"]:
         return
     db = root / ".llmops" / "mlflow.db"
     config = root / "llmops.yaml"
