@@ -28,10 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Project:
-    """A temporary project folder: `write` files into it, `run` the real CLI in it."""
+    """A temporary project folder: `write` files into it, `run` the real CLI in it.
 
-    def __init__(self, root: Path) -> None:
+    `subprocess=True`: every `run` starts a fresh interpreter (a test module sets
+    `CLI_SUBPROCESS = True` for its `project` fixture: its CLI calls start model servers that
+    must outlive the command)."""
+
+    def __init__(self, root: Path, subprocess: bool = False) -> None:
         self.root = root
+        self.subprocess = subprocess
 
     def write(self, files: dict[str, str]) -> "Project":
         for rel, text in files.items():
@@ -61,19 +66,22 @@ class Project:
 
         return yaml.safe_load(self.read("llmops.lock"))["resources"]
 
-    def run(self, *args: str, input: str | None = None, env: dict | None = None, timeout: float = 600):
-        """Run `llmops ARGS` as a subprocess (the real entry point) in the project folder."""
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        return subprocess.run(
-            [sys.executable, "-m", "llmops", *args],
-            cwd=self.root,
-            input=input,
-            capture_output=True,
-            text=True,
-            env=full_env,
-            timeout=timeout,
-        )
+    def run(self, *args: str, input: str | None = None, env: dict | None = None, timeout: float | None = None,
+            subprocess: bool = False) -> subprocess.CompletedProcess:
+        """Run `llmops ARGS` in the project folder; the result is a `subprocess.CompletedProcess`.
+
+        In this process by default (`run_in_process`: no interpreter start, no re-import per
+        call). A fresh interpreter (`python -m llmops`, the real entry point) with
+        `subprocess=True` (here or on the Project), with a `timeout`, or for every call when
+        LLMOPS_TEST_SUBPROCESS=1 (the old behaviour, which bench/suite_time.py compares
+        against): use it where the process itself is under test (imports, memory, signals, two
+        CLIs at once, daemons, state a test patched into this interpreter).
+        """
+        if not SUBPROCESS_ONLY:
+            prepare_mlflow_store(self.root, args, env, input)
+        if subprocess or self.subprocess or timeout is not None or SUBPROCESS_ONLY:
+            return run_subprocess(self.root, args, input=input, env=env, timeout=timeout or 600)
+        return run_in_process(self.root, args, input=input, env=env)
 
     def invoke(self, *args: str, input: str | None = None):
         """Run the CLI in-process (faster; for tests that do not need a fresh interpreter)."""
@@ -89,6 +97,205 @@ class Project:
             os.chdir(old)
 
 
+# --- Running the CLI: a fresh interpreter, or in this one -----------------------------------
+
+# LLMOPS_TEST_SUBPROCESS=1: every `Project.run` starts `python -m llmops` and no prepared
+# MLflow store is copied (the suite as it was; bench/suite_time.py times both).
+SUBPROCESS_ONLY = os.environ.get("LLMOPS_TEST_SUBPROCESS") == "1"
+
+
+def run_subprocess(root: Path, args, input: str | None = None, env: dict | None = None,
+                   timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m llmops ARGS` in ROOT, output captured as text."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "llmops", *args],
+        cwd=root,
+        input=input,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+
+
+def run_in_process(root: Path, args, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`llmops.cli.main.main(ARGS)` in this interpreter, as a subprocess would see it: cwd ROOT,
+    ENV over os.environ, INPUT on stdin, non-tty stdout/stderr captured apart, SystemExit's code
+    as returncode, an exception that escapes main as returncode 1 with its traceback on stderr,
+    warnings and log records printed to stderr as an interpreter without pytest would. Everything
+    it changed is restored afterwards, and the per-process caches a fresh interpreter would start
+    without are emptied (`_reset_process_state`)."""
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    from llmops.cli.main import main
+
+    out, err = io.BytesIO(), io.BytesIO()
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    root_logger = logging.getLogger()
+    saved_handlers, saved_level = root_logger.handlers[:], root_logger.level
+    # A subprocess gets stdin from `input` (or the parent's, which under pytest is empty).
+    streams = (io.TextIOWrapper(io.BytesIO((input or "").encode()), encoding="utf-8"),
+               io.TextIOWrapper(out, encoding="utf-8", write_through=True),
+               io.TextIOWrapper(err, encoding="utf-8", errors="backslashreplace", write_through=True))
+    sys.stdin, sys.stdout, sys.stderr = streams
+    code: int = 0
+    try:
+        os.environ.update(env or {})
+        os.chdir(root)
+        # No pytest handlers on the root logger: WARNING records reach stderr via logging's
+        # last-resort handler, as in a fresh interpreter.
+        root_logger.handlers = []
+        root_logger.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            _interpreter_warning_filters(warnings)
+            try:
+                main(list(args))
+            except SystemExit as exc:
+                if exc.code is None:
+                    code = 0
+                elif isinstance(exc.code, int):
+                    code = exc.code
+                else:  # sys.exit("message"): printed to stderr, status 1
+                    print(exc.code, file=sys.stderr)
+                    code = 1
+            except BaseException:  # noqa: BLE001 - as the interpreter would: traceback, status 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+        for stream in streams:
+            stream.flush()
+            stream.detach()  # the buffers outlive their wrappers (a wrapper closes it when collected)
+        root_logger.handlers = saved_handlers
+        root_logger.setLevel(saved_level)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        _reset_process_state()
+    return subprocess.CompletedProcess(
+        [sys.executable, "-m", "llmops", *args], code, _text(out.getvalue()), _text(err.getvalue())
+    )
+
+
+def _text(data: bytes) -> str:
+    """Bytes decoded as `subprocess.run(text=True)` does (universal newlines)."""
+    return data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _interpreter_warning_filters(warnings) -> None:
+    """Inside `catch_warnings`: the filters and printing of a plain `python` (pytest records
+    warnings and turns some into errors; a subprocess prints them to stderr)."""
+    warnings.resetwarnings()
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
+
+
+def _reset_process_state() -> None:
+    """Empty the caches that live as long as the process, so each in-process CLI call starts as
+    a fresh interpreter would: llmops' "store already checked / server already reachable" sets
+    (a test may delete or replace a store between calls) and MLflow's store objects, cached per
+    URI (one would keep a SQLite database open after a test removed its file)."""
+    mlflow_helpers = sys.modules.get("llmops.integrations.mlflow")
+    if mlflow_helpers is not None:
+        for name in ("_CHECKED", "_REACHABLE"):
+            getattr(mlflow_helpers, name).clear()
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.registry")
+    if tracking is not None:
+        tracking.TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    registry = sys.modules.get("mlflow.tracking._model_registry.registry")
+    if registry is not None:
+        registry.ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
+
+
+def prepare_mlflow_store(root: Path, args, env: dict | None, input: str | None = None) -> None:
+    """Before `llmops apply` would create the embedded MLflow store: a copy of one prepared
+    empty store instead (creating one runs MLflow's schema migrations: seconds per project).
+
+    Only where the product would create exactly that store: an apply that goes ahead
+    (`--auto-approve`, or "yes" typed at its prompt), `.llmops/mlflow.db` is missing,
+    neither llmops.yaml nor the environment names a tracking or registry URI, and llmops.yaml
+    declares a resource whose provider opens the tracking store before apply
+    (`Provider.uses_tracking`). The copy is the product's own empty store
+    (`check_store`, run once per session) with its Default experiment's artifact location and
+    times set as this project's apply would have set them. Stores the product creates itself
+    stay covered where this does not apply (other commands, other URIs, LLMOPS_TEST_SUBPROCESS=1).
+    """
+    if not args or args[0] != "apply" or "--help" in args or "-h" in args:
+        return
+    if "--auto-approve" not in args and (input or "").strip().splitlines()[:1] != ["yes"]:
+        return
+    db = root / ".llmops" / "mlflow.db"
+    config = root / "llmops.yaml"
+    if db.exists() or not config.is_file():
+        return
+    merged_env = {**os.environ, **(env or {})}
+    if merged_env.get("MLFLOW_TRACKING_URI") or merged_env.get("MLFLOW_REGISTRY_URI"):
+        return
+    text = config.read_text()
+    if "tracking_uri" in text or "registry_uri" in text:
+        return
+    import yaml
+
+    from llmops.providers import provider_class
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return
+    if not isinstance(doc, dict):
+        return
+    kinds = [kind for kind, value in doc.items() if isinstance(value, dict) and value]
+    if not any(getattr(provider_class(kind), "uses_tracking", False) for kind in kinds if isinstance(kind, str)):
+        return
+    import shutil
+    import sqlite3
+    import time
+    from contextlib import closing
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(".mlflow.db.template")
+    shutil.copyfile(_mlflow_template(), tmp)
+    now = int(time.time() * 1000)
+    with closing(sqlite3.connect(tmp)) as conn, conn:
+        conn.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                     "WHERE experiment_id = 0", (str(root.resolve() / "mlruns" / "0"), now, now))
+    os.replace(tmp, db)
+
+
+_TEMPLATE: list[Path] = []
+
+
+def _mlflow_template() -> Path:
+    """An empty embedded MLflow store made by llmops' own `check_store`, once per session."""
+    if not _TEMPLATE:
+        import tempfile
+
+        import atexit
+        import shutil
+
+        folder = Path(tempfile.mkdtemp(prefix="llmops-mlflow-template-"))
+        atexit.register(shutil.rmtree, folder, True)
+        code = "import sys; from pathlib import Path; from llmops.integrations.mlflow import check_store; " \
+               "check_store(Path(sys.argv[1]), {})"
+        env = dict(os.environ, MLFLOW_CONFIGURE_LOGGING="false")
+        subprocess.run([sys.executable, "-c", code, str(folder)], cwd=folder, env=env, check=True,
+                       capture_output=True, timeout=300)
+        _TEMPLATE.append(folder / ".llmops" / "mlflow.db")
+    return _TEMPLATE[0]
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> str:
     """The Docker engine's host (`.ci/docker-setup.sh` starts one), or a skip saying why not."""
@@ -101,10 +308,10 @@ def docker_engine() -> str:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Project:
+def project(tmp_path: Path, request: pytest.FixtureRequest) -> Project:
     root = tmp_path / "proj"
     root.mkdir()
-    return Project(root)
+    return Project(root, subprocess=getattr(request.module, "CLI_SUBPROCESS", False))
 
 
 # --- Shared stores: real services on loopback (tests/services.py) ------------------------

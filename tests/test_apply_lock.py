@@ -447,7 +447,8 @@ def test_an_apply_that_waited_for_the_lock_plans_from_the_lock_the_other_left(pr
     proc, _ = _hold(project.path(".llmops"), seconds=60)
     result: dict = {}
     waiter = threading.Thread(target=lambda: result.update(
-        res=project.run("apply", "--lock-timeout", "60s", "--auto-approve")))
+        # A second CLI process, as in CI: not this interpreter's thread (cwd, streams, signals).
+        res=project.run("apply", "--lock-timeout", "60s", "--auto-approve", subprocess=True)))
     try:
         waiter.start()
         time.sleep(3.0)  # the waiter has read llmops.lock and waits for the apply lock

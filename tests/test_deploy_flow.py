@@ -9,6 +9,10 @@ import urllib.request
 
 import pytest
 
+# The CLI calls here start model servers that outlive the command: each runs in a fresh
+# interpreter, as a user's would (tests/conftest.py `Project.run`).
+CLI_SUBPROCESS = True
+
 
 CONFIG = """\
 version: 1

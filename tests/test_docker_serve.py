@@ -20,6 +20,10 @@ import yaml
 from dockerd import ensure_base_image, python_mounts, tiny_project
 from llmops.serve.endpoint import free_port
 
+# The CLI calls here start model servers that outlive the command: each runs in a fresh
+# interpreter, as a user's would (tests/conftest.py `Project.run`).
+CLI_SUBPROCESS = True
+
 NAME = "dock-prod"
 ADDR = f"deployments.{NAME}"
 TOKEN_ENV = "LLMOPS_TEST_SERVE_TOKEN"

@@ -18,6 +18,10 @@ import yaml
 
 from conftest import REPO
 
+# The CLI calls here start model servers that outlive the command: each runs in a fresh
+# interpreter, as a user's would (tests/conftest.py `Project.run`).
+CLI_SUBPROCESS = True
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -43,7 +47,7 @@ def example(tmp_path_factory):
     _git(root, "init", "-q")
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", "example")
-    project = Project(root)
+    project = Project(root, subprocess=CLI_SUBPROCESS)
     res = project.run("apply", "--auto-approve")
     try:
         assert res.returncode == 0, res.stdout + res.stderr

@@ -24,6 +24,10 @@ from typing import Any
 import pytest
 from conftest import Project
 
+# The CLI calls here start model servers that outlive the command: each runs in a fresh
+# interpreter, as a user's would (tests/conftest.py `Project.run`).
+CLI_SUBPROCESS = True
+
 pytestmark = pytest.mark.slow
 
 PROMPT = "### Question:\n{q}\n### Answer:\n"  # example-project/prompts/support.j2, as rendered
@@ -156,7 +160,7 @@ class Flow:
 def flow(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("monflow") / "proj"
     root.mkdir()
-    project = Project(root)
+    project = Project(root, subprocess=CLI_SUBPROCESS)
     project.copy_example()
     hook = Receiver()
     f = Flow(project, _free_port(), hook)

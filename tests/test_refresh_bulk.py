@@ -55,7 +55,7 @@ def bulk_path(request, monkeypatch):
 
 def test_prompts_refresh_is_one_registry_search_and_finds_the_same_drift(project, calls, monkeypatch, bulk_path):
     project.write({"llmops.yaml": PROMPTS})
-    res = project.run("apply", "--auto-approve")
+    res = project.run("apply", "--auto-approve", subprocess=True)  # `bulk_path` patched this interpreter
     assert res.returncode == 0, res.stdout + res.stderr
     c = tracking.client(project.root, {})
     c.register_prompt(name="p1", template="moved {{ question }}")  # v2, and the alias moves to it

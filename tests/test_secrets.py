@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import Project
 
+# The CLI calls here start model servers that outlive the command: each runs in a fresh
+# interpreter, as a user's would (tests/conftest.py `Project.run`).
+CLI_SUBPROCESS = True
+
 pytestmark = pytest.mark.slow
 
 WEBHOOK_SECRET = "T00000/B00000/WebhookPathSecret42"
@@ -77,7 +81,7 @@ def test_planted_secrets_reach_no_output_and_no_file(pg_cluster, tmp_path: Path)
     store = pg_cluster.requests_uri
     secrets = {"store password": pg_cluster.password, "webhook": WEBHOOK_SECRET,
                "tracking URL password": TRACKING_PASSWORD, **ENV_SECRETS}
-    project = Project(tmp_path / "proj")
+    project = Project(tmp_path / "proj", subprocess=CLI_SUBPROCESS)
     project.root.mkdir()
     project.copy_example()
     port = _free_port()

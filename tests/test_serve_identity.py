@@ -26,6 +26,10 @@ from llmops.serve.control import server_status, stop_server
 from llmops.serve.endpoint import ServeError, free_port
 from llmops.serve.process import start_server, wait_healthy
 
+# The CLI calls here start model servers that outlive the command: each runs in a fresh
+# interpreter, as a user's would (tests/conftest.py `Project.run`).
+CLI_SUBPROCESS = True
+
 MODEL = "tiny-support"
 TEXTS = ["Where is my order? Orders ship within two days.", "Can I get a refund? Within thirty days."] * 4
 BUILD = {"hidden_size": 16, "layers": 1, "heads": 2, "intermediate_size": 32, "vocab_size": 300,

@@ -18,6 +18,10 @@ import yaml
 
 from conftest import REPO, Project
 
+# The CLI calls here start model servers that outlive the command: each runs in a fresh
+# interpreter, as a user's would (tests/conftest.py `Project.run`).
+CLI_SUBPROCESS = True
+
 CONFIG = """\
 version: 1
 project: shared
@@ -104,13 +108,13 @@ def test_a_clone_restores_and_main_promotes_the_version_its_pull_request_trained
     port = free_port()  # the one port both checkouts serve on (one at a time: `llmops down`)
     origin = tmp_path / "origin.git"
     git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    a = Project(tmp_path / "a")
+    a = Project(tmp_path / "a", subprocess=CLI_SUBPROCESS)
     a.root.mkdir()
     shutil.copytree(REPO / "example-project" / "data", a.root / "data")
     shutil.copytree(REPO / "example-project" / "prompts", a.root / "prompts")
     a.write({"llmops.yaml": CONFIG.format(uri=uri, lr="0.0002", port=port), ".gitignore": ".llmops/\n"})
     git(a.root, "init", "-q", "-b", "main")
-    b = Project(tmp_path / "b")
+    b = Project(tmp_path / "b", subprocess=CLI_SUBPROCESS)
     try:
         # Checkout A applies everything and pushes its lock.
         ok(a.run("apply", "--auto-approve"))
