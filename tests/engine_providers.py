@@ -18,6 +18,7 @@ from llmops.errors import ProviderError
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Found, Provider
 
 CALLS: list[tuple[str, str]] = []
+REQUESTS: dict[str, ApplyRequest] = {}  # the last apply request of each address
 _active = 0
 _max_active = 0
 _lock = threading.Lock()
@@ -26,6 +27,7 @@ _lock = threading.Lock()
 def reset() -> None:
     global _active, _max_active
     CALLS.clear()
+    REQUESTS.clear()
     _active = _max_active = 0
 
 
@@ -53,8 +55,8 @@ class RecordingProvider(Provider):
         if not self.out(name).exists():
             held = self.stored(name, locked.fingerprint)
             if held is not None and held.is_file():
-                return [Drift(f"output missing: out/{self.kind}.{name}.txt; the store holds it", "restore")]
-            return [Drift(f"output missing: out/{self.kind}.{name}.txt", "replace")]
+                return [Drift(f"output missing: out/{self.kind}.{name}.txt; the store holds it", "restore", "missing")]
+            return [Drift(f"output missing: out/{self.kind}.{name}.txt", "replace", "missing")]
         return []
 
     def find_existing(self, name, spec, fingerprint):
@@ -75,6 +77,10 @@ class RecordingProvider(Provider):
                                     "upstream": sorted(request.upstream)},
                            inputs={"action": "restore"})
 
+    @classmethod
+    def summary(cls, outputs):
+        return f"wrote {outputs['path']}" if outputs.get("path") else ""
+
     def alerts(self, name, spec, locked):
         path = self.ctx.root / f"ALERT_{name}"
         return [path.read_text()] if path.exists() else []
@@ -86,6 +92,8 @@ class RecordingProvider(Provider):
             _max_active = max(_max_active, _active)
         try:
             CALLS.append((request.address, request.action))
+            REQUESTS[request.address] = request
+            request.log(f"applying {request.action}")
             root = self.ctx.root
             deadline = time.time() + 30  # a loaded CI machine must not outrun a test's signal
             while (root / f"SLOW_{request.name}").exists() and time.time() < deadline:

@@ -379,3 +379,65 @@ def test_a_failed_warm_up_fails_its_kind_with_the_message_and_spares_the_rest(pr
     assert report.skipped["finetunes.f"] == "upstream prompts.p failed"
     assert ("prompts.p", "create") not in ep.CALLS
     assert "prompts.p" not in load_lock(proj.path("llmops.lock")).resources
+
+
+# --- the provider contract, as the engine keeps it -------------------------------------
+
+def test_reasons_carry_codes_that_code_branches_on(proj):
+    apply_all(proj)
+    proj.write({"llmops.yaml": CONFIG.replace("learning_rate: 0.0002", "learning_rate: 0.0001")})
+    plan = plan_of(proj)
+    ft, ev = plan.get("finetunes.f"), plan.get("evals.e")
+    assert ft.codes == ["field:training.learning_rate"] and len(ft.reasons) == 1
+    assert ev.codes == ["upstream-changed:finetunes.f"]
+    proj.write({"llmops.yaml": CONFIG})
+    proj.path("out/datasets.b.txt").unlink()
+    assert plan_of(proj).get("datasets.b").codes == ["drift:missing"]
+    assert plan_of(proj, replace=["datasets.a"]).get("datasets.a").codes == ["forced"]
+    from llmops.engine.planfile import load_plan, save_plan
+
+    save_plan(plan, proj.path("plan.json"))  # the codes survive the plan file
+    assert load_plan(proj.path("plan.json")).get("finetunes.f").codes == ["field:training.learning_rate"]
+
+
+def test_apply_hands_providers_the_plans_specs_upstream_specs_and_a_log(proj):
+    logs = []
+
+    class Hooks(ApplyHooks):
+        def __init__(self):
+            self.summaries = {}
+
+        def log(self, address, message):
+            logs.append((address, message))
+
+        def recorded(self, change, outputs, summary=""):
+            self.summaries[change.address] = summary
+
+    p = opened(proj)
+    plan = make_plan(p)
+    proj.write({"llmops.yaml": CONFIG.replace("alias: production", "alias: staging")})  # after the plan
+    hooks = Hooks()
+    assert apply_plan(p, plan, hooks=hooks).ok
+    request = ep.REQUESTS["deployments.d"]
+    assert request.spec["alias"] == "production"  # the planned spec, not llmops.yaml re-read
+    # every resource it depends on, directly or not, with its spec
+    assert sorted(request.upstream_specs) == ["base_models.m", "datasets.a", "evals.e", "finetunes.f", "prompts.p"]
+    assert request.upstream_specs["finetunes.f"]["training"] == {"learning_rate": 0.0002}
+    assert sorted(request.upstream) == ["evals.e", "finetunes.f"]  # lock entries: direct upstreams
+    assert ("deployments.d", "applying create") in logs
+    assert hooks.summaries["datasets.a"] == "wrote out/datasets.a.txt"
+
+
+def test_a_saved_plan_applies_the_specs_it_was_made_from(proj):
+    from llmops.engine.planfile import load_plan, save_plan
+
+    save_plan(make_plan(opened(proj)), proj.path("plan.json"))
+    p = opened(proj)
+    saved = load_plan(proj.path("plan.json"))
+    assert saved.specs == {}  # never written to the file (specs may hold secrets)
+    check_saved_plan(p, saved)
+    assert apply_plan(p, saved).ok
+    assert ep.REQUESTS["finetunes.f"].spec["training"] == {"learning_rate": 0.0002}
+    unchecked = load_plan(proj.path("plan.json"))
+    report = apply_plan(opened(proj), unchecked)
+    assert "the plan holds no spec for it" in next(iter(report.failed.values()))
