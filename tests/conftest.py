@@ -205,8 +205,9 @@ def _interpreter_warning_filters(warnings) -> None:
 def _reset_process_state() -> None:
     """Empty the caches that live as long as the process, so each in-process CLI call starts as
     a fresh interpreter would: llmops' "store already checked / server already reachable" sets
-    (a test may delete or replace a store between calls) and MLflow's store objects, cached per
-    URI (one would keep a SQLite database open after a test removed its file)."""
+    (a test may delete or replace a store between calls) and MLflow's store objects and
+    engines, cached per URI (one would keep a SQLite database open after a test removed its
+    file)."""
     mlflow_helpers = sys.modules.get("llmops.integrations.mlflow")
     if mlflow_helpers is not None:
         for name in ("_CHECKED", "_REACHABLE"):
@@ -217,6 +218,18 @@ def _reset_process_state() -> None:
     registry = sys.modules.get("mlflow.tracking._model_registry.registry")
     if registry is not None:
         registry.ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    # And their SQLAlchemy engines, kept per database URI by class: a pooled connection keeps
+    # reading a database file the test has deleted.
+    for name in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+                 "mlflow.store.jobs.sqlalchemy_store"):
+        module = sys.modules.get(name)
+        for store in list(vars(module).values()) if module else []:
+            engines = vars(store).get("_engine_map") if isinstance(store, type) else None
+            if isinstance(engines, dict) and "_engine_map_lock" in vars(store):
+                with store._engine_map_lock:
+                    for engine in engines.values():
+                        engine.dispose()
+                    engines.clear()
 
 
 def prepare_mlflow_store(root: Path, args, env: dict | None, input: str | None = None) -> None:
