@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -276,7 +277,7 @@ def _apply_change(project: Project, plan: Plan, change: ResourceChange, hooks: A
         before=project.lock.get(change.address),
         upstream=upstream,
         private=change.private,
-        upstream_specs=_upstream_specs(plan, change),
+        upstream_specs=_UpstreamSpecs(plan, change),
         log=lambda message: project.log(change.address, message),
         progress=lambda event: hooks.progress(change.address, event),
         cancelled=cancel.is_set,
@@ -287,18 +288,36 @@ def _apply_change(project: Project, plan: Plan, change: ResourceChange, hooks: A
     return result
 
 
-def _upstream_specs(plan: Plan, change: ResourceChange) -> dict[str, dict]:
-    """The planned spec of every resource `change` depends on, directly or not."""
-    deps = {c.address: c.depends_on for c in plan.changes}
-    seen: dict[str, dict] = {}
-    todo = list(change.depends_on)
-    while todo:
-        u = todo.pop()
-        if u in seen or u not in plan.specs:
-            continue
-        seen[u] = plan.specs[u]
-        todo.extend(deps.get(u, ()))
-    return dict(sorted(seen.items()))
+class _UpstreamSpecs(Mapping):
+    """The planned spec of every resource a change depends on, directly or not: walked on first
+    use only (most providers never read it), so apply stays linear in the plan's size."""
+
+    def __init__(self, plan: Plan, change: ResourceChange) -> None:
+        self._plan, self._change = plan, change
+        self._specs: dict[str, dict] | None = None
+
+    def _resolved(self) -> dict[str, dict]:
+        if self._specs is None:
+            deps = self._plan.depends_on()
+            seen: dict[str, dict] = {}
+            todo = list(self._change.depends_on)
+            while todo:
+                u = todo.pop()
+                if u in seen or u not in self._plan.specs:
+                    continue
+                seen[u] = self._plan.specs[u]
+                todo.extend(deps.get(u, ()))
+            self._specs = dict(sorted(seen.items()))
+        return self._specs
+
+    def __getitem__(self, address: str) -> dict:
+        return self._resolved()[address]
+
+    def __iter__(self):
+        return iter(self._resolved())
+
+    def __len__(self) -> int:
+        return len(self._resolved())
 
 
 def _record(journal: LockJournal, change: ResourceChange, result: ApplyResult | None) -> None:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmops.hashing import canonical_json, file_md5, sha256_json
+from llmops.hashing import file_md5, sha256_json
 from llmops.redact import redact_spec
 from llmops.config.schema import without_defaults
 

@@ -90,6 +90,13 @@ class Plan:
     # what apply hands providers. Kept in memory only, never saved; a saved plan gets them
     # from the fresh plan `check_saved_plan` compares it with (same digests, same specs).
     specs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    _depends_on: dict[str, list[str]] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def depends_on(self) -> dict[str, list[str]]:
+        """address -> its upstream addresses, of every change (built once per plan)."""
+        if self._depends_on is None:
+            self._depends_on = {c.address: c.depends_on for c in self.changes}
+        return self._depends_on
 
     def summary(self) -> dict[str, int]:
         counts = {a: 0 for a in ACTIONS}

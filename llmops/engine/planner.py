@@ -12,12 +12,8 @@ from typing import Any, Iterable
 
 from llmops.engine.addrs import address_sort_key
 from llmops.errors import LlmopsError, PlanError, StalePlanError
-from llmops.engine.fingerprint import (
-    LOCK_ONLY_FIELDS,
-    FileHasher,
-    canonical_json,
-    locked_spec,
-)
+from llmops.engine.fingerprint import LOCK_ONLY_FIELDS, FileHasher, locked_spec
+from llmops.hashing import canonical_json, sha256_json
 from llmops.engine.graph import Graph
 from llmops.engine.plan import Plan, ResourceChange
 from llmops.engine.project import Project
@@ -164,7 +160,7 @@ def _fingerprint(kind: str, spec: dict[str, Any], files: dict[str, str], upstrea
         "upstreams": upstreams,
         "content": content,
     }
-    return "sha256:" + hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    return "sha256:" + sha256_json(payload)
 
 
 def _decide(project, provider, kind, name, spec, locked, after, planned, refresh, live) -> ResourceChange:

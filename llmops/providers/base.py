@@ -15,6 +15,7 @@ print and never import click: they report through `ApplyRequest.log` and `progre
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -145,7 +146,7 @@ class ApplyRequest:
     before: LockedResource | None
     upstream: dict[str, LockedResource]
     private: dict[str, Any] = field(default_factory=dict)
-    upstream_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    upstream_specs: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     log: Callable[[str], None] = lambda message: None
     progress: Callable[[ProgressEvent], None] = lambda event: None
     cancelled: Callable[[], bool] = lambda: False
