@@ -172,7 +172,7 @@ def _describe(component: frozenset[str], deps: dict[str, set[str]]) -> str:
 def test_the_scanner_sees_known_imports():
     deps, _ = _graph()
     assert "llmops.errors" in deps["llmops.config.validate"]
-    assert "llmops.serve.control" in deps["llmops.providers.monitors"]  # a function-level import
+    assert "llmops.monitor.store" in deps["llmops.providers.monitors"]  # a function-level import
     assert "llmops.cli" not in deps["llmops.cli.main"]  # its own package is not a dependency
 
 
@@ -193,3 +193,15 @@ def test_no_module_uses_another_modules_private_names():
                             "move it where it belongs):\n" + "\n".join(unexpected))
     stale = sorted(key for key in ALLOWED_PRIVATE if key not in found)
     assert not stale, f"fixed uses still allowed in ALLOWED_PRIVATE; remove them: {stale}"
+
+
+def test_servers_are_driven_only_through_serving_control():
+    """A server is started and stopped by `llmops.serve.control` alone (the runner modules below
+    it are imported by nothing else), and the monitors provider never drives one: it imports
+    neither serving nor the deployments provider (a deployment's refresh sees that its server
+    logs with other settings than its monitor asks, and the deployment's apply restarts it)."""
+    deps, _ = _graph()
+    for runner in ("llmops.serve.process", "llmops.serve.container"):
+        assert sorted(m for m, d in deps.items() if runner in d) == ["llmops.serve.control"], runner
+    monitors = deps["llmops.providers.monitors"]
+    assert not {d for d in monitors if d.startswith("llmops.serve")} | ({"llmops.providers.deployments"} & monitors)

@@ -306,11 +306,18 @@ def test_changing_what_the_server_logs_restarts_it(flow: Flow) -> None:
     before = json.loads(flow.project.read(".llmops/serve/prod.json"))["pid"]
     flow.write(log_text="false")
     plan = json.loads(flow.project.run("plan", "--json").stdout)
-    assert {c["address"]: c["action"] for c in plan["resource_changes"]}["monitors.prod"] == "update"
+    changes = {c["address"]: c for c in plan["resource_changes"]}
+    assert changes["monitors.prod"]["action"] == "update"
+    # the restart is the deployment's own update, shown in the plan; the monitor drives no server
+    assert changes["deployments.prod"]["action"] == "update"
+    assert changes["deployments.prod"]["codes"] == ["drift:request-log"]
+    assert "with texts), monitors.prod asks for" in changes["deployments.prod"]["reasons"][0]
     res = flow.project.run("apply", "--auto-approve")
     assert res.returncode == 0, res.stdout + res.stderr
     state = json.loads(flow.project.read(".llmops/serve/prod.json"))
     assert state["pid"] != before and state["monitor"]["log_text"] is False
+    plan = json.loads(flow.project.run("plan", "--json").stdout)
+    assert {c["address"]: c["action"] for c in plan["resource_changes"]}["deployments.prod"] == "no-op"
     assert flow.lock()["monitors.prod"]["outputs"]["log_text"] is False
     out = flow.complete("Where is my parcel?")  # same endpoint, still logging, now without texts
     assert flow.post("/v1/feedback", {"id": out["id"], "rating": 5})[0] == 200
@@ -324,6 +331,11 @@ def test_removing_the_monitor_stops_logging_and_feedback(flow: Flow) -> None:
     before = json.loads(flow.project.read(".llmops/serve/prod.json"))["pid"]
     logged = flow.store_rows("SELECT COUNT(*) FROM requests")
     flow.write(monitor="no")
+    plan = json.loads(flow.project.run("plan", "--json").stdout)
+    changes = {c["address"]: c for c in plan["resource_changes"]}
+    assert changes["monitors.prod"]["action"] == "delete"
+    assert changes["deployments.prod"]["codes"] == ["drift:request-log"]
+    assert "no monitor watches it now" in changes["deployments.prod"]["reasons"][0]
     res = flow.project.run("apply", "--auto-approve")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "monitors.prod" not in flow.lock()

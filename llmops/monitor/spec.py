@@ -179,6 +179,11 @@ class ServedMonitor:
     store: str  # full store URL (may hold a password: never record it as is)
     log_text: bool
 
+    def settings(self) -> dict[str, Any]:
+        """The request-log settings as a server's state file records them
+        (`llmops.serve.endpoint.server_monitor`): the store without its password."""
+        return {"store": redact_url(self.store), "log_text": self.log_text}
+
 
 def monitor_deployment(name: str, spec: dict[str, Any] | None) -> str:
     return str((spec or {}).get("deployment") or name)

@@ -81,6 +81,7 @@ DRIFT_CODES = frozenset({
     "missing",      # the recorded output is gone here (a folder, a registry version, a run)
     "changed",      # the live resource exists but differs from the lock (an alias moved, files edited)
     "not-serving",  # a deployment's endpoint is down or answered by another server
+    "request-log",  # a deployment's server logs requests other than its monitor in llmops.yaml asks
     "unreadable",   # the live store could not be read for this resource
 })
 

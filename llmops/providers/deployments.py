@@ -3,8 +3,8 @@
 Apply promotes only when every gate (eval) it names passed for exactly the model version
 being promoted, and, with `approval: required`, only after an approved pull request (or an
 allowed local approval). The lock records version, previous version, gates, approval and
-endpoint. Refresh reads the registry alias and the endpoint: an alias moved by hand or a
-server that is down is drift. Only the server this deployment started counts as up (its
+endpoint. Refresh reads the registry alias and the endpoint: an alias moved by hand, a
+server that is down, or one that logs requests other than its monitor asks is drift. Only the server this deployment started counts as up (its
 /health repeats the instance token in the state file): another one answering on the
 endpoint, such as an orphan left after `.llmops/` was deleted, is named in the drift, and
 apply then refuses the taken port instead of reporting it as served.
@@ -40,6 +40,34 @@ def _endpoint_drift(ctx: ProviderContext, name: str, endpoint: str) -> Drift | N
     if other:
         return Drift(f"endpoint {endpoint} is answered by {other}, not by the server llmops started", "update", "not-serving")
     return Drift(f"endpoint {endpoint} is not answering", "update", "not-serving")
+
+
+def _request_log_drift(ctx: ProviderContext, name: str) -> Drift | None:
+    """Drift when deployment NAME's running server logs requests with other settings than the
+    monitor watching it in llmops.yaml asks (a monitor added, removed or moved; its `store` or
+    `log_text` changed). Apply restarts the server, as it does for any update of the
+    deployment: on a protected deployment that takes the approval too, since what a server
+    records of its users' requests is for the reviewer to approve. The monitors provider only
+    keeps the store; it never starts or stops a server."""
+    from llmops.monitor.spec import serving_monitor
+
+    monitor = serving_monitor(ctx, name)
+    wanted = monitor.settings() if monitor else None
+    running = serving.server_monitor(serving.serve_state_file(ctx, name))
+    if running == wanted:
+        return None
+
+    def describe(settings: dict[str, Any]) -> str:
+        return f"{settings.get('store')} ({'with' if settings.get('log_text') else 'without'} texts)"
+
+    if monitor is None:
+        why = f"the server logs requests to {describe(running or {})}, but no monitor watches it now"
+    elif running is None:
+        why = f"monitors.{monitor.name} asks the server to log requests to {describe(wanted or {})}; it logs to none"
+    else:
+        why = (f"the server logs requests to {describe(running)}, monitors.{monitor.name} asks for "
+               f"{describe(wanted or {})}")
+    return Drift(why + "; apply restarts it", "update", "request-log")
 
 
 def _model_address(spec: dict[str, Any], upstream: dict[str, LockedResource]) -> str:
@@ -284,6 +312,10 @@ class DeploymentsProvider(TrackingStore, Provider):
             endpoint_drift = _endpoint_drift(self.ctx, name, out["endpoint"]) if out.get("endpoint") else None
         if endpoint_drift:
             drifts.append(endpoint_drift)
+        elif out.get("endpoint"):  # its own server answers: does it log as its monitor asks?
+            logging = _request_log_drift(self.ctx, name)
+            if logging:
+                drifts.append(logging)
         elif spec.get("serve") and not out.get("endpoint") and out.get("version"):
             # `llmops down` dropped the endpoint: the next apply serves again, as llmops.yaml asks.
             drifts.append(Drift("serve: no server is running (stopped by `llmops down`); apply starts it", "update",
@@ -350,13 +382,6 @@ def _describe_gate(g: dict[str, Any]) -> str:
     from llmops.evals.metrics import GateResult
 
     return GateResult(**{k: g.get(k) for k in ("metric", "value", "op", "threshold", "passed", "margin", "baseline")}).describe()
-
-
-def serve_deployment(ctx: ProviderContext, name: str, spec: dict[str, Any], model_name: str,
-                     current: dict[str, Any]) -> dict[str, Any]:
-    """(Re)start deployment NAME's server on `current`'s model (see `DeploymentsProvider._serve`);
-    the monitors provider calls it when the server logs with other settings than wanted."""
-    return DeploymentsProvider(ctx)._serve(name, spec, model_name, current)
 
 
 def rollback(ctx: ProviderContext, name: str, locked: LockedResource) -> dict[str, Any]:

@@ -4,9 +4,10 @@ The one place that knows where a deployment's server is recorded (`serve_state_f
 with `serve.engine: vllm` also `vllm_state_file`, the container behind the proxy) and
 which runner a state file belongs to. The deployments provider starts and stops servers
 here (`start_deployment`, `down`), and so do `llmops rollback` (through it) and `llmops
-down`. What only needs to know what runs (refresh, the monitors provider comparing the
-server's request-log settings, evals against a live endpoint) reads `server_status`,
-`server_monitor` or `live_endpoint`, which start and stop nothing.
+down`. What only needs to know what runs (refresh, which also compares the server's
+request-log settings with its monitor's; evals against a live endpoint) reads
+`server_status`, `server_monitor` or `live_endpoint`, which start and stop nothing. No
+monitor starts or stops a server.
 
 Below this module: `llmops.serve.process` (a local process) and `llmops.serve.container`
 (a container of the Docker runner) start and stop their own kind, and
@@ -91,6 +92,10 @@ def start_deployment(ctx: ProviderContext, name: str, spec: dict[str, Any], mode
     runner = _vllm_runner(ctx, name, spec) if vllm else _docker_runner(ctx, name, spec)
     container = _vllm_container(ctx, name, serve, model_name, current) if vllm else None
     monitor = serving_monitor(ctx, name)
+    if monitor is not None:  # the store it will log to: created, or refused, while the old server still runs
+        from llmops.monitor.store import open_store
+
+        open_store(monitor.store).close()
     port = int(serve.get("port", 0))
     if not port:
         running = server_status(serve_state_file(ctx, name))

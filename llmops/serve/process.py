@@ -17,7 +17,7 @@ The server inherits this process's environment minus credentials (`server_env`).
 
 With `monitor_store`, the server logs every request to that request store and accepts
 `POST /v1/feedback`; the state file records which store (password removed) and whether
-texts are logged (`server_monitor`), so a monitor can tell when the server must restart.
+texts are logged (`server_monitor`), so refresh can tell when the server must restart.
 A store URL with a password reaches the server through an environment variable, never
 its command line (which the state file and `ps` show).
 
