@@ -239,8 +239,8 @@ def prepare_mlflow_store(root: Path, args, env: dict | None, input: str | None =
     Only where the product would create exactly that store: an apply that goes ahead
     (`--auto-approve`, or "yes" typed at its prompt), `.llmops/mlflow.db` is missing,
     neither llmops.yaml nor the environment names a tracking or registry URI, and llmops.yaml
-    declares a resource whose provider opens the tracking store before apply
-    (`Provider.uses_tracking`). The copy is the product's own empty store
+    declares a resource whose provider opens the tracking store before apply (one that
+    mixes in `llmops.providers.tracking_store.TrackingStore`). The copy is the product's own empty store
     (`check_store`, run once per session) with its Default experiment's artifact location and
     times set as this project's apply would have set them. Stores the product creates itself
     stay covered where this does not apply (other commands, other URIs, LLMOPS_TEST_SUBPROCESS=1).
@@ -262,6 +262,7 @@ def prepare_mlflow_store(root: Path, args, env: dict | None, input: str | None =
     import yaml
 
     from llmops.providers import provider_class
+    from llmops.providers.tracking_store import TrackingStore
 
     try:
         doc = yaml.safe_load(text)
@@ -270,7 +271,8 @@ def prepare_mlflow_store(root: Path, args, env: dict | None, input: str | None =
     if not isinstance(doc, dict):
         return
     kinds = [kind for kind, value in doc.items() if isinstance(value, dict) and value]
-    if not any(getattr(provider_class(kind), "uses_tracking", False) for kind in kinds if isinstance(kind, str)):
+    classes = [provider_class(kind) for kind in kinds if isinstance(kind, str)]
+    if not any(isinstance(cls, type) and issubclass(cls, TrackingStore) for cls in classes):
         return
     import shutil
     import sqlite3

@@ -246,8 +246,11 @@ def mlflow_server(backend_uri: str, artifacts_dir: Path | str, *, log_file: Path
                 "--serve-artifacts", "--artifacts-destination", str(artifacts_dir),
                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
+    # No job runner: MLflow 3's server otherwise starts huey consumer processes for its GenAI
+    # jobs, which llmops never submits (about 2 s more to start and CPU while it runs).
     with http_service("mlflow server", command, "/health", log_file=log_file, timeout=timeout,
-                      env={"MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}) as url:
+                      env={"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                           **(env or {})}) as url:
         yield url
 
 
