@@ -137,11 +137,15 @@ deployments:
   d: {model: f, serve: {port: 8080, runner: docker}}
 monitors:
   d: {drift: {embedding_model: base_model, embedding_max: 0.2}}
+  also: {deployment: d}
 """
     lines = diags(project, text)
     assert lines[0].startswith("llmops.yaml:8:17: error: deployments.d.serve: serving with runner docker needs serve.image")
     assert lines[1].startswith("llmops.yaml:10:15: error: monitors.d.drift.embedding_model: embedding drift needs the "
                                "prompt texts, which are only stored with log_text: true")
+    assert lines[2].startswith("llmops.yaml:11:10: error: monitors.also.deployment: deployments.d is already watched "
+                               "by monitors.d, and a server logs requests to one store (hint: keep one monitor per "
+                               "deployment")
 
 
 BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(

@@ -307,9 +307,18 @@ def _check_file(config: Config, kind: str, where: tuple, rel: str, what: str,
 def _check_combinations(config: Config) -> list[Diagnostic]:
     """Settings that are each valid but do not work together."""
     diags = []
+    watched: dict[str, str] = {}  # deployment -> the first monitor watching it
     for r in config.resources.values():
         spec = r.spec
         if r.kind == "monitors":
+            deployment = str(spec.get("deployment") or r.name)
+            if deployment in watched:  # its server logs to one store: which monitor's would be a guess
+                diags.append(config.doc.diagnostic(
+                    (r.kind, r.name, "deployment") if "deployment" in spec else (r.kind, r.name),
+                    f"deployments.{deployment} is already watched by monitors.{watched[deployment]}, and a "
+                    "server logs requests to one store",
+                    "keep one monitor per deployment: merge the two, or point this one at another deployment"))
+            watched.setdefault(deployment, r.name)
             drift = spec.get("drift") if isinstance(spec.get("drift"), dict) else {}
             if drift.get("embedding_model") and not spec.get("log_text"):
                 diags.append(config.doc.diagnostic(
