@@ -40,15 +40,25 @@ def run_file(path: Path, mode: str, basetemp: Path) -> tuple[float, float, dict[
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
            f"--basetemp={basetemp}", str(path)]
     basetemp.parent.mkdir(parents=True, exist_ok=True)
+    wall, cpu, proc = timed_run(cmd, REPO, env)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+    return wall, cpu, outcome_counts(tail[0]), tail[0]
+
+
+def timed_run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Run `cmd`; wall seconds, CPU seconds (user + system of it and every process it waited
+    for) and the finished process, its output captured."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
-    counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in COUNTS.findall(tail[0])}
-    return wall, cpu, counts, tail[0]
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc
+
+
+def outcome_counts(line: str) -> dict[str, int]:
+    """{"passed": N, "failed": N, ...} of pytest's summary line."""
+    return {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in COUNTS.findall(line)}
 
 
 def _row(old: float, new: float, width: int = 8) -> str:
