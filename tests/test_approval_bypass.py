@@ -12,6 +12,8 @@ says which rule refused it, and promotes nothing: the lock keeps its bytes and n
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +80,12 @@ class Repo:
         assert old in text
         return {CONFIG: text.replace(old, new)}
 
-    def apply(self, gh: FakeGitHub, sha: str):
+    def apply(self, gh: FakeGitHub, sha: str, *, subprocess: bool = False):
+        """`llmops apply` in CI on `sha`: in a fresh interpreter with `subprocess` (one that
+        starts a model server, which outlives the command as a user's would)."""
         env = {"GITHUB_TOKEN": TOKEN, "LLMOPS_GITHUB_TOKEN": "", "GITHUB_REPOSITORY": REPO,
                "GITHUB_API_URL": gh.url, "GITHUB_SHA": sha}
-        return self.project.run("apply", "--auto-approve", env=env)
+        return self.project.run("apply", "--auto-approve", env=env, subprocess=subprocess)
 
     def registry(self):
         from mlflow import MlflowClient
@@ -311,3 +315,54 @@ def test_outside_github_only_an_allowed_local_approval_of_a_clean_tree_promotes(
     approval = repo.project.locked()["deployments.prod"]["outputs"]["approval"]
     assert (approval["source"], approval["approver"], approval["applied_commit"]) == ("local", "alice", head)
     assert repo.aliases() == {"staging": "1"}
+
+
+# -- monitors drive no server ---------------------------------------------------------------------
+
+
+def test_what_a_protected_server_logs_changes_only_with_an_approval(repo: Repo, gh: FakeGitHub):
+    """A monitor's request-log change restarts the server through the deployment's own apply
+    (refresh drift `request-log`), so on a protected deployment it needs the approval: logging
+    the users' prompt texts, pushed without review, is refused and the server keeps running
+    as it was."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served = (UPSTREAM + DEPLOYMENT.replace("approval: required}", f"approval: required, serve: {{port: {port}}}}}")
+              + "monitors:\n  prod: {log_text: false}\n")
+    merge = repo.commit("Serve prod, with a monitor (#30)", {CONFIG: served})
+    pull(gh, 30, merge, repo.promoted)
+    state_file = repo.project.path(".llmops/serve/prod.json")
+    try:
+        res = repo.apply(gh, merge, subprocess=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        before = json.loads(state_file.read_text())
+        assert before["monitor"]["log_text"] is False
+
+        pushed = repo.commit("Log prompt texts", {CONFIG: served.replace("log_text: false", "log_text: true")})
+        plan = json.loads(repo.project.run("plan", "--json").stdout)
+        changes = {c["address"]: c for c in plan["resource_changes"]}
+        assert (changes["deployments.prod"]["action"], changes["deployments.prod"]["codes"]) == (
+            "update", ["drift:request-log"])
+        assert "sqlite:///.llmops/monitor/prod.db (without texts)" in changes["deployments.prod"]["reasons"][0]
+        assert (changes["monitors.prod"]["action"], changes["monitors.prod"]["codes"]) == ("update", ["field:log_text"])
+        res = repo.apply(gh, pushed, subprocess=True)
+        assert res.returncode == 1 and "promotion not approved" in res.stdout, res.stdout + res.stderr
+        still = json.loads(state_file.read_text())
+        assert still["pid"] == before["pid"] and still["monitor"]["log_text"] is False
+
+        pull(gh, 31, pushed, merge)  # the same change, reviewed by alice and merged
+        res = repo.apply(gh, pushed, subprocess=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        after = json.loads(state_file.read_text())
+        assert after["pid"] != before["pid"] and after["monitor"]["log_text"] is True
+        assert repo.project.locked()["monitors.prod"]["outputs"]["log_text"] is True
+
+        # the monitor's other settings change no server: pushed unreviewed, they just apply
+        tuned = repo.commit("Tighten drift", {CONFIG: served.replace("log_text: false", "log_text: true, window: 50")})
+        res = repo.apply(gh, tuned)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "deployments.prod" not in res.stdout and "monitors.prod: update complete" in res.stdout
+        assert json.loads(state_file.read_text())["pid"] == after["pid"]
+    finally:
+        repo.project.run("down", "prod")

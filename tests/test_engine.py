@@ -441,3 +441,14 @@ def test_a_saved_plan_applies_the_specs_it_was_made_from(proj):
     unchecked = load_plan(proj.path("plan.json"))
     report = apply_plan(opened(proj), unchecked)
     assert "the plan holds no spec for it" in next(iter(report.failed.values()))
+
+
+def test_a_spec_of_defaults_only_gains_one_field_not_a_root_change():
+    """`monitors.m: {}` (everything default) to `{log_text: true}` is one changed field, which
+    the kind may apply in place; the empty spec is not itself a changed field named ""."""
+    from llmops.engine.plan import ResourceChange
+    from llmops.engine.planner import _field_diffs
+
+    why = ResourceChange("monitors.m", "no-op", [], None, None)
+    assert _field_diffs({}, {"log_text": True}, why, "monitors") == {"log_text"}
+    assert why.codes == ["field:log_text"] and why.reasons == ["log_text: false (default) -> true"]

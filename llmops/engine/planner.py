@@ -217,6 +217,8 @@ def _decide(project, provider, kind, name, spec, locked, after, planned, refresh
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not prefix and value == {}:  # a spec left with nothing but defaults: no fields, not one field ""
+        return {}
     if isinstance(value, dict) and value:
         out: dict[str, Any] = {}
         for k, v in value.items():

@@ -7,7 +7,8 @@ A deployment with `approval: required` is promoted from GitHub Actions only when
 2. every commit since the last applied commit (`approval.applied_commit` in llmops.lock; when
    there is none, since the commit that made the deployment protected) that changed the
    deployment or anything it depends on — its llmops.yaml entry, the entries upstream of it,
-   the top-level settings/targets, and the files they name — came through a pull request that
+   what the monitor watching it has its server log (`store`, `log_text`: `request_log`), the
+   top-level settings/targets, and the files they name — came through a pull request that
    was merged into the repository's default branch;
 3. each such pull request was approved on its last commit by someone other than its author who
    is allowed by the config and CODEOWNERS *at the pull request's base commit* (a pull request
@@ -76,7 +77,7 @@ def check_promotion(client: GitHubClient, request: PromotionRequest) -> Approval
     head = repo.head()
     addresses, files = deployment_inputs(request.config, request.name, request.project_root)
     since = _since(repo, request, head)
-    commits = _changes(repo, since, head, addresses, files)
+    commits = _changes(repo, since, head, addresses, files, request.name)
     if not commits:
         when = f"since the approved commit {since[:12]}" if since else "in its history"
         return Approval(True, applied_commit=head, reason=f"nothing deployments.{request.name} depends on changed {when}")
@@ -171,6 +172,24 @@ def deployment_inputs(config: Mapping[str, Any], name: str, project_root: Path) 
     return seen, sorted(files)
 
 
+def request_log(config: Mapping[str, Any], deployment: str) -> dict[str, Any]:
+    """What the monitor watching `deployment` has its server log: {monitor: {store, log_text}}.
+    A monitor is downstream of the deployment, but the deployment's apply restarts the server
+    with these settings (refresh drift `request-log`), so for a protected deployment they need
+    the approval too. Its other settings (thresholds, webhook) change no server and need none."""
+    from llmops.monitor.spec import monitor_deployment
+
+    monitors = config.get("monitors")
+    if not isinstance(monitors, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for name, spec in monitors.items():
+        spec = spec if isinstance(spec, dict) else {}
+        if monitor_deployment(str(name), spec) == deployment:
+            out[str(name)] = {"store": spec.get("store"), "log_text": spec.get("log_text")}
+    return out
+
+
 def _spec(config: Mapping[str, Any], addr: str) -> Any:
     kind, _, name = addr.partition(".")
     block = config.get(kind)
@@ -250,21 +269,23 @@ def _config_at(repo: GitRepo, sha: str, config_path: str, target: str | None) ->
     return doc.data if isinstance(doc.data, dict) else None
 
 
-def _changes(repo: GitRepo, since: str | None, head: str, addresses: set[str], files: list[str]) -> list[str]:
+def _changes(repo: GitRepo, since: str | None, head: str, addresses: set[str], files: list[str],
+             deployment: str) -> list[str]:
     """Commits (newest first) in since..head that changed the deployment's inputs: any named
-    file, or llmops.yaml where the deployment's entries or the top-level settings changed."""
+    file, or llmops.yaml where the deployment's entries, what its server logs (`request_log`)
+    or the top-level settings changed."""
     config = repo.rel(CONFIG_NAME)
     file_paths = [repo.rel(f) for f in files]
     touched = set(repo.commits_touching(since, head, file_paths)) if file_paths else set()
     ordered = repo.commits_touching(since, head, [config, *file_paths])
     out = []
     for sha in ordered:
-        if sha in touched or _config_changed(repo, sha, config, addresses):
+        if sha in touched or _config_changed(repo, sha, config, addresses, deployment):
             out.append(sha)
     return out
 
 
-def _config_changed(repo: GitRepo, sha: str, config_path: str, addresses: set[str]) -> bool:
+def _config_changed(repo: GitRepo, sha: str, config_path: str, addresses: set[str], deployment: str) -> bool:
     def relevant(rev: str) -> Any:
         text = repo.show(rev, config_path)
         if text is None:
@@ -277,6 +298,7 @@ def _config_changed(repo: GitRepo, sha: str, config_path: str, addresses: set[st
             return ("not a mapping", text)
         picked = {k: v for k, v in data.items() if k not in KINDS}
         picked.update({a: _spec(data, a) for a in sorted(addresses)})
+        picked["request_log"] = request_log(data, deployment)
         return picked
 
     mine = relevant(sha)

@@ -171,6 +171,17 @@ def store_url(root: Path, name: str, store: str | None) -> str:
     raise MonitorError(f"store {redact_url(store)!r} is neither sqlite:///PATH nor postgresql://...; fix monitors.{name}.store.")
 
 
+def recorded_store(root: Path, url: str) -> str:
+    """The store as llmops.lock records it: no password, and a SQLite file inside the project
+    relative to it (`sqlite:///.llmops/monitor/NAME.db`), so the lock holds no machine's path."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        base = root.resolve()
+        if path.is_absolute() and path.is_relative_to(base):
+            return "sqlite:///" + path.relative_to(base).as_posix()
+    return redact_url(url)
+
+
 @dataclass(frozen=True)
 class ServedMonitor:
     """What a deployment's server needs from the monitor watching it."""

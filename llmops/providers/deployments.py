@@ -49,7 +49,7 @@ def _request_log_drift(ctx: ProviderContext, name: str) -> Drift | None:
     deployment: on a protected deployment that takes the approval too, since what a server
     records of its users' requests is for the reviewer to approve. The monitors provider only
     keeps the store; it never starts or stops a server."""
-    from llmops.monitor.spec import serving_monitor
+    from llmops.monitor.spec import recorded_store, serving_monitor
 
     monitor = serving_monitor(ctx, name)
     wanted = monitor.settings() if monitor else None
@@ -57,8 +57,9 @@ def _request_log_drift(ctx: ProviderContext, name: str) -> Drift | None:
     if running == wanted:
         return None
 
-    def describe(settings: dict[str, Any]) -> str:
-        return f"{settings.get('store')} ({'with' if settings.get('log_text') else 'without'} texts)"
+    def describe(settings: dict[str, Any]) -> str:  # the store as the lock shows it: no machine's path
+        store = recorded_store(ctx.root, str(settings.get("store") or ""))
+        return f"{store} ({'with' if settings.get('log_text') else 'without'} texts)"
 
     if monitor is None:
         why = f"the server logs requests to {describe(running or {})}, but no monitor watches it now"

@@ -13,26 +13,12 @@ are shown by plan (`alerts`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from llmops.errors import ProviderError
 from llmops.engine.lockfile import LockedResource
-from llmops.monitor.spec import monitor_deployment, serving_monitor
+from llmops.monitor.spec import monitor_deployment, recorded_store, serving_monitor
 from llmops.providers.base import ApplyRequest, ApplyResult, Provider
-
-
-def _recorded_store(root: Path, url: str) -> str:
-    """The store as llmops.lock records it: no password, and a SQLite file inside the project
-    relative to it (`sqlite:///.llmops/monitor/NAME.db`), so the lock holds no machine's path."""
-    from llmops.redact import redact_url
-
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        base = root.resolve()
-        if path.is_absolute() and path.is_relative_to(base):
-            return "sqlite:///" + path.relative_to(base).as_posix()
-    return redact_url(url)
 
 
 class MonitorsProvider(Provider):
@@ -58,7 +44,7 @@ class MonitorsProvider(Provider):
             raise ProviderError(f"monitors.{request.name} does not watch deployments.{deployment} in llmops.yaml; "
                                 "run `llmops plan` again.")
         open_store(monitor.store).close()  # creates the store and its schema, or says why it cannot
-        outputs: dict[str, Any] = {"deployment": deployment, "store": _recorded_store(self.ctx.root, monitor.store),
+        outputs: dict[str, Any] = {"deployment": deployment, "store": recorded_store(self.ctx.root, monitor.store),
                                    "log_text": monitor.log_text}
         if not request.upstream_specs.get(f"deployments.{deployment}", {}).get("serve"):
             request.log(f"deployments.{deployment} has no `serve:`; nothing logs requests into "
