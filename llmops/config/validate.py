@@ -311,7 +311,9 @@ def _check_combinations(config: Config) -> list[Diagnostic]:
     for r in config.resources.values():
         spec = r.spec
         if r.kind == "monitors":
-            deployment = str(spec.get("deployment") or r.name)
+            from llmops.monitor.spec import monitor_deployment
+
+            deployment = monitor_deployment(r.name, spec)
             if deployment in watched:  # its server logs to one store: which monitor's would be a guess
                 diags.append(config.doc.diagnostic(
                     (r.kind, r.name, "deployment") if "deployment" in spec else (r.kind, r.name),

@@ -4,10 +4,11 @@ Apply promotes only when every gate (eval) it names passed for exactly the model
 being promoted, and, with `approval: required`, only after an approved pull request (or an
 allowed local approval). The lock records version, previous version, gates, approval and
 endpoint. Refresh reads the registry alias and the endpoint: an alias moved by hand, a
-server that is down, or one that logs requests other than its monitor asks is drift. Only the server this deployment started counts as up (its
-/health repeats the instance token in the state file): another one answering on the
-endpoint, such as an orphan left after `.llmops/` was deleted, is named in the drift, and
-apply then refuses the taken port instead of reporting it as served.
+server that is down, or one that logs requests other than its monitor asks is drift. Only
+the server this deployment started counts as up (its /health repeats the instance token in
+the state file): another one answering on the endpoint, such as an orphan left after
+`.llmops/` was deleted, is named in the drift, and apply then refuses the taken port instead
+of reporting it as served.
 """
 
 from __future__ import annotations

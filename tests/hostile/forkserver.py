@@ -6,9 +6,9 @@ directory, environment (the planted secret in it), address-space cap (RLIMIT_AS)
 from /dev/null, stdout and stderr in files, and exit status. What it does not repeat is
 starting an interpreter and importing click, rich, yaml, jsonschema, jinja2 and llmops'
 config and engine modules (about 0.25 s a command here); the parent itself never runs a
-command, so every child starts from the same state. Its peak memory is /proc/self/status
-VmHWM, which starts at what it inherited resident from this parent (about what those
-imports cost a fresh interpreter).
+command, so every child starts from the same state. The child runs tests/hostile/measured.py
+as a fresh interpreter would; its peak memory, /proc/self/status VmHWM, starts at what it
+inherited resident from this parent (about what those imports cost a fresh interpreter).
 
 Protocol, one JSON object per line: the test writes {"cwd", "env", "args", "stdout",
 "stderr", "peak", "timeout", "memory_limit"} on stdin; the server answers {"rc"} or
@@ -24,6 +24,7 @@ import runpy
 import signal
 import sys
 import time
+from pathlib import Path
 
 # What the commands under test import anyway (nothing heavy: no torch, mlflow or dvc).
 import click  # noqa: F401
@@ -37,13 +38,7 @@ import llmops.cli.main  # noqa: F401
 import llmops.config.validate  # noqa: F401
 import llmops.engine.planner  # noqa: F401
 
-
-def _peak() -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+MEASURED = Path(__file__).resolve().parent / "measured.py"  # `llmops ARGS`, its peak memory written at exit
 
 
 def _child(req: dict) -> None:
@@ -61,16 +56,9 @@ def _child(req: dict) -> None:
     sys.stdin = open(0, "r", closefd=False)
     sys.stdout = open(1, "w", closefd=False, buffering=1)
     sys.stderr = open(2, "w", closefd=False, buffering=1)
-    sys.argv = ["llmops", *req["args"]]
-    sys.path[0] = req["cwd"]  # as `python -m llmops` has it
-    import atexit
-
-    def report() -> None:
-        with open(req["peak"], "w", encoding="ascii") as fh:
-            fh.write(str(_peak()))
-
-    atexit.register(report)
-    runpy.run_module("llmops", run_name="__main__", alter_sys=True)
+    os.environ["LLMOPS_PEAK_RSS_FILE"] = req["peak"]
+    sys.argv = [str(MEASURED), *req["args"]]
+    runpy.run_path(str(MEASURED), run_name="__main__")  # as the fresh interpreter runs it: peak at exit
     sys.exit(0)
 
 
