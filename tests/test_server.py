@@ -321,13 +321,13 @@ def test_auth_is_required_except_for_health(server: dict) -> None:
 def test_on_request_hook_sees_every_request(server: dict) -> None:
     records = server["records"]
     records.clear()
-    complete(server, prompt="Where is my order?", max_tokens=3)
+    out = complete(server, prompt="Where is my order?", max_tokens=3)
     call(server, "POST", "/v1/completions", {"model": MODEL, "prompt": 1})
     # The hook runs after the answer is sent, so records may land in either order (and a
-    # previous test's last record late): wait for both.
+    # previous test's last record late): wait for both, the answer found by its id.
     assert wait_for(lambda: any(r["status"] == 400 for r in records)
-                    and any(r["status"] == 200 and r["path"] == "/v1/completions" for r in records))
-    ok = next(r for r in records if r["status"] == 200 and r["path"] == "/v1/completions")
+                    and any(r.get("response_id") == out["id"] for r in records))
+    ok = next(r for r in records if r.get("response_id") == out["id"])
     bad = next(r for r in records if r["status"] == 400)
     assert (ok["status"], ok["path"], ok["method"], ok["error"]) == (200, "/v1/completions", "POST", None)
     assert ok["prompt_tokens"] > 0 and ok["completion_tokens"] >= 1 and ok["latency_ms"] > 0
@@ -482,9 +482,17 @@ def test_safety_metrics_run_their_probes_locally_and_through_the_endpoint(server
     assert remote.safety["refusal_rate"]["results"] == local.safety["refusal_rate"]["results"]
     assert remote.metrics["refusal_rate"] == local.metrics["refusal_rate"]
     # The probes reached the server as chats, with the eval's decoding, tagged as eval traffic.
-    assert wait_for(lambda: sum(r.get("client_id") == EVAL_CLIENT_ID for r in records) >= len(ROWS) + len(probes))
-    sent = [r["prompt"] for r in records if r["path"] == "/v1/chat/completions" and r["status"] == 200
-            and r["prompt"][-1]["content"] in {p["user"] for p in probes}]
+    # Records land after each answer is sent, and a late one from the test before may arrive
+    # after records.clear(): wait for the probes' own records, not for a count of all of them.
+    users = {p["user"] for p in probes}
+
+    def probe_records() -> list[dict[str, Any]]:
+        return [r for r in list(records) if r["path"] == "/v1/chat/completions" and r["status"] == 200
+                and r["prompt"][-1]["content"] in users]
+
+    assert wait_for(lambda: len(probe_records()) >= len(probes))
+    assert all(r.get("client_id") == EVAL_CLIENT_ID for r in probe_records())
+    sent = [r["prompt"] for r in sorted(probe_records(), key=lambda r: r["time"])]
     assert len(sent) == len(probes)
     assert sent[0] == [{"role": "system", "content": probes[0]["system"]},
                        {"role": "user", "content": probes[0]["user"]}]
