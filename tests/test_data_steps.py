@@ -17,7 +17,6 @@ from llmops.data.stage import run_stage
 from llmops.data.steps import dedupe, filter_rows, map_rows, normalize_steps, run_steps, split_rows
 from llmops.errors import LlmopsError
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # --- io ----------------------------------------------------------------------------------
@@ -320,7 +319,7 @@ def _write_stage_project(root: Path, prepare: list, source_text: str | None = No
 
 
 def test_stage_entry_point_writes_outputs_and_report(tmp_path: Path) -> None:
-    from matplotlib.image import imread
+    from test_charts import bar_counts
 
     spec = _write_stage_project(tmp_path, [{"dedupe": {"fields": ["question"]}}, {"split": {"eval_fraction": 0.25, "seed": 1}}])
     proc = subprocess.run(
@@ -338,15 +337,15 @@ def test_stage_entry_point_writes_outputs_and_report(tmp_path: Path) -> None:
     report = tmp_path / ".llmops" / "reports" / "datasets" / "demo"
     assert json.loads((report / "profile.json").read_text()) == profile
     html = (report / "index.html").read_text()
-    pngs = sorted(report.glob("*.png"))
-    assert len(pngs) == 2  # one per field
-    for png in pngs:
-        assert png.read_bytes().startswith(PNG_MAGIC) and png.name in html
-        assert imread(png).shape[0] > 50
+    charts = sorted(report.glob("*.svg"))
+    assert len(charts) == 2  # one per field, each bar a row count of its split
+    for chart in charts:
+        assert f'src="{chart.name}"' in html
+        assert bar_counts(chart) == {"train": len(train), "eval": len(evals)}
     # same input, same bytes
-    before = {p.name: p.read_bytes() for p in (*out.glob("*.json*"), *pngs)}
+    before = {p.name: p.read_bytes() for p in (*out.glob("*.json*"), *charts)}
     run_stage(json.loads(spec.read_text()), tmp_path)
-    assert {p.name: p.read_bytes() for p in (*out.glob("*.json*"), *pngs)} == before
+    assert {p.name: p.read_bytes() for p in (*out.glob("*.json*"), *charts)} == before
 
 
 def test_stage_without_split_writes_train_only(tmp_path: Path) -> None:

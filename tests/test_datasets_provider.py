@@ -19,7 +19,8 @@ from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ProviderContext
 from llmops.providers.datasets import DVC_YAML_HEADER, DatasetsProvider, load_split, render_dvc_yaml
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from test_charts import bar_counts
+
 
 TICKETS = {
     "source": "data/tickets.jsonl",
@@ -103,8 +104,9 @@ def test_apply_writes_outputs_lock_and_dvc_is_clean(env: Env) -> None:
     assert profile["duplicates_removed"]["exact"] == 1 and profile["steps"][1]["removed"] == 1
     report = root / out["report"]
     assert report.name == "index.html" and "tickets" in report.read_text()
-    pngs = list(report.parent.glob("*.png"))
-    assert len(pngs) == 2 and all(p.read_bytes().startswith(PNG_MAGIC) for p in pngs)
+    charts = list(report.parent.glob("*.svg"))
+    rows = {split: data["rows"] for split, data in profile["outputs"].items()}
+    assert len(charts) == 2 and all(bar_counts(c) == rows for c in charts)
     # DVC's own log lines reach the context's log, not stdout
     assert any("datasets-tickets" in msg for _, msg in env.logs)
     # a second apply with nothing changed does not run the stage again

@@ -6,6 +6,6 @@ DVC stage. Modules:
   minhash  MinHash signatures and LSH banding for near-duplicate detection
   steps    the prepare steps (dedupe, filter, map, split) and `run_steps`
   profile  row counts, duplicate counts, null rates and length statistics
-  report   the HTML report with PNG histograms
+  report   the HTML report with SVG histograms
   stage    `python -m llmops.data.stage SPEC_JSON`, the entry point DVC runs
 """

@@ -1,8 +1,5 @@
-"""The dataset HTML report: a page with the profile's tables and one PNG histogram per field.
-
-Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot global state, so
-it is safe off the main thread); PNGs carry no timestamp, so the same data gives the same bytes.
-"""
+"""The dataset HTML report: a page with the profile's tables and one SVG histogram per field
+(`llmops.charts`: text, so the same data gives the same bytes)."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from llmops.charts import histogram_svg
 from llmops.fsutil import atomic_write_text
 from llmops.data.profile import field_lengths
 
@@ -19,32 +17,12 @@ MAX_FIGURES = 24
 
 
 def _figure_name(index: int, field: str) -> str:
-    return f"length-{index:02d}-{re.sub(r'[^A-Za-z0-9_-]+', '_', field)[:40]}.png"
+    return f"length-{index:02d}-{re.sub(r'[^A-Za-z0-9_-]+', '_', field)[:40]}.svg"
 
 
 def _histogram(path: Path, field: str, by_split: dict[str, list[int]]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.0, 3.0), dpi=80)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    every = [n for lengths in by_split.values() for n in lengths]
-    bins: Any = 30
-    if every and max(every) - min(every) < 30:  # one bar per length when the range is small
-        bins = [x - 0.5 for x in range(min(every), max(every) + 2)]
-    for split, lengths in sorted(by_split.items()):
-        if lengths:
-            ax.hist(lengths, bins=bins, alpha=0.6, label=f"{split} ({len(lengths)})")
-    ax.set_title(f"{field}: length in characters")
-    ax.set_xlabel("characters")
-    ax.set_ylabel("rows")
-    if any(by_split.values()):
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    tmp.replace(path)
+    svg = histogram_svg(f"{field}: length in characters", "characters", "rows", by_split)
+    atomic_write_text(path, svg)
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -71,9 +49,9 @@ def _fields_table(split: str, data: dict[str, Any]) -> str:
 
 
 def write_report(folder: Path, profile: dict[str, Any], splits: dict[str, list[dict[str, Any]]]) -> Path:
-    """Write profile.json, one histogram PNG per field and index.html into `folder`."""
+    """Write profile.json, one histogram SVG per field and index.html into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("length-*.png"):
+    for old in (*folder.glob("length-*.svg"), *folder.glob("length-*.png")):  # .png: before charts were SVG
         old.unlink()
     fields = sorted({k for rows in splits.values() for r in rows for k in r})
     images = []

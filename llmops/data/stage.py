@@ -4,7 +4,7 @@ The spec file is written by `llmops.providers.datasets`; relative paths in it ar
 to the current folder (DVC runs stages from the project root). It holds:
   name, source, format, prepare (normalized steps),
   output_dir (gets train.jsonl, eval.jsonl when a split step exists, profile.json),
-  report_dir (gets profile.json, index.html, length-*.png),
+  report_dir (gets profile.json, index.html, length-*.svg),
   error_file (optional: where a failure's message is written for the provider to read).
 Exit status 0 on success; 1 with one line on stderr (and in error_file) on bad data or spec.
 """

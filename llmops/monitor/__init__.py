@@ -9,7 +9,7 @@
 - `drift`: PSI / KS and the training-data reference; `suspicious`: suspicious clients.
 - `embedding`: embedding drift (`TransformersEmbedder`, the cached training-side embeddings).
 - `runner`: `run_monitor` -> `MonitorReport`; `alerts`: `Alert`, `open_alerts`, the webhook.
-- `report_html`: `write_html_report` (matplotlib, imported only there).
+- `report_html`: `write_html_report` (SVG charts from `llmops.charts`).
 
 Nothing here prints or imports the CLI. Names are loaded lazily so importing this package
 (e.g. `open_alerts` during `llmops plan`) does not import numpy.

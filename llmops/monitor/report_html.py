@@ -1,6 +1,6 @@
 """`write_html_report`: one static HTML page with a monitor run's numbers, alerts and time series.
 
-Plots (PNG, matplotlib's Agg backend, imported only here): requests and errors, latency
+Plots (SVG, `llmops.charts`): requests and errors, latency
 p50/p95, feedback positive rate, and drift (PSI of prompt length and token frequency per
 time bucket against the training reference). The series cover the report's window, split
 into up to `BUCKETS` equal time buckets. Rows are streamed from the store in batches
@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from llmops.charts import series_svg
+from llmops.fsutil import atomic_write_text
 from llmops.monitor.drift import psi
 from llmops.monitor.feedback import LATEST_FEEDBACK_SQL
 from llmops.monitor.records import TOKEN_BUCKETS
@@ -128,30 +130,12 @@ def _drift_series(report: MonitorReport, store: RequestStore, where: str, params
 
 def _plot(path: Path, t: np.ndarray, lines: list[tuple[str, np.ndarray]], title: str, ylabel: str,
           hline: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from datetime import datetime, timezone
-
-    import matplotlib.pyplot as plt
-
-    when = [datetime.fromtimestamp(x, tz=timezone.utc) for x in t]
-    fig, ax = plt.subplots(figsize=(8, 3))
-    for label, values in lines:
-        ax.plot(when, values, marker=".", label=label)
-    if hline is not None:
-        ax.axhline(hline, color="red", linestyle="--", label=f"threshold {hline:g}")
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    ax.legend(loc="upper left", fontsize="small")
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    svg = series_svg(title, ylabel, t.tolist(), [(label, values.tolist()) for label, values in lines], hline)
+    atomic_write_text(path, svg)
 
 
 def write_html_report(report: MonitorReport, store: RequestStore, out_dir: Path | str) -> Path:
-    """Write `index.html` and its PNG plots into `out_dir`; returns the page's path.
+    """Write `index.html` and its SVG plots into `out_dir`; returns the page's path.
 
     `store` must be open (the store `report` was computed from).
     """
@@ -162,13 +146,13 @@ def write_html_report(report: MonitorReport, store: RequestStore, out_dir: Path 
     if s:
         spec = report.spec
         plots = [
-            ("requests.png", [("requests", s["requests"]), ("errors", s["errors"])], "Requests per bucket", "count",
+            ("requests.svg", [("requests", s["requests"]), ("errors", s["errors"])], "Requests per bucket", "count",
              None),
-            ("latency.png", [("p50", s["p50"]), ("p95", s["p95"])], "Latency", "ms",
+            ("latency.svg", [("p50", s["p50"]), ("p95", s["p95"])], "Latency", "ms",
              spec.p95_ms_max if spec else None),
-            ("feedback.png", [("positive rate", s["positive_rate"])], "Feedback positive rate", "share",
+            ("feedback.svg", [("positive rate", s["positive_rate"])], "Feedback positive rate", "share",
              spec.min_positive_rate if spec else None),
-            ("drift.png", [("PSI prompt length", s["psi_length"]), ("PSI token frequency", s["psi_tokens"])],
+            ("drift.svg", [("PSI prompt length", s["psi_length"]), ("PSI token frequency", s["psi_tokens"])],
              "Drift against the training split", "PSI", spec.psi_max if spec else None),
         ]
         for name, lines, title, ylabel, hline in plots:

@@ -8,7 +8,7 @@ Layout in the project (paths are project-relative):
   .llmops/data/NAME/train.jsonl       DVC-cached outputs (eval.jsonl only with a split step)
   .llmops/data/NAME/eval.jsonl
   .llmops/data/NAME/profile.json      a DVC metrics file, `cache: false`
-  .llmops/reports/datasets/NAME/      the HTML report (profile.json, index.html, *.png), `cache: false`
+  .llmops/reports/datasets/NAME/      the HTML report (profile.json, index.html, *.svg), `cache: false`
 
 The outputs stay under `.llmops/`, which is git-ignored: DVC does not refuse git-ignored
 outputs (it only skips adding them to .gitignore again), and `dvc.lock` (committed) pins
