@@ -20,7 +20,8 @@ DVC runs as `python -m dvc ...` subprocesses with the project as their cwd, not 
 fails with "file path ... is outside of DVC repo" unless cwd is the project), `import dvc`
 installs stdout log handlers, and changing the cwd would break other providers' threads.
 A subprocess gives each call the right cwd and lets us capture DVC's output for
-`ProviderContext.log` and error messages. All DVC calls are serialised by `_DVC_LOCK`: the
+`ProviderContext.log` and error messages. Each one is forked from a warm DVC interpreter
+(`llmops.integrations.dvcrun`), which saves DVC's import per command. All DVC calls are serialised by `_DVC_LOCK`: the
 engine applies resources in parallel threads, and concurrent DVC processes would fail on
 DVC's repo lock. Commands that talk to a remote run under deadlines (see "DVC remotes answer
 within a deadline" below): an unreachable remote fails in seconds, naming it.
@@ -43,6 +44,7 @@ from llmops import hashing
 from llmops.errors import LlmopsError, ProviderError
 from llmops.engine.lockfile import LockedResource
 from llmops.fsutil import atomic_write_text
+from llmops.integrations import dvcrun
 from llmops.providers.base import ApplyRequest, ApplyResult, Drift, Provider
 from llmops.redact import redact_url, redact_urls
 
@@ -167,21 +169,14 @@ def _write_dvc_yaml(root: Path, datasets: dict[str, dict[str, Any]]) -> None:
 
 def _dvc(root: Path, args: list[str], log: Callable[[str], None], timeout: float | None = None,
          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `python -m dvc ARGS` in the project; its output lines go to `log`, never to stdout.
+    """Run `python -m dvc ARGS` in the project (forked from a warm DVC interpreter, see
+    `llmops.integrations.dvcrun`); its output lines go to `log`, never to stdout.
     Past `timeout` seconds the process is killed and `subprocess.TimeoutExpired` raised (DVC's
     own locks are released by the kernel, and DVC drops lock entries of dead processes)."""
     full_env = dict(os.environ, DVC_NO_ANALYTICS="1", **(env or {}))
     # Stage commands say `python -m ...`: this interpreter's folder comes first on PATH.
     full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=root,
-        env=full_env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = dvcrun.run(root, args, full_env, timeout=timeout)
     for line in (proc.stdout + proc.stderr).splitlines():
         line = line.strip()
         if line and not line.startswith(_DROPPED_LOG_PREFIXES) and not line.startswith(("git add", "dvc config")):
