@@ -19,11 +19,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from worktree import REPO, baseline_tree  # noqa: E402
 
 
 def _project(root: Path) -> Path:
@@ -56,10 +56,7 @@ def main() -> int:
     ap.add_argument("--baseline", default="62339b2")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="dataset-stage-"))
-    base_tree = scratch / "baseline"
-    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base_tree), args.baseline], cwd=REPO, check=True)
-    try:
+    with baseline_tree(args.baseline, "dataset-stage-") as (scratch, base_tree):
         trees = {"baseline": base_tree, "this": REPO}
         projects = {label: scratch / f"project-{label}" for label in trees}
         specs = {label: _project(root) for label, root in projects.items()}
@@ -83,8 +80,6 @@ def main() -> int:
                    == (projects["this"] / ".llmops/data/t" / f).read_bytes() for f in ("train.jsonl", "eval.jsonl"))
         print(f"prepared rows identical: {same}")
         return 0 if same else 1
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, check=False)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite_time import COUNTS, REPO, outcome_counts, timed_run  # noqa: E402
+from worktree import baseline_tree  # noqa: E402
 
 
 def _which_llmops(tree: Path) -> str:
@@ -66,10 +66,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="suite-versions-"))
-    base_tree = scratch / "baseline"
-    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base_tree), args.baseline], cwd=REPO, check=True)
-    try:
+    with baseline_tree(args.baseline, "suite-versions-") as (scratch, base_tree):
         trees = {"baseline": base_tree, "this": REPO}
         for label, tree in trees.items():
             found = _which_llmops(tree)
@@ -100,9 +97,6 @@ def main() -> int:
             print(f"outcomes differ: baseline {outcomes['baseline']}, this {outcomes['this']} "
                   "(tests were added or removed since the baseline)")
         return 0
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO)
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -608,7 +608,11 @@ def test_background_server_process_lifecycle(model_dir: Path, tmp_path: Path) ->
         body = json.dumps({"model": MODEL, "prompt": "Where is my order?", "max_tokens": 2}).encode()
         with urllib.request.urlopen(urllib.request.Request(handle.url + "/v1/completions", data=body), timeout=60) as r:
             answer = json.loads(r.read())
-        assert answer["usage"]["completion_tokens"] >= 1
+        # A real answer. Its first greedy token may be EOS on this random tiny model (seen once,
+        # in a server process under load), so no count of generated tokens here.
+        use = answer["usage"]
+        assert use["prompt_tokens"] > 0 and use["total_tokens"] == use["prompt_tokens"] + use["completion_tokens"]
+        assert answer["choices"][0]["finish_reason"] in ("stop", "length")
         rating = json.dumps({"id": answer["id"], "rating": "down"}).encode()
         with urllib.request.urlopen(urllib.request.Request(handle.url + "/v1/feedback", data=rating), timeout=60) as r:
             assert json.loads(r.read())["status"] == "recorded"
