@@ -6,10 +6,11 @@ Each version runs its own tests on its own code, the way the README's test comma
 use this checkout's .venv: each version's processes import their own llmops through
 PYTHONPATH (checked before the runs). tests/test_wheel.py is left out of both, since
 PYTHONPATH would also reach the venv it installs the wheel into. Rounds alternate which
-version goes first, so load from other jobs falls on both alike. Prints wall and CPU time (pytest and every process it waited
-for) per round, the medians, and the files that cost most CPU in each version (from pytest's
-junit XML), and says when the two versions' outcomes (passed/failed/skipped) differ (tests
-added since the baseline make them differ; a failure in either is worth a look).
+version goes first, so load from other jobs falls on both alike. Prints wall and CPU time
+(pytest and every process it waited for) per round, the medians, and the files that cost most
+CPU in each version (from pytest's junit XML), and says when the two versions' outcomes
+(passed/failed/skipped) differ (tests added since the baseline make them differ; a failure in
+either is worth a look).
 
     .venv/bin/python bench/suite_versions.py [--baseline REV] [--rounds N] [--workers N]
 """

@@ -165,9 +165,8 @@ def series_svg(title: str, ylabel: str, t: Sequence[float], lines: list[tuple[st
         run: list[str] = []
         for x, v in [*zip(t, values), (None, math.nan)]:
             if x is not None and math.isfinite(v):
-                point = f"{_num(frame.x(x))},{_num(frame.y(v))}"
-                run.append(point)
-                px, py = point.split(",")
+                px, py = _num(frame.x(x)), _num(frame.y(v))
+                run.append(f"{px},{py}")
                 frame.parts.append(f'<circle cx="{px}" cy="{py}" r="2" fill="{colour}"/>')
             elif run:
                 frame.parts.append(f'<polyline points="{" ".join(run)}" fill="none" stroke="{colour}" '

@@ -18,7 +18,6 @@ from llmops.data.steps import dedupe, filter_rows, map_rows, normalize_steps, ru
 from llmops.errors import LlmopsError
 
 
-
 # --- io ----------------------------------------------------------------------------------
 
 

@@ -150,6 +150,7 @@ def test_html_report(tmp_path: Path, store: SqliteStore):
         assert f'src="{name}"' in text
         if name != "drift.svg":  # 300 requests leave each bucket short of what a drift number needs
             assert chart.findall(f".//{SVG}polyline[@stroke-width]")  # the series are drawn
+
     def legend(name: str) -> set[str]:
         return {t.text for t in parse_svg(tmp_path / "report" / name).iter(f"{SVG}text")}
 

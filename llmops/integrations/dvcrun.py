@@ -62,8 +62,11 @@ class _Server:
         return self.proc.poll() is None
 
     def send(self, message: dict[str, Any]) -> bool:
+        data = json.dumps(message).encode() + b"\n"
+        fd = self.proc.stdin.fileno()  # type: ignore[union-attr]
         try:
-            self.proc.stdin.write(json.dumps(message).encode() + b"\n")  # type: ignore[union-attr]
+            while data:  # an unbuffered pipe may take a long request (its environment) in parts
+                data = data[os.write(fd, data):]
             return True
         except OSError:
             return False

@@ -21,9 +21,9 @@ fails with "file path ... is outside of DVC repo" unless cwd is the project), `i
 installs stdout log handlers, and changing the cwd would break other providers' threads.
 A subprocess gives each call the right cwd and lets us capture DVC's output for
 `ProviderContext.log` and error messages. Each one is forked from a warm DVC interpreter
-(`llmops.integrations.dvcrun`), which saves DVC's import per command. All DVC calls are serialised by `_DVC_LOCK`: the
-engine applies resources in parallel threads, and concurrent DVC processes would fail on
-DVC's repo lock. Commands that talk to a remote run under deadlines (see "DVC remotes answer
+(`llmops.integrations.dvcrun`), which saves DVC's import per command. All DVC calls are
+serialised by `_DVC_LOCK`: the engine applies resources in parallel threads, and concurrent
+DVC processes would fail on DVC's repo lock. Commands that talk to a remote run under deadlines (see "DVC remotes answer
 within a deadline" below): an unreachable remote fails in seconds, naming it.
 """
 
