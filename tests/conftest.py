@@ -274,19 +274,29 @@ def prepare_mlflow_store(root: Path, args, env: dict | None, input: str | None =
     classes = [provider_class(kind) for kind in kinds if isinstance(kind, str)]
     if not any(isinstance(cls, type) and issubclass(cls, TrackingStore) for cls in classes):
         return
+    copy_prepared_mlflow_db(db, root.resolve() / "mlruns")
+
+
+def copy_prepared_mlflow_db(db: Path, artifact_root: Path) -> Path:
+    """An empty SQLite MLflow store at DB, as MLflow would create it there (schema at head, the
+    Default experiment's artifacts under ARTIFACT_ROOT/0), copied from the one prepared per
+    session instead of running MLflow's migrations again. For a test that opens a store at a
+    path of its own (a training job's tracking URI, a registry of its own); the store is still
+    real MLflow, opened by MLflow. Returns DB."""
     import shutil
     import sqlite3
     import time
     from contextlib import closing
 
     db.parent.mkdir(parents=True, exist_ok=True)
-    tmp = db.with_name(".mlflow.db.template")
+    tmp = db.with_name(f".{db.name}.template")
     shutil.copyfile(_mlflow_template(), tmp)
     now = int(time.time() * 1000)
     with closing(sqlite3.connect(tmp)) as conn, conn:
         conn.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
-                     "WHERE experiment_id = 0", (str(root.resolve() / "mlruns" / "0"), now, now))
+                     "WHERE experiment_id = 0", (str(artifact_root / "0"), now, now))
     os.replace(tmp, db)
+    return db
 
 
 _TEMPLATE: list[Path] = []
