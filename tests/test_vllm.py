@@ -236,7 +236,8 @@ def test_the_service_kwargs_request_gpus_healthcheck_readonly_mounts_and_loopbac
     kwargs = build_service_kwargs(ServiceSpec(name="vllm-prod", image=spec.image, command=spec.command, port=41234,
                                               container_port=spec.container_port, entrypoint=spec.entrypoint,
                                               mounts=spec.mounts, env=spec.env, gpus=spec.gpus,
-                                              healthcheck=spec.healthcheck, health_start_s=300, shm_size=spec.shm_size))
+                                              healthcheck=spec.healthcheck, health_start_s=300,
+                                              health_interval_s=spec.health_interval_s, shm_size=spec.shm_size))
     (request,) = kwargs["device_requests"]  # the Docker SDK's DeviceRequest: `--gpus 2`
     assert (request["Count"], request["Capabilities"], request["Driver"]) == (2, [["gpu"]], "")
     assert kwargs["ports"] == {"8000/tcp": ("127.0.0.1", 41234)}
@@ -244,7 +245,7 @@ def test_the_service_kwargs_request_gpus_healthcheck_readonly_mounts_and_loopbac
         (src, dst, True, "bind") for src, dst, _ in spec.mounts}
     health = kwargs["healthcheck"]
     assert health["Test"][:3] == ["CMD", "python3", "-c"] and "/health" in health["Test"][3]
-    assert health["StartPeriod"] == 300 * 10**9 and health["Retries"] == 3
+    assert health["StartPeriod"] == 300 * 10**9 and health["Retries"] == 3 and health["Interval"] == 10 * 10**9
     assert kwargs["entrypoint"] == ["vllm", "serve"] and kwargs["shm_size"] == "4g"
     assert kwargs["environment"] == {"VLLM_API_KEY": "k", "HF_HUB_OFFLINE": "1"}  # nothing of this process's
     assert "user" not in kwargs and "working_dir" not in kwargs  # vLLM's image runs as its own user
@@ -399,7 +400,9 @@ def test_apply_serves_vllm_behind_the_proxy_and_down_stops_both(tmp_path: Path, 
 
     def standin_container(**kw):  # the real spec, plus the interpreter the stand-in runs on; no GPU here
         spec = real(**kw)
-        return dataclasses.replace(spec, mounts=[*spec.mounts, *python_mounts()], gpus=0)
+        assert spec.health_interval_s == vllm_mod.HEALTH_INTERVAL_S
+        # Docker runs the first check one interval after the start: a second, not vLLM's ten.
+        return dataclasses.replace(spec, mounts=[*spec.mounts, *python_mounts()], gpus=0, health_interval_s=1)
 
     monkeypatch.setattr(vllm_mod, "vllm_container", standin_container)
     monkeypatch.setenv("DOCKER_HOST", engine)

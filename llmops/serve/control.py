@@ -204,7 +204,7 @@ def _serve_vllm(ctx: ProviderContext, name: str, serve: dict[str, Any], runner: 
     service = ServiceSpec(name=f"vllm-{name}", image=spec.image, command=spec.command, port=port,
                           container_port=spec.container_port, entrypoint=spec.entrypoint, mounts=spec.mounts,
                           env=spec.env, gpus=spec.gpus, healthcheck=spec.healthcheck, health_start_s=timeout,
-                          shm_size=spec.shm_size)
+                          health_interval_s=spec.health_interval_s, shm_size=spec.shm_size)
     container, digest = runner.run_service(service)
     state_dir = ctx.state_dir / "serve"
     upstream = f"http://127.0.0.1:{port}"

@@ -46,7 +46,8 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 @dataclass(frozen=True)
 class VllmContainer:
     """What the Docker runner needs to start vLLM: image, entrypoint, arguments, read-only
-    mounts (host path, container path), environment, GPUs, healthcheck."""
+    mounts (host path, container path), environment, GPUs, healthcheck (and its interval: Docker
+    API 1.41 engines run the first check only after one interval)."""
 
     image: str
     command: list[str]
@@ -56,6 +57,7 @@ class VllmContainer:
     entrypoint: list[str] = field(default_factory=lambda: list(ENTRYPOINT))
     container_port: int = CONTAINER_PORT
     healthcheck: list[str] = field(default_factory=list)
+    health_interval_s: float = HEALTH_INTERVAL_S
     shm_size: str = SHM_SIZE
 
 
