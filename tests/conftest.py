@@ -67,19 +67,21 @@ class Project:
         return yaml.safe_load(self.read("llmops.lock"))["resources"]
 
     def run(self, *args: str, input: str | None = None, env: dict | None = None, timeout: float | None = None,
-            subprocess: bool = False) -> subprocess.CompletedProcess:
+            subprocess: bool | None = None) -> subprocess.CompletedProcess:
         """Run `llmops ARGS` in the project folder; the result is a `subprocess.CompletedProcess`.
 
         In this process by default (`run_in_process`: no interpreter start, no re-import per
         call). A fresh interpreter (`python -m llmops`, the real entry point) with
-        `subprocess=True` (here or on the Project), with a `timeout`, or for every call when
+        `subprocess=True` (here, or on the Project unless this call says `subprocess=False`: a
+        call in a `CLI_SUBPROCESS` module that starts no server), with a `timeout`, or for every call when
         LLMOPS_TEST_SUBPROCESS=1 (the old behaviour, which bench/suite_time.py compares
         against): use it where the process itself is under test (imports, memory, signals, two
         CLIs at once, daemons, state a test patched into this interpreter).
         """
         if not SUBPROCESS_ONLY:
             prepare_mlflow_store(self.root, args, env, input)
-        if subprocess or self.subprocess or timeout is not None or SUBPROCESS_ONLY:
+        fresh = self.subprocess if subprocess is None else subprocess
+        if fresh or timeout is not None or SUBPROCESS_ONLY:
             return run_subprocess(self.root, args, input=input, env=env, timeout=timeout or 600)
         return run_in_process(self.root, args, input=input, env=env)
 

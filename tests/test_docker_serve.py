@@ -145,7 +145,7 @@ def test_docker_serving_without_an_image_fails_clearly(project):
     write_project(project, config("unix:///nonexistent/docker.sock", {"runner": "docker", "port": free_port()},
                                   gates=False))
     for command in (("validate",), ("apply", "--auto-approve")):
-        res = project.run(*command)
+        res = project.run(*command, subprocess=False)  # no server starts: no interpreter of its own
         out = res.stdout + res.stderr
         assert res.returncode == 1, out
         assert f"deployments.{NAME}.serve: serving with runner docker needs serve.image" in out

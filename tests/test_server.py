@@ -571,6 +571,19 @@ def test_merged_and_int8_models_answer_like_the_adapter_and_evals_score_them_as_
         load_model(model_dir, tmp_path / "adapter", quantize="int4")
 
 
+def test_a_folder_without_a_model_fails_to_load_naming_it(tmp_path: Path) -> None:
+    from llmops.serve.model import ModelLoadError, load_model
+
+    # No config.json: said before torch is imported (a server or eval pointed at the wrong folder).
+    with pytest.raises(ModelLoadError, match=f"cannot load the model in {tmp_path / 'none'}: it holds no config"):
+        load_model(tmp_path / "none")
+    # A config.json transformers cannot read: transformers' own reason.
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=f"cannot load the model in {tmp_path / 'bad'}: .*saved transformers"):
+        load_model(tmp_path / "bad")
+
+
 def test_evaluation_errors_are_clear(server: dict, model_dir: Path, tmp_path: Path) -> None:
     from llmops.evals.runner import EvalError, evaluate, evaluate_endpoint
 

@@ -66,12 +66,15 @@ def load_model(model_dir: Path | str, adapter_dir: Path | str | None = None, dev
     dynamic quantization (activations stay float). Evals load a model the same way, so a
     gate can score exactly what a deployment serves.
     """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():  # said before seconds of importing torch
+        raise ModelLoadError(f"cannot load the model in {model_dir}: it holds no config.json; check that it holds "
+                             "a saved transformers model")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model_dir = Path(model_dir)
     tok_dir = model_dir
     if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file():
         tok_dir = Path(adapter_dir)
