@@ -5,7 +5,8 @@
 workflows, written to `.github/workflows/`. Templates use `[[ var ]]` / `[% ... %]` so
 that GitHub's `${{ ... }}` passes through untouched. Existing files are never overwritten
 without `force`, and nothing is written when one would be. Git and DVC are initialised with
-subprocesses (`git init`, `python -m dvc init`): nothing heavy is imported here.
+subprocesses (`git init`; `python -m dvc init` through `llmops.integrations.dvcrun`, as every DVC
+command llmops runs): nothing heavy is imported here.
 
 The generated `requirements.txt` installs this llmops (`llmops-gitops==VERSION`, or the
 requirement the user gives); the workflows trigger on the repository's default branch, found
@@ -18,7 +19,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -265,8 +265,12 @@ def _init_git_and_dvc(root: Path, result: ScaffoldResult, branch: str, log: Call
             f"{top / WORKFLOW_DIR}; move them there and set `defaults.run.working-directory`."
         )
     if not (root / ".dvc").is_dir():
-        cmd = [sys.executable, "-m", "dvc", "init", "-q"] + (["--subdir"] if top != root else [])
-        _run(cmd, root, "dvc init")
+        from llmops.integrations import dvcrun
+
+        # As every DVC command llmops runs: `python -m dvc`, forked from the warm DVC interpreter.
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
+        args = ["init", "-q"] + (["--subdir"] if top != root else [])
+        _check(dvcrun.run(root, args, env), root, "dvc init")
         result.dvc_initialised = True
         log("initialised DVC")
 
@@ -288,7 +292,10 @@ def _git_output(args: list[str], cwd: Path) -> str | None:
 
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
+    _check(subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False), cwd, what)
+
+
+def _check(proc: subprocess.CompletedProcess[str], cwd: Path, what: str) -> None:
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ScaffoldError(
