@@ -10,6 +10,7 @@ A module's own parent packages do not count as its dependencies.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "llmops"
@@ -113,6 +114,7 @@ def _bound_target(value: ast.expr, bound: dict[str, str]) -> str | None:
     return ".".join([bound[value.id], *reversed(chain)])
 
 
+@functools.lru_cache(maxsize=1)  # the package's files do not change while the tests read them
 def _graph() -> tuple[dict[str, set[str]], dict[str, list[str]]]:
     deps, private = {}, {}
     for module, path in MODULES.items():
