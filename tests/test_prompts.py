@@ -213,6 +213,37 @@ def test_templates_never_read_outside_the_project_or_leak_the_environment(root: 
 
 @pytest.mark.parametrize("body", [
     "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}{{ q }}",
+    # A recursive loop's `loop(...)` takes items too: 100,000 x 100,000 without a `for` per level.
+    "{% for i in range(100000) recursive %}{% if loop.depth == 1 %}{{ loop(range(100000)) }}{% endif %}"
+    "{% endfor %}{{ q }}",
+])
+def test_loops_have_a_budget_at_any_render_in_any_thread(root: Path, body: str) -> None:
+    """Apply, training and serving render without a wall clock (and a server off the main
+    thread, where no alarm can fire): the loop budget alone stops a runaway loop there."""
+    import threading
+
+    from llmops.templating.prompt_template import MAX_RENDER_ITERATIONS, load_prompt
+
+    prompt = load_prompt({"text": body, "variables": ["q"]}, root, "p")
+    failures: list[str] = []
+
+    def render() -> None:
+        with pytest.raises(PromptError, match=f"loops ran more than {MAX_RENDER_ITERATIONS:,} times") as info:
+            prompt.render({"q": "x"})
+        failures.append(str(info.value))
+
+    worker = threading.Thread(target=render)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive() and len(failures) == 1, failures
+    ok = load_prompt({"text": "{% for i in range(1000) %}{% for j in range(999) %}{% endfor %}{% endfor %}{{ q }}",
+                      "variables": ["q"]}, root, "ok")
+    assert ok.render({"q": "x"}) == "x\n"  # 999,000 iterations: inside the budget, every render anew
+    assert ok.render({"q": "y"}) == "y\n"
+
+
+@pytest.mark.parametrize("body", [
+    "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}{{ q }}",
     "{{ 'a' * 300000000 }}{{ q }}",
     "{{ q|center(300000000) }}",
 ])

@@ -16,7 +16,8 @@ Templates come from pull requests, so they are untrusted input:
   `template:` folder, the folder of any prompt's `template:` that the caller passes as
   `template_dirs`, and `prompts/`), never from the project root itself;
 - templates are UTF-8 and at most MAX_TEMPLATE_BYTES;
-- rendering has a size budget always (huge repetitions and filter widths are refused) and a
+- rendering has a size budget (huge repetitions and filter widths are refused) and a loop
+  budget (MAX_RENDER_ITERATIONS, all `{% for %}` loops of one render together) always, and a
   wall-clock budget when `llmops validate` renders the `examples:`;
 - text shown in messages is cut to MAX_SHOWN_CHARS and never holds an environment value.
 
@@ -41,6 +42,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.loaders import split_template_path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
@@ -53,6 +55,7 @@ CHAT_ROLES = ("system", "user")
 
 MAX_TEMPLATE_BYTES = 1_000_000
 MAX_RENDER_CHARS = 1_000_000  # any rendered text or intermediate value
+MAX_RENDER_ITERATIONS = 1_000_000  # `{% for %}` iterations in one render, all loops together
 MAX_SHOWN_CHARS = 200  # rendered text quoted in a message
 EXAMPLE_RENDER_SECONDS = 2.0  # wall clock for one `examples:` render at validate time
 _DEFAULT_TEMPLATE_DIR = "prompts"
@@ -189,17 +192,75 @@ class RenderBudgetError(Exception):
     """Rendering went past its size or time budget (turned into a PromptError)."""
 
 
-class _BudgetedSandbox(ImmutableSandboxedEnvironment):
-    """The sandbox plus budgets: refuses huge repetitions, widths and values, and checks a
-    deadline (set only while `examples:` render at validate time) on every call. Immutable:
-    a prompt has no use for `list.extend`, and `l.extend(l)` in a loop doubles without
-    producing any output to check; `namespace()` attributes are checked when set."""
+class _CountingCodeGenerator(CodeGenerator):
+    """Compiles every `{% for x in ITER %}` as `{% for x in environment.counted(ITER) %}`, and
+    a recursive loop's `loop(ITER)` as `loop(environment.counted(ITER))`: each item any loop
+    takes is counted."""
 
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        node.iter = _counted(node.iter)
+        super().visit_For(node, frame)
+
+    def visit_Call(self, node: nodes.Call, frame: Frame, forward_caller: bool = False) -> None:
+        if isinstance(node.node, nodes.Name) and node.node.name == "loop" and node.args:
+            node.args[0] = _counted(node.args[0])  # harmless where `loop` is not a recursive loop
+        super().visit_Call(node, frame, forward_caller=forward_caller)
+
+
+def _counted(expr: nodes.Expr) -> nodes.Expr:
+    if isinstance(expr, nodes.Call) and isinstance(expr.node, nodes.EnvironmentAttribute) \
+            and expr.node.name == "counted":
+        return expr  # compiled before
+    return nodes.Call(nodes.EnvironmentAttribute("counted"), [expr], [], None, None, lineno=expr.lineno)
+
+
+class _BudgetedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox plus budgets: refuses huge repetitions, widths and values, counts loop
+    iterations (while a budgeted render runs: `iterations_left`), and checks a deadline (set
+    only while `examples:` render at validate time) on every call. Immutable: a prompt has no
+    use for `list.extend`, and `l.extend(l)` in a loop doubles without producing any output to
+    check; `namespace()` attributes are checked when set.
+
+    The loop budget stops a runaway loop as soon as it has run that many times, on any machine
+    and in any thread (the wall clock's alarm works in the main thread only, and a loop that
+    neither calls nor writes is seen by nothing else)."""
+
+    code_generator_class = _CountingCodeGenerator
     intercepted_binops = frozenset({"*", "**", "+", "%"})
-    deadline: float | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._budget = threading.local()  # one render's budgets per thread: a server renders in many
+
+    @property
+    def deadline(self) -> float | None:
+        return getattr(self._budget, "deadline", None)
+
+    @deadline.setter
+    def deadline(self, value: float | None) -> None:
+        self._budget.deadline = value
+
+    @property
+    def iterations_left(self) -> int | None:
+        return getattr(self._budget, "iterations_left", None)
+
+    @iterations_left.setter
+    def iterations_left(self, value: int | None) -> None:
+        self._budget.iterations_left = value
+
+    def counted(self, iterable: Any) -> Any:
+        budget = self._budget
+        for item in iterable:
+            left = getattr(budget, "iterations_left", None)
+            if left is not None:
+                if left <= 0:
+                    raise RenderBudgetError(f"loops ran more than {MAX_RENDER_ITERATIONS:,} times")
+                budget.iterations_left = left - 1
+            yield item
 
     def check_deadline(self) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        deadline = self.deadline
+        if deadline is not None and time.monotonic() > deadline:
             raise RenderBudgetError(f"rendering took longer than {EXAMPLE_RENDER_SECONDS:g} s")
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
@@ -312,10 +373,11 @@ def _make_env(loader: jinja2.BaseLoader) -> _BudgetedSandbox:
 
 def _render_budgeted(env: _BudgetedSandbox, template: jinja2.Template, variables: dict[str, Any],
                      seconds: float | None) -> str:
-    """Render chunk by chunk, refusing past MAX_RENDER_CHARS; with `seconds`, also past
-    that wall clock (checked on every call and chunk, and by SIGALRM in the main thread, so
-    a loop that neither calls nor writes is stopped too)."""
+    """Render chunk by chunk, refusing past MAX_RENDER_CHARS or MAX_RENDER_ITERATIONS; with
+    `seconds`, also past that wall clock (checked on every call and chunk, and by SIGALRM in
+    the main thread)."""
     env.deadline = time.monotonic() + seconds if seconds else None
+    env.iterations_left = MAX_RENDER_ITERATIONS
     use_alarm = bool(seconds) and threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
     previous: Any = None
     if use_alarm:
@@ -343,6 +405,7 @@ def _render_budgeted(env: _BudgetedSandbox, template: jinja2.Template, variables
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
         env.deadline = None
+        env.iterations_left = None
 
 
 def bounded_env() -> _BudgetedSandbox:

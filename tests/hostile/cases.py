@@ -183,6 +183,10 @@ CASES: list[Case] = [
     Case("render_nested_range_no_calls", _prompt(
         "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}{{ question }}"),
         ("llmops.yaml", "budget")),
+    # No loop, so only the wall clock stops it (the loops above meet the loop budget first):
+    Case("render_call_doubling", _prompt(
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}{{ question }}"),
+        ("llmops.yaml", "budget", "longer than 2 s")),
     Case("render_big_repeat", _prompt("{{ 'a' * 300000000 }}{{ question }}"), ("llmops.yaml", "budget")),
     Case("render_big_power", _prompt("{{ 2 ** 100000000 }}{{ question }}"), ("llmops.yaml", "budget")),
     Case("render_filter_width", _prompt("{{ question|center(300000000) }}"), ("llmops.yaml", "budget")),
