@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from conftest import copy_prepared_mlflow_db
 
 from llmops.train import spec as specs
 from llmops.train.build import build_tiny_model
@@ -57,7 +58,7 @@ def job_spec(tmp: Path, base: Path, tracking: bool = True, **overrides) -> dict:
         "training": {"epochs": 4, "learning_rate": 3e-2, "batch_size": 4, "max_seq_length": 64, "seed": 7},
         "output_dir": str(tmp / "run"),
         "checkpoint_dir": str(tmp / "run" / "checkpoints"),
-        "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}" if tracking else None,
+        "tracking_uri": tracking_store(tmp / "mlflow.db") if tracking else None,
         "artifact_location": (tmp / "artifacts").as_uri(),
         "experiment": "tests",
         "registered_model": "colours",
@@ -70,6 +71,13 @@ def job_spec(tmp: Path, base: Path, tracking: bool = True, **overrides) -> dict:
         else:
             spec[key] = value
     return spec
+
+
+def tracking_store(db: Path) -> str:
+    """The URI of an empty MLflow store at DB (a copy of the session's prepared one: the job's
+    helper opens it as it would a store it created, without running MLflow's migrations)."""
+    copy_prepared_mlflow_db(db, db.parent / "mlruns")
+    return f"sqlite:///{db}"
 
 
 def run_in_process(spec: dict, capsys) -> tuple[dict, list[dict]]:
@@ -154,6 +162,21 @@ def test_renderer_reports_missing_response_field():
 
     with pytest.raises(ProviderError, match="response_field"):
         PromptRenderer({"text": TEMPLATE, "response_field": "reply"}).render(rows(1)[0])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}{{ question }}", "failed to render .*unsafe"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ question }}",
+     "render budget .*loops ran more than"),
+    ("{% for x in %}", "does not parse .*line 1"),
+])
+def test_training_renders_prompts_in_the_sandbox_under_the_budgets(text, message):
+    """The training job renders as evals and serving do (llmops.templating's sandbox): a
+    template that reaches for Python internals or loops without end fails with a clear error."""
+    from llmops.errors import ProviderError
+
+    with pytest.raises(ProviderError, match=message):
+        PromptRenderer({"text": text}).render(rows(1)[0])
 
 
 def test_pack_fits_every_example_once():
@@ -340,6 +363,7 @@ def test_job_exits_non_zero_with_a_clear_error(tmp_path, base, capsys):
     (tmp_path / "job.json").write_text(json.dumps(spec))
     assert main([str(tmp_path / "job.json")]) == 1
     assert "no field 'reply'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # found before the job loaded anything or wrote its state
 
 
 def test_job_process_never_imports_mlflow_and_still_logs(tmp_path, base):
@@ -381,7 +405,7 @@ def test_a_dead_tracking_helper_is_a_clear_error(tmp_path):
     from llmops.errors import ProviderError
     from llmops.train.track import Tracker
 
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = Tracker(tracking_store(tmp_path / "mlflow.db"))
     try:
         assert tracker.experiment("t", None)
         tracker._proc.kill()

@@ -44,7 +44,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class PromptRenderer:
-    """Renders a row into (prompt text, response text) with a Jinja2 template.
+    """Renders a row into (prompt text, response text) with a Jinja2 template, in the
+    sandbox and under the render budgets of llmops.templating (as evals and serving render).
 
     `prompt` is the job spec's prompt section: `text` (a Jinja2 template), or `chat`
     ({system, user} templates, put through the tokenizer's chat template when it has
@@ -54,19 +55,27 @@ class PromptRenderer:
     def __init__(self, prompt: dict[str, Any], tokenizer: Any = None) -> None:
         import jinja2
 
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        from llmops.templating.prompt_template import bounded_env
+
+        self.env = bounded_env()
         self.response_field = prompt.get("response_field") or "answer"
         self.tokenizer = tokenizer
         self.chat = None
-        if prompt.get("chat"):
-            self.chat = {k: env.from_string(v) for k, v in prompt["chat"].items() if v}
-        elif prompt.get("text") is not None:
-            self.template = env.from_string(prompt["text"])
-        else:
-            raise ProviderError("the prompt has neither `text`, `template` nor `chat`; give one in llmops.yaml.")
+        try:
+            if prompt.get("chat"):
+                self.chat = {k: self.env.from_string(v) for k, v in prompt["chat"].items() if v}
+            elif prompt.get("text") is not None:
+                self.template = self.env.from_string(prompt["text"])
+            else:
+                raise ProviderError("the prompt has neither `text`, `template` nor `chat`; give one in llmops.yaml.")
+        except jinja2.TemplateSyntaxError as exc:
+            raise ProviderError(f"the prompt template does not parse (line {exc.lineno}: {exc.message}); "
+                                "fix it (llmops validate shows where).") from None
 
     def render(self, row: dict[str, Any]) -> tuple[str, str]:
         import jinja2
+
+        from llmops.templating.prompt_template import RenderBudgetError
 
         if self.response_field not in row:
             raise ProviderError(
@@ -77,18 +86,23 @@ class PromptRenderer:
             prompt = self._render_prompt(row)
         except jinja2.UndefinedError as exc:
             raise ProviderError(f"the prompt template uses a field the dataset lacks ({exc.message}); fix it.") from exc
+        except RenderBudgetError as exc:
+            raise ProviderError(f"the prompt is over the render budget ({exc}); prompts render small texts: "
+                                "drop the big loop or repetition.") from None
+        except jinja2.TemplateError as exc:
+            raise ProviderError(f"the prompt template failed to render ({exc}); fix it.") from None
         return prompt, str(row[self.response_field])
 
     def _render_prompt(self, row: dict[str, Any]) -> str:
+        from llmops.templating.prompt_template import messages_to_text, render_bounded
+
         if self.chat is None:
-            text = self.template.render(**row)
+            text = render_bounded(self.env, self.template, row, seconds=None)
             # A template file ends with a newline; the response follows the prompt on that line.
             return text if text.endswith((" ", "\n")) else text + "\n"
-        messages = [{"role": role, "content": t.render(**row)} for role, t in self.chat.items()]
-        tok = self.tokenizer
-        if tok is not None and getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "".join(f"{m['content']}\n\n" for m in messages)
+        messages = [{"role": role, "content": render_bounded(self.env, t, row, seconds=None)}
+                    for role, t in self.chat.items()]
+        return messages_to_text(messages, self.tokenizer)
 
 
 def encode_example(tokenizer: Any, prompt: str, response: str, max_len: int) -> Example:

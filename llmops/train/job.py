@@ -55,6 +55,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         job = specs.read_job_spec(Path(argv[0]))
+        check_rows(job)  # a bad dataset fails in well under a second: before torch, MLflow or a run
         tracker = _tracker(job)  # first: its helper imports mlflow while this process imports torch
         _quiet_libraries()
         result = run_job(job, tracker)
@@ -70,6 +71,25 @@ def main(argv: list[str]) -> int:
     if result is not None:
         emit({"event": "done", **result})
     return 0
+
+
+def check_rows(job: dict[str, Any]) -> None:
+    """Raise the error encoding would raise later when a row of the train or eval split lacks
+    the prompt's response field or a field its template uses, or a line is not JSON; pure
+    Python (jinja2), so no torch, tokenizer, MLflow helper or run is started for bad data.
+
+    A preference (`method: dpo`) job skips it: it leaves out rows without both answers, and
+    checks each pair's prompt as it encodes it.
+    """
+    from llmops.train.data import PromptRenderer, read_jsonl
+
+    if str(job.get("method") or "sft") != "sft":
+        return
+    renderer = PromptRenderer(job.get("prompt") or {})  # chat: message templates only, no chat template
+    for key in ("train_path", "eval_path"):
+        if job.get(key):
+            for row in read_jsonl(Path(job[key])):
+                renderer.render(row)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
