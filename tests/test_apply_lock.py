@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from llmops.engine.applylock import ApplyLock, force_unlock, parse_duration, rea
 from llmops.errors import ApplyLockedError, LlmopsError, ProviderError
 from llmops.engine.lockfile import load_lock
 
+from conftest import Project
 from test_engine import CONFIG
 
 # A process that takes the local lock of state folder argv[1], prints its ID, holds it argv[2]
@@ -124,7 +126,7 @@ def test_force_unlock_refuses_a_holder_that_is_still_running(tmp_path):
 
 
 def test_lock_timeout_waits_for_the_holder_to_release(tmp_path):
-    proc, _ = _hold(tmp_path, seconds=1.0)
+    proc, _ = _hold(tmp_path, seconds=0.5)
     try:
         with ApplyLock(tmp_path, timeout=60) as lock:
             assert proc.stdout.readline().strip() == "released"  # it got the lock only after that
@@ -149,9 +151,9 @@ def test_apply_lock_timeout_option(project):
     assert res.returncode == 1 and "'soon' is not a duration" in res.stderr
     proc, lock_id = _hold(project.path(".llmops"))
     try:
-        res = project.run("apply", "--lock-timeout", "1s", "--auto-approve")
+        res = project.run("apply", "--lock-timeout", "500ms", "--auto-approve")
         assert res.returncode == 1, res.stdout + res.stderr
-        assert f"(waited 1s): pid {proc.pid}" in res.stderr and f"lock ID {lock_id}" in res.stderr
+        assert f"(waited 0.5s): pid {proc.pid}" in res.stderr and f"lock ID {lock_id}" in res.stderr
     finally:
         _stop(proc)
 
@@ -291,11 +293,14 @@ def test_ctrl_c_stops_launching_work_and_keeps_the_lock_consistent(project):
 
 @pytest.fixture(scope="module")
 def lock_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (its own; not conftest's)."""
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (its own; not conftest's), on a
+    copy of the session's prepared empty store: the server skips MLflow's schema migrations."""
+    from conftest import copy_prepared_mlflow_db
     from services import mlflow_server
 
     folder = tmp_path_factory.mktemp("lock-server")
-    with mlflow_server(f"sqlite:///{folder}/mlflow.db", folder / "artifacts", log_file=folder / "server.log") as url:
+    db = copy_prepared_mlflow_db(folder / "mlflow.db", folder / "artifacts")
+    with mlflow_server(f"sqlite:///{db}", folder / "artifacts", log_file=folder / "server.log") as url:
         yield url
 
 
@@ -361,10 +366,13 @@ def test_force_unlock_removes_the_shared_lease_by_id(tmp_path, lock_server):
     a, b = _checkouts(tmp_path, lock_server, "forced")
     first = _lock(a, renew_every=0.2)
     first.acquire()
-    cli = [sys.executable, "-m", "llmops", "force-unlock", "-C", str(b)]
-    res = subprocess.run([*cli, "nope"], capture_output=True, text=True, timeout=120)
+    # The real CLI from the other checkout. Refusing a wrong ID, in this interpreter (the lease
+    # lives in the server); removing it, in another process, so that the pid it names is the
+    # holder's and not its own.
+    elsewhere = Project(tmp_path)  # run from outside both checkouts: -C picks b
+    res = elsewhere.run("force-unlock", "-C", str(b), "nope")
     assert res.returncode == 1 and f"ID is {first.info.id}, not nope" in res.stderr
-    res = subprocess.run([*cli, first.info.id], capture_output=True, text=True, timeout=120)
+    res = elsewhere.run("force-unlock", "-C", str(b), first.info.id, subprocess=True)
     assert res.returncode == 0, res.stderr
     assert f"Removed the apply lock held by pid {os.getpid()}" in res.stdout
     with _lock(b) as second:
@@ -377,13 +385,13 @@ def test_force_unlock_removes_the_shared_lease_by_id(tmp_path, lock_server):
             _lock(a).acquire()
 
 
-# A holder in checkout argv[1] with a short lease, renewed often; SIGKILLed by the test.
+# A holder in checkout argv[1] with a lease of argv[2] seconds, renewed often; SIGKILLed by the test.
 _LEASE_HOLDER = r"""
 import sys, time
 from pathlib import Path
 from llmops.engine.applylock import ApplyLock
 from llmops.engine.project import open_project
-lock = ApplyLock.for_project(open_project(Path(sys.argv[1])), lease_ttl=2.0, renew_every=0.3)
+lock = ApplyLock.for_project(open_project(Path(sys.argv[1])), lease_ttl=float(sys.argv[2]), renew_every=0.25)
 lock.acquire()
 print(lock.info.id, flush=True)
 time.sleep(120)
@@ -392,11 +400,13 @@ time.sleep(120)
 
 def test_a_lease_is_renewed_while_held_and_taken_over_once_expired(tmp_path, lock_server):
     a, b = _checkouts(tmp_path, lock_server, "expiry")
-    proc = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(a)], stdout=subprocess.PIPE, text=True)
+    ttl = 1.5  # its renewals every 0.25 s leave 1.25 s for a slow round trip on a loaded machine
+    proc = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(a), str(ttl)], stdout=subprocess.PIPE,
+                            text=True)
     try:
         lock_id = proc.stdout.readline().strip()
         assert lock_id, "the holder did not take the lock"
-        time.sleep(3)  # past its 2 s TTL: only renewals keep it
+        time.sleep(ttl + 0.5)  # past the TTL it took the lease with: only renewals keep it
         with pytest.raises(ApplyLockedError, match=f"pid {proc.pid} .*lock ID {lock_id}"):
             _lock(b).acquire()
         old = _lease_names(lock_server, "expiry")
@@ -435,6 +445,24 @@ def test_racing_takers_of_a_shared_lease_never_both_hold_it(tmp_path, lock_serve
             lock.release()
 
 
+def _watch_opens(path: Path) -> int | None:
+    """An inotify fd that turns readable once a process opens `path` (IN_OPEN) after this call;
+    None where inotify is not available."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+    if fd < 0:
+        return None
+    if libc.inotify_add_watch(fd, os.fsencode(path), 0x20) < 0:  # IN_OPEN
+        os.close(fd)
+        return None
+    return fd
+
+
 def test_an_apply_that_waited_for_the_lock_plans_from_the_lock_the_other_left(project):
     """`--lock-timeout`: the waiting apply opened llmops.lock before the holder finished; once it
     holds the lock it reads the lock again, so it neither plans from nor saves over a stale one."""
@@ -445,18 +473,25 @@ def test_an_apply_that_waited_for_the_lock_plans_from_the_lock_the_other_left(pr
                    "data/a.jsonl": '{"question": "a"}\n', "data/b.jsonl": '{"question": "b"}\n'})
     assert project.run("apply", "--auto-approve").returncode == 0
     proc, _ = _hold(project.path(".llmops"), seconds=60)
+    opens = _watch_opens(project.path(".llmops/apply.lock"))  # the holder opened it before this
     result: dict = {}
     waiter = threading.Thread(target=lambda: result.update(
         # A second CLI process, as in CI: not this interpreter's thread (cwd, streams, signals).
         res=project.run("apply", "--lock-timeout", "60s", "--auto-approve", subprocess=True)))
     try:
         waiter.start()
-        time.sleep(3.0)  # the waiter has read llmops.lock and waits for the apply lock
+        # The waiter read llmops.lock (opening the project) before it first tries the apply lock.
+        if opens is None:
+            time.sleep(3.0)  # no inotify here: give it time to get that far
+        else:
+            assert select.select([opens], [], [], 120)[0], "the waiting apply never tried the apply lock"
         lock = load_lock(project.path("llmops.lock"))  # what the holder's apply leaves: datasets.b gone
         lock.remove("datasets.b")
         save_lock(lock, project.path("llmops.lock"))
     finally:
         _stop(proc)
+        if opens is not None:
+            os.close(opens)
     waiter.join(120)
     res = result["res"]
     assert res.returncode == 0, res.stdout + res.stderr
