@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import copy_prepared_mlflow_db
 
 from llmops.errors import ProviderError
 from llmops.engine.lockfile import LockedResource
@@ -59,6 +60,9 @@ def setup(project, built_base):
         }
     )
     shutil.copytree(built_base[0], project.path(".llmops/models/tiny"))
+    # The embedded store as the first apply in this project would create it (MLflow's default
+    # artifact root is the project's ./mlruns there), copied instead of migrated afresh.
+    copy_prepared_mlflow_db(project.path(".llmops/mlflow.db"), project.root.resolve() / "mlruns")
     config = {
         "version": 1,
         "project": "colour-bot",
@@ -142,6 +146,11 @@ def test_cancelled_apply_fails_then_resumes_and_records_outputs(setup, project):
 
     # Embedded MLflow under the project; one run for both attempts; lineage on the version.
     assert project.path(".llmops/mlflow.db").is_file()
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(project.path(".llmops/mlflow.db"))) as db:  # the run is in this very file
+        assert db.execute("SELECT run_uuid, status FROM runs").fetchall() == [(out["run_id"], "FINISHED")]
     from llmops.integrations import mlflow as tracking
 
     client = tracking.client(project.root, {})
