@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from conftest import copy_prepared_mlflow_db
 
 from llmops.integrations import mlflow as tracking
 from llmops.engine.lockfile import LockedResource
@@ -55,8 +57,10 @@ def bulk_path(request, monkeypatch):
 
 def test_prompts_refresh_is_one_registry_search_and_finds_the_same_drift(project, calls, monkeypatch, bulk_path):
     project.write({"llmops.yaml": PROMPTS})
-    res = project.run("apply", "--auto-approve", subprocess=True)  # `bulk_path` patched this interpreter
+    monkeypatch.setattr(tracking, "SQLITE_BULK", True)  # the apply as a fresh `llmops apply` runs it
+    res = project.run("apply", "--auto-approve")
     assert res.returncode == 0, res.stdout + res.stderr
+    monkeypatch.setattr(tracking, "SQLITE_BULK", bulk_path == "sqlite")
     c = tracking.client(project.root, {})
     c.register_prompt(name="p1", template="moved {{ question }}")  # v2, and the alias moves to it
     c.set_prompt_alias("p1", "default", 2)
@@ -82,7 +86,9 @@ def test_prompts_refresh_is_one_registry_search_and_finds_the_same_drift(project
 def _registry_fixture(root):
     """Real runs and registered versions for four fine-tunes and three evals, and lock entries
     naming them; then drift: a fine-tune run deleted, a registered version deleted, an eval
-    run deleted, an eval run id the store never had."""
+    run deleted, an eval run id the store never had. The store starts as the client would create
+    it here (the suite's prepared empty store: no migrations)."""
+    copy_prepared_mlflow_db(root / ".llmops" / "mlflow.db", Path.cwd() / "mlruns")
     c = tracking.client(root, {})
     exp = c.create_experiment("bulk")
     finetunes, evals = [], []
