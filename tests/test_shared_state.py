@@ -18,9 +18,10 @@ import yaml
 
 from conftest import REPO, Project
 
-# The CLI calls here start model servers that outlive the command: each runs in a fresh
-# interpreter, as a user's would (tests/conftest.py `Project.run`).
-CLI_SUBPROCESS = True
+# The two checkouts' CLI calls start model servers that outlive the command: each runs in a fresh
+# interpreter, as a user's would (tests/conftest.py `Project.run`). The `project` fixture's calls
+# start none and run in this interpreter, unless a call says otherwise.
+SERVES_MODELS = True
 
 CONFIG = """\
 version: 1
@@ -108,13 +109,13 @@ def test_a_clone_restores_and_main_promotes_the_version_its_pull_request_trained
     port = free_port()  # the one port both checkouts serve on (one at a time: `llmops down`)
     origin = tmp_path / "origin.git"
     git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    a = Project(tmp_path / "a", subprocess=CLI_SUBPROCESS)
+    a = Project(tmp_path / "a", subprocess=SERVES_MODELS)
     a.root.mkdir()
     shutil.copytree(REPO / "example-project" / "data", a.root / "data")
     shutil.copytree(REPO / "example-project" / "prompts", a.root / "prompts")
     a.write({"llmops.yaml": CONFIG.format(uri=uri, lr="0.0002", port=port), ".gitignore": ".llmops/\n"})
     git(a.root, "init", "-q", "-b", "main")
-    b = Project(tmp_path / "b", subprocess=CLI_SUBPROCESS)
+    b = Project(tmp_path / "b", subprocess=SERVES_MODELS)
     try:
         # Checkout A applies everything and pushes its lock.
         ok(a.run("apply", "--auto-approve"))
