@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import dvc_cli
 
 CONFIG = """\
 version: 1
@@ -53,7 +51,7 @@ def test_plan_apply_replan_edit_cycle(proj):
     assert 4 <= outputs["eval"]["rows"] <= 16
 
     # DVC agrees that everything is up to date.
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=proj.root, capture_output=True, text=True)
+    status = dvc_cli(proj.root, "status")
     assert status.returncode == 0 and "up to date" in status.stdout.lower(), status.stdout + status.stderr
 
     res = proj.run("plan", "--detailed-exitcode")
@@ -88,8 +86,7 @@ def test_drift_when_outputs_are_deleted(proj):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "restoring" in res.stdout and proj.path(".llmops/data/tickets/train.jsonl").is_file()
     assert "No changes." in proj.run("plan").stdout
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=proj.root, capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    status = dvc_cli(proj.root, "status")
     assert "up to date" in status.stdout, status.stdout + status.stderr
 
     # With the cache gone too, nothing holds it: rebuilt, and said so.

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from llmops.engine.lockfile import LockedResource
 from llmops.providers.base import ApplyRequest, ProviderContext
 from llmops.providers.datasets import DVC_YAML_HEADER, DatasetsProvider, load_split, render_dvc_yaml
 
+from conftest import dvc_cli
 from test_charts import bar_counts
 
 
@@ -67,9 +66,7 @@ class Env:
         return {"outputs": result.outputs, "inputs": result.inputs}
 
     def dvc_status(self) -> str:
-        proc = subprocess.run(
-            [sys.executable, "-m", "dvc", "status"], cwd=self.root, capture_output=True, text=True, timeout=120
-        )
+        proc = dvc_cli(self.root, "status")
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 

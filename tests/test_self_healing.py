@@ -4,7 +4,6 @@ fails in seconds naming its host. Real DVC, real MLflow on SQLite, real S3 (moto
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Project
+from conftest import REPO, Project, dvc_cli
 
 FULL = """\
 version: 1
@@ -58,13 +57,7 @@ def converged(project: Project, env: dict[str, str] | None = None) -> None:
 
 
 def dvc_status(project: Project, *args: str, env: dict[str, str] | None = None) -> str:
-    """What `python -m dvc status ARGS` says in the project: DVC's own CLI in a process of its own,
-    forked from the warm DVC interpreter (llmops.integrations.dvcrun, which tests/test_dvcrun.py
-    holds to answering as `python -m dvc` does) instead of importing DVC again."""
-    from llmops.integrations import dvcrun
-
-    full = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = dvcrun.run(project.root, ["status", *args], full, timeout=120)
+    proc = dvc_cli(project.root, "status", *args, env=env)
     return proc.stdout + proc.stderr
 
 

@@ -6,17 +6,14 @@ version a pull request's CI job trained and evaluated, found by fingerprint, tra
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO, Project
+from conftest import REPO, Project, dvc_cli
 
 # The two checkouts' CLI calls start model servers that outlive the command: each runs in a fresh
 # interpreter, as a user's would (tests/conftest.py `Project.run`). The `project` fixture's calls
@@ -70,9 +67,7 @@ def actions(checkout: Project) -> dict[str, str]:
 
 
 def dvc_status(checkout: Project) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=checkout.root, capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = dvc_cli(checkout.root, "status")
     return proc.stdout + proc.stderr
 
 
