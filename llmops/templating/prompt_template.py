@@ -216,8 +216,8 @@ def _counted(expr: nodes.Expr) -> nodes.Expr:
 
 class _BudgetedSandbox(ImmutableSandboxedEnvironment):
     """The sandbox plus budgets: refuses huge repetitions, widths and values, counts loop
-    iterations (while a budgeted render runs: `iterations_left`), and checks a deadline (set
-    only while `examples:` render at validate time) on every call. Immutable: a prompt has no
+    iterations and checks a deadline (set only while `examples:` render at validate time) on
+    every call, against this thread's budgets (`set_budgets`). Immutable: a prompt has no
     use for `list.extend`, and `l.extend(l)` in a loop doubles without producing any output to
     check; `namespace()` attributes are checked when set.
 
@@ -232,21 +232,10 @@ class _BudgetedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(*args, **kwargs)
         self._budget = threading.local()  # one render's budgets per thread: a server renders in many
 
-    @property
-    def deadline(self) -> float | None:
-        return getattr(self._budget, "deadline", None)
-
-    @deadline.setter
-    def deadline(self, value: float | None) -> None:
-        self._budget.deadline = value
-
-    @property
-    def iterations_left(self) -> int | None:
-        return getattr(self._budget, "iterations_left", None)
-
-    @iterations_left.setter
-    def iterations_left(self, value: int | None) -> None:
-        self._budget.iterations_left = value
+    def set_budgets(self, deadline: float | None, iterations: int | None) -> None:
+        """This thread's budgets for the render it starts (None, None once it ends)."""
+        self._budget.deadline = deadline
+        self._budget.iterations_left = iterations
 
     def counted(self, iterable: Any) -> Any:
         budget = self._budget
@@ -259,7 +248,7 @@ class _BudgetedSandbox(ImmutableSandboxedEnvironment):
             yield item
 
     def check_deadline(self) -> None:
-        deadline = self.deadline
+        deadline = getattr(self._budget, "deadline", None)
         if deadline is not None and time.monotonic() > deadline:
             raise RenderBudgetError(f"rendering took longer than {EXAMPLE_RENDER_SECONDS:g} s")
 
@@ -376,8 +365,7 @@ def _render_budgeted(env: _BudgetedSandbox, template: jinja2.Template, variables
     """Render chunk by chunk, refusing past MAX_RENDER_CHARS or MAX_RENDER_ITERATIONS; with
     `seconds`, also past that wall clock (checked on every call and chunk, and by SIGALRM in
     the main thread)."""
-    env.deadline = time.monotonic() + seconds if seconds else None
-    env.iterations_left = MAX_RENDER_ITERATIONS
+    env.set_budgets(time.monotonic() + seconds if seconds else None, MAX_RENDER_ITERATIONS)
     use_alarm = bool(seconds) and threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
     previous: Any = None
     if use_alarm:
@@ -404,8 +392,7 @@ def _render_budgeted(env: _BudgetedSandbox, template: jinja2.Template, variables
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-        env.deadline = None
-        env.iterations_left = None
+        env.set_budgets(None, None)
 
 
 def bounded_env() -> _BudgetedSandbox:
