@@ -317,7 +317,8 @@ def test_sweep_keeps_the_trial_with_lowest_eval_loss(tmp_path, base, capsys):
 
 
 def test_killed_job_resumes_from_checkpoint(tmp_path, base, capsys):
-    """SIGKILL mid-run; the next run resumes at the saved step and ends where an unbroken run ends."""
+    """SIGKILL mid-run, in the second of four epochs (6 steps each); the next run resumes at the
+    saved step and ends where an unbroken run ends (which shuffles every epoch anew)."""
     from llmops.runners.base import Job
     from llmops.runners.local import LocalRunner
 
@@ -328,18 +329,18 @@ def test_killed_job_resumes_from_checkpoint(tmp_path, base, capsys):
     job = Job(name="t", module="llmops.train", args=[str(spec_path)], workdir=tmp_path, log_path=tmp_path / "log")
     seen: list[dict] = []
 
-    def kill_at_step_5(line: str) -> None:
+    def kill_at_step_10(line: str) -> None:
         if line.startswith("{"):
             event = json.loads(line)
             seen.append(event)
-            if event["event"] == "step" and event["step"] == 5:
+            if event["event"] == "step" and event["step"] == 10:
                 os.kill(next(e["pid"] for e in seen if e["event"] == "start"), signal.SIGKILL)
 
-    first = LocalRunner().run(job, kill_at_step_5)
+    first = LocalRunner().run(job, kill_at_step_10)
     assert first.exit_code == -signal.SIGKILL
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "trial-0").iterdir())
     saved = int(ckpts[-1].split("-")[1])
-    assert saved >= 3 and saved % 3 == 0 and len(ckpts) == 1
+    assert saved >= 9 and saved % 3 == 0 and len(ckpts) == 1
 
     seen.clear()
     second = LocalRunner().run(job, lambda line: seen.append(json.loads(line)) if line.startswith("{") else None)

@@ -271,7 +271,8 @@ def train(model: Any, spec: LoopSpec, emit: Emit, tag: dict[str, Any] | None = N
                 timed[0], timed[1] = timed[0] + n_tokens, timed[1] + elapsed
             losses.append(loss)
             pos.micro, pos.step = pos.micro + len(window), pos.step + 1
-            if pos.micro >= len(batches):
+            epoch_done = pos.micro >= len(batches)
+            if epoch_done:
                 pos.epoch, pos.micro = pos.epoch + 1, 0
             if pos.step % save_every == 0 and pos.step < total:
                 if dist.main:
@@ -280,6 +281,8 @@ def train(model: Any, spec: LoopSpec, emit: Emit, tag: dict[str, Any] | None = N
             if dist.main:
                 step = {"step": pos.step, "total": total, "epoch": pos.epoch, "loss": loss, "lr": lr}
                 emit({"event": "step", **step, "tokens_per_s": rate, "tokens": n_tokens, **tag})
+            if epoch_done:
+                break  # the next epoch's batches, in its own order
     mean_rate = timed[0] / timed[1] if timed[1] else rate
     return LoopResult(pos.step, losses, per_epoch, resumed_from, mean_rate, peak_memory_mb(spec.device), seen)
 
