@@ -22,6 +22,7 @@ REQUESTS: dict[str, ApplyRequest] = {}  # the last apply request of each address
 _active = 0
 _max_active = 0
 _lock = threading.Lock()
+DWELL = 0.0  # seconds every apply takes (a test that needs applies to overlap sets it)
 
 
 def reset() -> None:
@@ -100,7 +101,7 @@ class RecordingProvider(Provider):
                 if request.cancelled():
                     raise ProviderError(f"{request.address}: cancelled")
                 time.sleep(0.05)
-            time.sleep(0.05)
+            time.sleep(DWELL)
             if (root / f"FAIL_{request.name}").exists():
                 raise ProviderError(f"{request.address}: injected failure")
             out = self.out(request.name)

@@ -74,7 +74,8 @@ def test_one_at_a_time_runs_in_plan_order(proj):
 
 
 @pytest.mark.parametrize("parallelism", [2, 3, 8])
-def test_in_parallel_each_resource_starts_after_its_upstreams_ended(proj, parallelism):
+def test_in_parallel_each_resource_starts_after_its_upstreams_ended(proj, parallelism, monkeypatch):
+    monkeypatch.setattr(ep, "DWELL", 0.05)  # long enough for independent applies to overlap
     p = opened(proj)
     plan = make_plan(p)
     hooks = Events()
