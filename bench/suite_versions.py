@@ -1,10 +1,12 @@
 """The whole non-slow suite, an earlier commit's against this checkout's, side by side in one run.
 
-Each version runs its own tests on its own code, the way the README's test command runs them
-(`pytest -m "not slow" -n 2 --dist loadfile`, two xdist workers), from a git worktree of
-`--baseline` (default: 49ac291, the commit before the #13 work) and from this checkout. Both
-use this checkout's .venv: each version's processes import their own llmops through
-PYTHONPATH (checked before the runs). tests/test_wheel.py is left out of both, since
+Each version runs its own tests on its own code through its own `scripts/test.sh` (the README's
+test command, so each version's environment, pytest options and file order), with `-m "not slow"
+-n 2 --dist loadfile --no-loadscope-reorder` (what that script passes for a whole run), from a
+git worktree of `--baseline` (default: 49ac291, the commit before the #13 work) and from this
+checkout. Both use this checkout's .venv (linked into the worktree): each version's processes
+import their own llmops through PYTHONPATH (checked before the runs). Bytecode caches in the
+trees are removed before each run, so every run starts as a fresh clone does. tests/test_wheel.py is left out of both, since
 PYTHONPATH would also reach the venv it installs the wheel into. Rounds alternate which
 version goes first, so load from other jobs falls on both alike. Prints wall and CPU time
 (pytest and every process it waited for) per round, the medians, and the files that cost most
@@ -46,8 +48,10 @@ def run_suite(tree: Path, workers: int, scratch: Path) -> tuple[float, float, di
                DVC_NO_ANALYTICS="1")
     env.pop("LLMOPS_TEST_SUBPROCESS", None)
     junit = scratch / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", "-n", str(workers),
-           "--dist", "loadfile", f"--basetemp={scratch / 'tmp'}", f"--junitxml={junit}",
+    for cache in [p for top in ("llmops", "tests") for p in (tree / top).rglob("__pycache__")]:
+        shutil.rmtree(cache, ignore_errors=True)
+    cmd = ["bash", str(tree / "scripts" / "test.sh"), "-m", "not slow", "-n", str(workers), "--dist", "loadfile",
+           "--no-loadscope-reorder", f"--basetemp={scratch / 'tmp'}", f"--junitxml={junit}",
            # its wheel's own venv would import the tree's llmops through PYTHONPATH, not the wheel
            "--ignore=tests/test_wheel.py", "tests"]
     wall, cpu, proc = timed_run(cmd, tree, env)
@@ -69,35 +73,44 @@ def main() -> int:
     args = ap.parse_args()
     with baseline_tree(args.baseline, "suite-versions-") as (scratch, base_tree):
         trees = {"baseline": base_tree, "this": REPO}
-        for label, tree in trees.items():
-            found = _which_llmops(tree)
-            assert Path(found).resolve() == (tree / "llmops").resolve(), f"{label} imports llmops from {found}"
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-        print(f"baseline {args.baseline} against this checkout (HEAD {rev.strip()} + working tree), "
-              f"{args.workers} workers, {args.rounds} round(s); load average {os.getloadavg()[0]:.1f}")
-        results: dict[str, list] = {"baseline": [], "this": []}
-        for r in range(args.rounds):
-            order = ("baseline", "this") if r % 2 == 0 else ("this", "baseline")
-            for label in order:
-                res = run_suite(trees[label], args.workers, scratch / f"{label}-{r}")
-                results[label].append(res)
-                print(f"round {r + 1} {label:<8} wall {res[0]:7.1f} s  cpu {res[1]:7.1f} s  {res[2]}  "
-                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
-        med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in results.items()}
-        print(f"\n{'':<10} {'wall s':>8} {'cpu s':>8}")
-        for label in ("baseline", "this"):
-            print(f"{label:<10} {med[label][0]:8.1f} {med[label][1]:8.1f}")
-        print(f"{'ratio':<10} {med['this'][0] / med['baseline'][0]:8.2f} {med['this'][1] / med['baseline'][1]:8.2f}")
-        last = {k: v[-1][3] for k, v in results.items()}
-        print(f"\n{'file (junit seconds, last round)':<34} {'baseline':>8} {'this':>8}")
-        for name in sorted(set(last["baseline"]) | set(last["this"]),
-                           key=lambda n: -max(last["baseline"].get(n, 0), last["this"].get(n, 0)))[:25]:
-            print(f"{name:<34} {last['baseline'].get(name, 0):8.1f} {last['this'].get(name, 0):8.1f}")
-        outcomes = {k: v[-1][2] for k, v in results.items()}
-        if outcomes["baseline"] != outcomes["this"]:
-            print(f"outcomes differ: baseline {outcomes['baseline']}, this {outcomes['this']} "
-                  "(tests were added or removed since the baseline)")
-        return 0
+        venv = base_tree / ".venv"
+        venv.symlink_to(REPO / ".venv")  # its scripts/test.sh runs .venv/bin/python
+        try:
+            return _compare(args, trees, scratch)
+        finally:
+            venv.unlink()  # before the worktree goes: only the link, never this checkout's .venv
+
+
+def _compare(args: argparse.Namespace, trees: dict[str, Path], scratch: Path) -> int:
+    for label, tree in trees.items():
+        found = _which_llmops(tree)
+        assert Path(found).resolve() == (tree / "llmops").resolve(), f"{label} imports llmops from {found}"
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    print(f"baseline {args.baseline} against this checkout (HEAD {rev.strip()} + working tree), "
+          f"{args.workers} workers, {args.rounds} round(s); load average {os.getloadavg()[0]:.1f}")
+    results: dict[str, list] = {"baseline": [], "this": []}
+    for r in range(args.rounds):
+        order = ("baseline", "this") if r % 2 == 0 else ("this", "baseline")
+        for label in order:
+            res = run_suite(trees[label], args.workers, scratch / f"{label}-{r}")
+            results[label].append(res)
+            print(f"round {r + 1} {label:<8} wall {res[0]:7.1f} s  cpu {res[1]:7.1f} s  {res[2]}  "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in results.items()}
+    print(f"\n{'':<10} {'wall s':>8} {'cpu s':>8}")
+    for label in ("baseline", "this"):
+        print(f"{label:<10} {med[label][0]:8.1f} {med[label][1]:8.1f}")
+    print(f"{'ratio':<10} {med['this'][0] / med['baseline'][0]:8.2f} {med['this'][1] / med['baseline'][1]:8.2f}")
+    last = {k: v[-1][3] for k, v in results.items()}
+    print(f"\n{'file (junit seconds, last round)':<34} {'baseline':>8} {'this':>8}")
+    for name in sorted(set(last["baseline"]) | set(last["this"]),
+                       key=lambda n: -max(last["baseline"].get(n, 0), last["this"].get(n, 0)))[:25]:
+        print(f"{name:<34} {last['baseline'].get(name, 0):8.1f} {last['this'].get(name, 0):8.1f}")
+    outcomes = {k: v[-1][2] for k, v in results.items()}
+    if outcomes["baseline"] != outcomes["this"]:
+        print(f"outcomes differ: baseline {outcomes['baseline']}, this {outcomes['this']} "
+              "(tests were added or removed since the baseline)")
+    return 0
 
 
 if __name__ == "__main__":
