@@ -4,7 +4,7 @@ Each version runs its own tests on its own code through its own `scripts/test.sh
 test command, so each version's environment, pytest options and file order), with `-m "not slow"
 -n 2 --dist loadfile --no-loadscope-reorder` (what that script passes for a whole run), from a
 git worktree of `--baseline` (default: 49ac291, the commit before the #13 work) and from this
-checkout. Both use this checkout's .venv (linked into the worktree): each version's processes
+checkout. Both use this checkout's .venv (the worktree's .venv/bin/python execs it): each version's processes
 import their own llmops through PYTHONPATH (checked before the runs). Bytecode caches in the
 trees are removed before each run, so every run starts as a fresh clone does. tests/test_wheel.py is left out of both, since
 PYTHONPATH would also reach the venv it installs the wheel into. Rounds alternate which
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -73,12 +74,13 @@ def main() -> int:
     args = ap.parse_args()
     with baseline_tree(args.baseline, "suite-versions-") as (scratch, base_tree):
         trees = {"baseline": base_tree, "this": REPO}
-        venv = base_tree / ".venv"
-        venv.symlink_to(REPO / ".venv")  # its scripts/test.sh runs .venv/bin/python
-        try:
-            return _compare(args, trees, scratch)
-        finally:
-            venv.unlink()  # before the worktree goes: only the link, never this checkout's .venv
+        # Its scripts/test.sh runs .venv/bin/python: there, a script that execs this checkout's (not
+        # a link to this .venv, which Docker tests would mount through the worktree, where it dangles).
+        python = base_tree / ".venv" / "bin" / "python"
+        python.parent.mkdir(parents=True)
+        python.write_text(f'#!/bin/sh\nexec {shlex.quote(str(REPO / ".venv" / "bin" / "python"))} "$@"\n')
+        python.chmod(0o755)
+        return _compare(args, trees, scratch)
 
 
 def _compare(args: argparse.Namespace, trees: dict[str, Path], scratch: Path) -> int:
