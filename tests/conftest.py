@@ -314,24 +314,84 @@ def copy_prepared_mlflow_db(db: Path, artifact_root: Path) -> Path:
 
 
 _TEMPLATE: list[Path] = []
+# The folder where the xdist controller builds the session's template for all its workers.
+_TEMPLATE_ENV = "LLMOPS_TEST_MLFLOW_TEMPLATE"
+# Builds the template in argv[1], then says so in argv[1]/ready (or argv[1]/failed, with why).
+_BUILD_TEMPLATE = r"""
+import os, sys, traceback
+from pathlib import Path
+folder = Path(sys.argv[1])
+try:
+    from llmops.integrations.mlflow import check_store
+    check_store(folder, {})
+    marker = "ready"
+except BaseException:
+    (folder / ".failed").write_text(traceback.format_exc())
+    marker = "failed"
+os.replace(folder / ("." + marker) if marker == "failed" else folder / ".llmops" / "mlflow.db",
+           folder / marker)
+"""
+
+
+def _template_env() -> dict[str, str]:
+    return dict(os.environ, MLFLOW_CONFIGURE_LOGGING="false")
+
+
+def pytest_configure(config):
+    """Under xdist, the controller (idle once the workers run) builds the session's MLflow
+    template in the background while the workers start and collect, for all of them."""
+    if hasattr(config, "workerinput") or os.environ.get(_TEMPLATE_ENV) or not config.getoption("numprocesses", None):
+        return
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="llmops-mlflow-template-"))
+    build = subprocess.Popen([sys.executable, "-c", _BUILD_TEMPLATE, str(folder)], cwd=folder, env=_template_env(),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ[_TEMPLATE_ENV] = str(folder)  # the workers, started after this, inherit it
+    config._llmops_template = (build, folder)
+
+
+def pytest_unconfigure(config):
+    held = getattr(config, "_llmops_template", None)
+    if held is not None:
+        import shutil
+
+        build, folder = held
+        build.kill()
+        build.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(_TEMPLATE_ENV, None)
 
 
 def _mlflow_template() -> Path:
-    """An empty embedded MLflow store made by llmops' own `check_store`, once per session."""
+    """An empty embedded MLflow store made by llmops' own `check_store`, once per session (by
+    the xdist controller for all workers, else by this process)."""
     if not _TEMPLATE:
-        import tempfile
+        import time
 
-        import atexit
-        import shutil
+        shared = os.environ.get(_TEMPLATE_ENV)
+        if shared:
+            ready, failed = Path(shared) / "ready", Path(shared) / "failed"
+            deadline = time.monotonic() + 300
+            while not ready.is_file():
+                if failed.is_file():
+                    raise RuntimeError(f"building the session's MLflow template failed:\n{failed.read_text()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the session's MLflow template was not built in {shared} in 300 s")
+                time.sleep(0.05)
+            _TEMPLATE.append(ready)
+        else:
+            import atexit
+            import shutil
+            import tempfile
 
-        folder = Path(tempfile.mkdtemp(prefix="llmops-mlflow-template-"))
-        atexit.register(shutil.rmtree, folder, True)
-        code = "import sys; from pathlib import Path; from llmops.integrations.mlflow import check_store; " \
-               "check_store(Path(sys.argv[1]), {})"
-        env = dict(os.environ, MLFLOW_CONFIGURE_LOGGING="false")
-        subprocess.run([sys.executable, "-c", code, str(folder)], cwd=folder, env=env, check=True,
-                       capture_output=True, timeout=300)
-        _TEMPLATE.append(folder / ".llmops" / "mlflow.db")
+            folder = Path(tempfile.mkdtemp(prefix="llmops-mlflow-template-"))
+            atexit.register(shutil.rmtree, folder, True)
+            subprocess.run([sys.executable, "-c", _BUILD_TEMPLATE, str(folder)], cwd=folder, env=_template_env(),
+                           check=True, capture_output=True, timeout=300)
+            if not (folder / "ready").is_file():
+                raise RuntimeError(f"building the session's MLflow template failed:\n{(folder / 'failed').read_text()}")
+            _TEMPLATE.append(folder / "ready")
     return _TEMPLATE[0]
 
 
