@@ -9,6 +9,8 @@ modules these commands load (about 0.25 s a command here); the parent itself nev
 command, so every child starts from the same state. The child runs tests/hostile/measured.py
 as a fresh interpreter would; its peak memory, /proc/self/status VmHWM, starts at what it
 inherited resident from this parent (about what those imports cost a fresh interpreter).
+The parent freezes its objects before the first fork (`gc.freeze`, as Python's documentation
+advises for a parent that forks without exec), so a child's collections leave them alone.
 
 Protocol, one JSON object per line: the test writes {"cwd", "env", "args", "stdout",
 "stderr", "peak", "timeout", "memory_limit"} on stdin; the server answers {"rc"} or
@@ -17,6 +19,7 @@ Protocol, one JSON object per line: the test writes {"cwd", "env", "args", "stdo
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -82,6 +85,10 @@ def _child(req: dict) -> None:
 
 
 def main() -> None:
+    # What was imported above lives as long as every child: the children's collections, and
+    # the one at their interpreter's shutdown, skip it instead of walking (and so copying, page
+    # by page) the whole inherited heap. A child's exit 55 -> 19 ms; what runs at exit is the same.
+    gc.freeze()
     for line in sys.stdin:
         req = json.loads(line)
         pid = os.fork()
