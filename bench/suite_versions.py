@@ -4,11 +4,11 @@ Each version runs its own tests on its own code through its own `scripts/test.sh
 test command, so each version's environment, pytest options and file order), with `-m "not slow"
 -n 2 --dist loadfile --no-loadscope-reorder` (what that script passes for a whole run), from a
 git worktree of `--baseline` (default: 49ac291, the commit before the #13 work) and from this
-checkout. Both use this checkout's .venv (the worktree's .venv/bin/python execs it): each version's processes
-import their own llmops through PYTHONPATH (checked before the runs). Bytecode caches in the
-trees are removed before each run, so every run starts as a fresh clone does. tests/test_wheel.py is left out of both, since
-PYTHONPATH would also reach the venv it installs the wheel into. Rounds alternate which
-version goes first, so load from other jobs falls on both alike. Prints wall and CPU time
+checkout. Both use this checkout's .venv (the worktree's .venv/bin/python execs it): each
+version's processes import their own llmops through PYTHONPATH (checked before the runs).
+Bytecode caches in the trees are removed before each run, so every run starts as a fresh clone
+does. tests/test_wheel.py is left out of both, since PYTHONPATH would also reach the venv it
+installs the wheel into. Rounds alternate which version goes first, so load from other jobs falls on both alike. Prints wall and CPU time
 (pytest and every process it waited for) per round, the medians, and the files that cost most
 CPU in each version (from pytest's junit XML), and says when the two versions' outcomes
 (passed/failed/skipped) differ (tests added since the baseline make them differ; a failure in

@@ -316,7 +316,7 @@ def copy_prepared_mlflow_db(db: Path, artifact_root: Path) -> Path:
 _TEMPLATE: list[Path] = []
 # The folder where the xdist controller builds the session's template for all its workers.
 _TEMPLATE_ENV = "LLMOPS_TEST_MLFLOW_TEMPLATE"
-# Builds the template in argv[1], then says so in argv[1]/ready (or argv[1]/failed, with why).
+# Builds the template in argv[1]: argv[1]/ready once it is there, argv[1]/failed (why) if not.
 _BUILD_TEMPLATE = r"""
 import os, sys, traceback
 from pathlib import Path
@@ -324,17 +324,18 @@ folder = Path(sys.argv[1])
 try:
     from llmops.integrations.mlflow import check_store
     check_store(folder, {})
-    marker = "ready"
 except BaseException:
     (folder / ".failed").write_text(traceback.format_exc())
-    marker = "failed"
-os.replace(folder / ("." + marker) if marker == "failed" else folder / ".llmops" / "mlflow.db",
-           folder / marker)
+    os.replace(folder / ".failed", folder / "failed")
+else:
+    os.replace(folder / ".llmops" / "mlflow.db", folder / "ready")
 """
 
 
-def _template_env() -> dict[str, str]:
-    return dict(os.environ, MLFLOW_CONFIGURE_LOGGING="false")
+def _build_template(folder: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _BUILD_TEMPLATE, str(folder)], cwd=folder,
+                            env=dict(os.environ, MLFLOW_CONFIGURE_LOGGING="false"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def pytest_configure(config):
@@ -345,10 +346,8 @@ def pytest_configure(config):
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="llmops-mlflow-template-"))
-    build = subprocess.Popen([sys.executable, "-c", _BUILD_TEMPLATE, str(folder)], cwd=folder, env=_template_env(),
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config._llmops_template = (_build_template(folder), folder)
     os.environ[_TEMPLATE_ENV] = str(folder)  # the workers, started after this, inherit it
-    config._llmops_template = (build, folder)
 
 
 def pytest_unconfigure(config):
@@ -371,15 +370,7 @@ def _mlflow_template() -> Path:
 
         shared = os.environ.get(_TEMPLATE_ENV)
         if shared:
-            ready, failed = Path(shared) / "ready", Path(shared) / "failed"
-            deadline = time.monotonic() + 300
-            while not ready.is_file():
-                if failed.is_file():
-                    raise RuntimeError(f"building the session's MLflow template failed:\n{failed.read_text()}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the session's MLflow template was not built in {shared} in 300 s")
-                time.sleep(0.05)
-            _TEMPLATE.append(ready)
+            folder = Path(shared)
         else:
             import atexit
             import shutil
@@ -387,11 +378,15 @@ def _mlflow_template() -> Path:
 
             folder = Path(tempfile.mkdtemp(prefix="llmops-mlflow-template-"))
             atexit.register(shutil.rmtree, folder, True)
-            subprocess.run([sys.executable, "-c", _BUILD_TEMPLATE, str(folder)], cwd=folder, env=_template_env(),
-                           check=True, capture_output=True, timeout=300)
-            if not (folder / "ready").is_file():
+            _build_template(folder).wait(timeout=300)
+        deadline = time.monotonic() + 300
+        while not (folder / "ready").is_file():
+            if (folder / "failed").is_file():
                 raise RuntimeError(f"building the session's MLflow template failed:\n{(folder / 'failed').read_text()}")
-            _TEMPLATE.append(folder / "ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the session's MLflow template was not built in {folder} in 300 s")
+            time.sleep(0.05)
+        _TEMPLATE.append(folder / "ready")
     return _TEMPLATE[0]
 
 
@@ -468,10 +463,11 @@ def s3_server():
 # Files with slow tests selected go first, in SLOW_FIRST's order (their slow tests dominate a
 # whole run); then the rest by NOT_SLOW_SECONDS, their non-slow tests' seconds in one
 # `-m "not slow"` run on this 2-core machine (2026-12-04; a file not listed counts as 0).
-SLOW_FIRST = ("test_shared_state.py", "test_deploy_flow.py", "test_example.py", "test_secrets.py", "test_dpo.py", "test_self_healing.py",
-              "test_serve_identity.py", "test_docker_serve.py", "test_mlflow_server.py", "test_init_apply.py",
-              "test_approval_bypass.py", "test_monitor_flow.py", "test_apply_lock.py", "test_docker_finetune.py",
-              "test_prompts_provider.py", "test_s3_stores.py", "test_mlflow_model.py", "test_finetunes_provider.py")
+SLOW_FIRST = ("test_shared_state.py", "test_deploy_flow.py", "test_example.py", "test_secrets.py", "test_dpo.py",
+              "test_self_healing.py", "test_serve_identity.py", "test_docker_serve.py", "test_mlflow_server.py",
+              "test_init_apply.py", "test_approval_bypass.py", "test_monitor_flow.py", "test_apply_lock.py",
+              "test_docker_finetune.py", "test_prompts_provider.py", "test_s3_stores.py", "test_mlflow_model.py",
+              "test_finetunes_provider.py")
 NOT_SLOW_SECONDS = {
     "test_train.py": 25.4, "test_apply_lock.py": 23.2, "test_hostile.py": 16.6, "test_self_healing.py": 15.9,
     "test_finetunes_provider.py": 13.9, "test_serve_identity.py": 13.0, "test_server.py": 10.3,
